@@ -1,0 +1,41 @@
+"""mlagen: YAML attention specs -> Triton kernels and PyTorch modules.
+
+    attn_module = mlagen.load("specs/deepseek_v3.yaml")   # generates if needed, then imports
+    attn = attn_module.Attention()
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+__version__ = "0.1.0"
+
+
+def load(spec_path: str | Path, out_root: str | Path = "generated") -> ModuleType:
+    """Generate `out_root/<name>/` for the spec (only if stale) and import it."""
+    from mlagen.codegen import generate
+    from mlagen.spec import load_spec
+
+    result = generate(load_spec(spec_path), out_root)
+    package_dir = result.package_dir.resolve()
+    module_name = f"mlagen_generated.{result.spec.name}_{result.spec.content_hash}"
+    if module_name in sys.modules and not result.changed:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(
+        module_name, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[module_name]
+        raise
+    return module
+
+
+__all__ = ["__version__", "load"]

@@ -1,0 +1,5 @@
+import sys
+
+from mlagen.cli import main
+
+sys.exit(main())

@@ -1,0 +1,114 @@
+"""Graph -> the Python of the generated nn.Module: one statement per node,
+named after the node, so the generated forward reads like the math."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sympy
+
+from mlagen.ir.ops import S, Graph, Node, OpKind
+
+
+@dataclass(frozen=True, slots=True)
+class Submodule:
+    """One `self.<path> = <constructor>` line of __init__."""
+
+    path: str
+    constructor: str
+
+
+def _chunks_code(expr: sympy.Expr) -> str:
+    """Integer Python for a chunk count: a constant or ceiling(S / chunk)."""
+    expr = sympy.sympify(expr)
+    if expr.is_Integer:
+        return str(int(expr))
+    assert isinstance(expr, sympy.ceiling), expr
+    numerator, denominator = sympy.fraction(expr.args[0])
+    assert numerator == S and denominator.is_Integer, expr
+    return f"-(-seqlen // {int(denominator)})"
+
+
+def _rope_key(node: Node) -> tuple:
+    return (node.attr("dim"), node.attr("theta"), node.attr("yarn"))
+
+
+def submodules(graph: Graph) -> list[Submodule]:
+    """Parameters and buffers in __init__, with transformers' names."""
+    result: list[Submodule] = []
+    containers: set[str] = set()
+
+    def add(path: str, constructor: str) -> None:
+        parts = path.split(".")
+        for depth in range(1, len(parts)):
+            container = ".".join(parts[:depth])
+            if container not in containers:
+                containers.add(container)
+                result.append(Submodule(container, "nn.Module()"))
+        result.append(Submodule(path, constructor))
+
+    ropes: list[tuple] = []
+    factory = "dtype=dtype, device=device"
+    for node in graph.nodes:
+        if node.op is OpKind.LINEAR:
+            add(node.attr("param"), f"nn.Linear({node.attr('in_features')}, {node.attr('out_features')}, "
+                                    f"bias={node.attr('bias')}, {factory})")
+        elif node.op is OpKind.RMS_NORM:
+            add(node.attr("param"), f"RMSNorm({node.attr('dim')}, eps={node.attr('eps')!r}, {factory})")
+        elif node.op is OpKind.PARAM:
+            shape = ", ".join(str(int(d)) for d in node.shape)
+            add(node.attr("param"), f"nn.Parameter(0.02 * torch.randn({shape}, {factory}))")
+        elif node.op is OpKind.GATE:
+            add(node.attr("param"), f"nn.Parameter(torch.zeros({node.attr('heads')}, {factory}))")
+        elif node.op is OpKind.ROPE and _rope_key(node) not in ropes:
+            ropes.append(_rope_key(node))
+    assert len(ropes) <= 1, "one rope configuration per spec"
+    for dim, theta, yarn in ropes:
+        add("rotary_emb", f"Rotary({dim}, theta={theta!r}, yarn={yarn!r}, device=device)")
+    return result
+
+
+def _statement(node: Node) -> str | None:
+    out, args = node.name, node.inputs
+    op = node.op
+    if op is OpKind.INPUT:
+        return None
+    if op is OpKind.PARAM:
+        return f"{out} = self.{node.attr('param')}"
+    if op in (OpKind.LINEAR, OpKind.RMS_NORM):
+        return f"{out} = self.{node.attr('param')}({args[0]})"
+    if op is OpKind.ROPE:
+        return f"{out} = apply_rope({args[0]}, cos, sin, {node.attr('layout')!r})"
+    if op is OpKind.SLICE:
+        return f"{out} = {args[0]}[..., {node.attr('start')}:{node.attr('stop')}]"
+    if op is OpKind.CONCAT:
+        return f"{out} = torch.cat(({', '.join(args)}), dim=-1)"
+    if op is OpKind.SPLIT_HEADS:
+        return f"{out} = {args[0]}.unflatten(-1, ({node.attr('heads')}, {node.attr('head_dim')}))"
+    if op is OpKind.MERGE_HEADS:
+        return f"{out} = {args[0]}.flatten(-2)"
+    if op is OpKind.EXPAND_HEADS:
+        return f"{out} = {args[0]}.expand(-1, -1, {node.attr('heads')}, -1)"
+    if op is OpKind.REPEAT_CHUNKS:
+        return f"{out} = repeat_chunks({args[0]}, batch, {_chunks_code(node.attr('chunks'))})"
+    if op is OpKind.ATTENTION:
+        q_a, q_b, k_a, k_b, v = args if len(args) == 5 else (args[0], None, args[1], None, args[2])
+        return (f"{out} = attention[{node.attr('kernel')!r}]({q_a}, {q_b}, {k_a}, {k_b}, {v}, "
+                f"scale={node.attr('scale')!r}, causal={node.attr('causal')}, window={node.attr('window')}, "
+                f"group_mask={node.attr('group_mask')!r})")
+    if op is OpKind.ADD:
+        return f"{out} = {args[0]} + {args[1]}"
+    if op is OpKind.GATE:
+        return f"{out} = {args[0]} * torch.sigmoid(self.{node.attr('param')}).to({args[0]}.dtype)[:, None]"
+    if op is OpKind.OUTPUT:
+        return f"return {args[0]}"
+    raise AssertionError(f"no code for {op}")
+
+
+def forward_body(graph: Graph) -> list[str]:
+    """The statements of `_forward(self, hidden_states, position_ids, attention)`."""
+    lines = ["batch, seqlen = hidden_states.shape[:2]"]
+    if graph.of_kind(OpKind.ROPE):
+        lines.append("cos, sin = self.rotary_emb(position_ids, hidden_states.dtype)")
+    lines += [s for s in (_statement(node) for node in graph.nodes) if s is not None]
+    return lines

@@ -1,0 +1,35 @@
+"""Errors a user can cause. Each renders as one line that says what to change.
+
+Internal invariants are asserts; only these classes reach the CLI, which
+prints `str(error)` and exits 2.
+"""
+
+from __future__ import annotations
+
+
+class MlagenError(Exception):
+    """Base of every user-facing error."""
+
+
+class SpecError(MlagenError):
+    """A spec file that cannot be used, located at file:line and field."""
+
+    def __init__(self, message: str, *, source: str = "<spec>", line: int | None = None, field: str | None = None):
+        self.message = message
+        self.source = source
+        self.line = line
+        self.field = field
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = self.source if self.line is None else f"{self.source}:{self.line}"
+        what = f"{self.field}: " if self.field else ""
+        return f"{where}: {what}{self.message}"
+
+
+class ShapeError(MlagenError):
+    """An IR edge whose shape or dtype breaks a rule; names the spec field behind it."""
+
+
+class GenerateError(MlagenError):
+    """Generation could not complete (missing templates, unwritable output)."""

@@ -1,0 +1,203 @@
+"""Spec -> Graph: the math of DESIGN.md written as ops, literally.
+
+The lowering states the computation the way the papers and transformers do
+(MLA's K is concat(k_nope, k_pe expanded over heads)); passes then rewrite it
+into the form the kernels want. Shapes come from ir.shapes, never by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import sympy
+
+from mlagen.errors import ShapeError
+from mlagen.ir.ops import B, S, Graph, Node, OpKind
+from mlagen.ir.shapes import RuleViolation, infer
+from mlagen.spec import GqaSpec, LatentSpec, MlaSpec, Spec
+from mlagen.spec.schema import Rope
+
+DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+class _Builder:
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.nodes: list[Node] = []
+        self.dtype = DTYPE_NAMES[spec.dtype]
+
+    def input(self, name: str, shape: tuple[Any, ...], integer: bool = False) -> str:
+        dtype = "int64" if integer else self.dtype
+        self.nodes.append(Node(name, OpKind.INPUT, (), tuple(sympy.sympify(d) for d in shape), dtype,
+                               field="d_model"))
+        return name
+
+    def param(self, name: str, shape: tuple[int, ...], field: str) -> str:
+        self.nodes.append(Node(name, OpKind.PARAM, (), tuple(sympy.Integer(d) for d in shape), self.dtype,
+                               attrs=(("param", name),), field=field))
+        return name
+
+    def add(self, name: str, op: OpKind, inputs: tuple[str, ...], field: str, **attrs: Any) -> str:
+        by_name = {node.name: node for node in self.nodes}
+        try:
+            shape, dtype = infer(op, attrs, tuple(by_name[i] for i in inputs))
+        except RuleViolation as exc:
+            location = self.spec.where(field.split(",")[0].strip())
+            raise ShapeError(f"{location}: {field}: node {name!r} ({op.value}): {exc}") from None
+        self.nodes.append(Node(name, op, inputs, shape, dtype, tuple(sorted(attrs.items())), field))
+        return name
+
+    def linear(self, name: str, x: str, param: str, in_features: int, out_features: int, field: str,
+               bias: bool = False) -> str:
+        return self.add(name, OpKind.LINEAR, (x,), field, param=param, in_features=in_features,
+                        out_features=out_features, bias=bias)
+
+    def rope(self, name: str, x: str, positions: str, rope: Rope, dim: int, field: str) -> str:
+        scaling = rope.scaling
+        yarn = None if scaling is None else (scaling.factor, scaling.original_max_position, scaling.beta_fast,
+                                             scaling.beta_slow, scaling.mscale, scaling.mscale_all_dim)
+        return self.add(name, OpKind.ROPE, (x, positions), field, dim=dim, theta=rope.theta,
+                        layout=rope.layout, yarn=yarn)
+
+    def graph(self, outputs: tuple[str, ...]) -> Graph:
+        locations = tuple((name, self.spec.where(name)) for name, _ in self.spec.field_lines)
+        return Graph(self.spec.name, "prefill", tuple(self.nodes), outputs, locations)
+
+
+def softmax_scale(qk_head_dim: int, rope: Rope | None) -> float:
+    """qk_head_dim**-0.5, times mscale**2 under yarn with mscale_all_dim (as transformers' DeepseekV3)."""
+    scale = qk_head_dim**-0.5
+    scaling = rope.scaling if rope else None
+    if scaling is not None and scaling.mscale_all_dim and scaling.factor > 1:
+        mscale = 0.1 * scaling.mscale_all_dim * math.log(scaling.factor) + 1.0
+        scale *= mscale * mscale
+    return scale
+
+
+def _lower_mla(spec: MlaSpec) -> Graph:
+    g = _Builder(spec)
+    H, dn, dr, dv, r = spec.heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.kv_lora_rank
+    dqk = dn + dr
+    x = g.input("hidden_states", (B, S, spec.d_model))
+    pos = g.input("position_ids", (B, S), integer=True)
+    if spec.q_lora_rank is None:
+        q = g.linear("q", x, "q_proj", spec.d_model, H * dqk, "heads, qk_nope_head_dim, qk_rope_head_dim")
+    else:
+        rq = spec.q_lora_rank
+        c_q = g.linear("q_a", x, "q_a_proj", spec.d_model, rq, "q_lora_rank", bias=spec.attention_bias)
+        c_q = g.add("c_q", OpKind.RMS_NORM, (c_q,), "q_lora_rank", param="q_a_layernorm", dim=rq,
+                    eps=spec.norm_eps)
+        q = g.linear("q", c_q, "q_b_proj", rq, H * dqk, "heads, qk_nope_head_dim, qk_rope_head_dim")
+    q = g.add("q_heads", OpKind.SPLIT_HEADS, (q,), "heads", heads=H, head_dim=dqk)
+    q_nope = g.add("q_nope", OpKind.SLICE, (q,), "qk_nope_head_dim", start=0, stop=dn)
+    q_pe = g.add("q_pe", OpKind.SLICE, (q,), "qk_rope_head_dim", start=dn, stop=dqk)
+    q_pe = g.rope("q_pe_rot", q_pe, pos, spec.rope, dr, "qk_rope_head_dim")
+
+    kv_a = g.linear("kv_a", x, "kv_a_proj_with_mqa", spec.d_model, r + dr, "kv_lora_rank, qk_rope_head_dim",
+                    bias=spec.attention_bias)
+    c_kv = g.add("c_kv_raw", OpKind.SLICE, (kv_a,), "kv_lora_rank", start=0, stop=r)
+    c_kv = g.add("c_kv", OpKind.RMS_NORM, (c_kv,), "kv_lora_rank", param="kv_a_layernorm", dim=r,
+                 eps=spec.norm_eps)
+    k_pe = g.add("k_pe_raw", OpKind.SLICE, (kv_a,), "qk_rope_head_dim", start=r, stop=r + dr)
+    k_pe = g.add("k_pe_one_head", OpKind.SPLIT_HEADS, (k_pe,), "qk_rope_head_dim", heads=1, head_dim=dr)
+    k_pe = g.rope("k_pe", k_pe, pos, spec.rope, dr, "qk_rope_head_dim")
+    kv = g.linear("kv", c_kv, "kv_b_proj", r, H * (dn + dv), "heads, qk_nope_head_dim, v_head_dim")
+    kv = g.add("kv_heads", OpKind.SPLIT_HEADS, (kv,), "heads", heads=H, head_dim=dn + dv)
+    k_nope = g.add("k_nope", OpKind.SLICE, (kv,), "qk_nope_head_dim", start=0, stop=dn)
+    v = g.add("v", OpKind.SLICE, (kv,), "v_head_dim", start=dn, stop=dn + dv)
+
+    query = g.add("query", OpKind.CONCAT, (q_nope, q_pe), "qk_nope_head_dim, qk_rope_head_dim")
+    k_pe_all = g.add("k_pe_all_heads", OpKind.EXPAND_HEADS, (k_pe,), "heads", heads=H)
+    key = g.add("key", OpKind.CONCAT, (k_nope, k_pe_all), "qk_nope_head_dim, qk_rope_head_dim")
+    o = g.add("attn", OpKind.ATTENTION, (query, key, v), "heads, v_head_dim",
+              scale=softmax_scale(dqk, spec.rope), causal=spec.causal, window=None, group_mask=None)
+    o = g.add("attn_merged", OpKind.MERGE_HEADS, (o,), "heads, v_head_dim")
+    out = g.linear("out", o, "o_proj", H * dv, spec.d_model, "d_model", bias=spec.attention_bias)
+    return g.graph((g.add("output", OpKind.OUTPUT, (out,), "d_model"),))
+
+
+def _lower_gqa(spec: GqaSpec) -> Graph:
+    g = _Builder(spec)
+    H, Hk, D = spec.heads, spec.kv_heads, spec.head_dim
+    x = g.input("hidden_states", (B, S, spec.d_model))
+    pos = g.input("position_ids", (B, S), integer=True)
+    bias = spec.attention_bias
+    q = g.linear("q", x, "q_proj", spec.d_model, H * D, "heads, head_dim", bias=bias)
+    k = g.linear("k", x, "k_proj", spec.d_model, Hk * D, "kv_heads, head_dim", bias=bias)
+    v = g.linear("v", x, "v_proj", spec.d_model, Hk * D, "kv_heads, head_dim", bias=bias)
+    q = g.add("q_heads", OpKind.SPLIT_HEADS, (q,), "heads", heads=H, head_dim=D)
+    k = g.add("k_heads", OpKind.SPLIT_HEADS, (k,), "kv_heads", heads=Hk, head_dim=D)
+    v = g.add("v_heads", OpKind.SPLIT_HEADS, (v,), "kv_heads", heads=Hk, head_dim=D)
+    q = g.rope("q_rot", q, pos, spec.rope, D, "head_dim")
+    k = g.rope("k_rot", k, pos, spec.rope, D, "head_dim")
+    o = g.add("attn", OpKind.ATTENTION, (q, k, v), "kv_heads", scale=softmax_scale(D, None),
+              causal=spec.causal, window=spec.window, group_mask=None)
+    o = g.add("attn_merged", OpKind.MERGE_HEADS, (o,), "heads, head_dim")
+    out = g.linear("out", o, "o_proj", H * D, spec.d_model, "d_model", bias=bias)
+    return g.graph((g.add("output", OpKind.OUTPUT, (out,), "d_model"),))
+
+
+def _latent_attention(g: _Builder, prefix: str, queries: str, keys: str, spec: LatentSpec, *,
+                      causal: bool = False, window: int | None = None,
+                      group_mask: tuple[str, int, int] | None = None, rope_positions: str | None = None) -> str:
+    """One attention block with its own q/k/v/o projections (Perceiver style)."""
+    H, D, d = spec.heads, spec.head_dim, spec.d_model
+    q = g.linear(f"{prefix}_q", queries, f"{prefix}.q_proj", d, H * D, "heads, head_dim")
+    k = g.linear(f"{prefix}_k", keys, f"{prefix}.k_proj", d, H * D, "heads, head_dim")
+    v = g.linear(f"{prefix}_v", keys, f"{prefix}.v_proj", d, H * D, "heads, head_dim")
+    q = g.add(f"{prefix}_q_heads", OpKind.SPLIT_HEADS, (q,), "heads", heads=H, head_dim=D)
+    k = g.add(f"{prefix}_k_heads", OpKind.SPLIT_HEADS, (k,), "heads", heads=H, head_dim=D)
+    v = g.add(f"{prefix}_v_heads", OpKind.SPLIT_HEADS, (v,), "heads", heads=H, head_dim=D)
+    if rope_positions is not None:
+        assert spec.rope is not None
+        q = g.rope(f"{prefix}_q_rot", q, rope_positions, spec.rope, D, "head_dim")
+        k = g.rope(f"{prefix}_k_rot", k, rope_positions, spec.rope, D, "head_dim")
+    o = g.add(f"{prefix}_attn", OpKind.ATTENTION, (q, k, v), "heads, head_dim", scale=softmax_scale(D, None),
+              causal=causal, window=window, group_mask=group_mask)
+    return o
+
+
+def _lower_latent(spec: LatentSpec) -> Graph:
+    """DESIGN.md section 2. Causal specs keep one latent summary per chunk of `chunk_size`
+    tokens; a token reads only the summaries of chunks that ended before its own."""
+    g = _Builder(spec)
+    H, D, M, d = spec.heads, spec.head_dim, spec.latent_tokens, spec.d_model
+    x = g.input("hidden_states", (B, S, d))
+    pos = g.input("position_ids", (B, S), integer=True)
+    chunk = spec.chunk_size
+    chunks = sympy.ceiling(S / chunk) if chunk else sympy.Integer(1)
+    latents = g.param("latents", (M, d), "latent_tokens")
+    lat = g.add("latents_per_chunk", OpKind.REPEAT_CHUNKS, (latents, x), "latent_tokens", chunks=chunks)
+
+    # encode: each chunk's latents read that chunk's tokens (all tokens when non-causal).
+    enc = _latent_attention(g, "encode", lat, x, spec, group_mask=("same", M, chunk) if chunk else None)
+    enc = g.add("encode_merged", OpKind.MERGE_HEADS, (enc,), "heads, head_dim")
+    enc = g.linear("encode_out", enc, "encode.o_proj", H * D, d, "d_model")
+    lat = g.add("latents_encoded", OpKind.ADD, (lat, enc), "d_model")
+    if spec.self_attention:
+        proc = _latent_attention(g, "process", lat, lat, spec, group_mask=("same", M, M) if chunk else None)
+        proc = g.add("process_merged", OpKind.MERGE_HEADS, (proc,), "heads, head_dim")
+        proc = g.linear("process_out", proc, "process.o_proj", H * D, d, "d_model")
+        lat = g.add("latents_processed", OpKind.ADD, (lat, proc), "d_model")
+
+    # decode: tokens read the latents (of strictly earlier chunks when causal).
+    o = _latent_attention(g, "decode", x, lat, spec, group_mask=("earlier", chunk, M) if chunk else None)
+    if spec.hybrid:
+        o = g.add("decode_gated", OpKind.GATE, (o,), "heads", param="global_gate", heads=H)
+        local = _latent_attention(g, "local", x, x, spec, causal=True, window=spec.window,
+                                  rope_positions=pos if spec.rope else None)
+        o = g.add("mixed", OpKind.ADD, (local, o), "heads, head_dim")
+    o = g.add("attn_merged", OpKind.MERGE_HEADS, (o,), "heads, head_dim")
+    out = g.linear("out", o, "o_proj", H * D, d, "d_model")
+    return g.graph((g.add("output", OpKind.OUTPUT, (out,), "d_model"),))
+
+
+def lower(spec: Spec) -> Graph:
+    """The prefill/training graph of a spec: hidden_states [B, S, d_model] -> [B, S, d_model]."""
+    if isinstance(spec, MlaSpec):
+        return _lower_mla(spec)
+    if isinstance(spec, GqaSpec):
+        return _lower_gqa(spec)
+    assert isinstance(spec, LatentSpec), type(spec)
+    return _lower_latent(spec)

@@ -1,0 +1,98 @@
+"""Launch-side helpers shared by every generated attention kernel."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mlagen.runtime import reference
+
+LOG2E = 1.4426950408889634
+GROUP_MASK_CODES = {None: 0, "same": 1, "earlier": 2}
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionDims:
+    batch: int
+    seqlen_q: int
+    seqlen_k: int
+    heads_q: int
+    heads_k: int
+    d_a: int
+    d_b: int
+    d_v: int
+
+
+def padded(dim: int) -> int:
+    """Tile width for a head dim: a power of two, at least 16 (the tensor-core K step)."""
+    return max(16, 1 << (dim - 1).bit_length()) if dim else 0
+
+
+def last_dim_contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """Kernels take any batch/sequence/head strides (including 0 for broadcasts)
+    but read each row as one vector, so only the last dim must be dense."""
+    if tensor is None or tensor.stride(-1) == 1:
+        return tensor
+    return tensor.contiguous()
+
+
+def check_operands(q_a: torch.Tensor, q_b: torch.Tensor | None, k_a: torch.Tensor, k_b: torch.Tensor | None,
+                   v: torch.Tensor, *, expected: tuple[int, int, int]) -> AttentionDims:
+    """Validate attention operands against the dims the kernel was generated for."""
+    named = {"q_a": q_a, "q_b": q_b, "k_a": k_a, "k_b": k_b, "v": v}
+    present = {name: t for name, t in named.items() if t is not None}
+    for name, tensor in present.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"attention operand {name} must be a 4-d tensor [B, S, heads, dim], got {shape}")
+        if tensor.dtype != q_a.dtype:
+            raise ValueError(f"attention operand {name} is {tensor.dtype} but q_a is {q_a.dtype}; use one dtype")
+        if tensor.device != q_a.device:
+            raise ValueError(f"attention operand {name} is on {tensor.device} but q_a on {q_a.device}")
+    if q_a.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"attention runs in float16, bfloat16 or float32, got {q_a.dtype}")
+    if (q_b is None) != (k_b is None):
+        raise ValueError("give both q_b and k_b (the second score part) or neither")
+    batch, seqlen_q, heads_q, d_a = q_a.shape
+    _, seqlen_k, heads_k, _ = k_a.shape
+    d_b = q_b.shape[-1] if q_b is not None else 0
+    d_v = v.shape[-1]
+    if (d_a, d_b, d_v) != expected:
+        raise ValueError(f"attention head dims (q.k {d_a}, second part {d_b}, v {d_v}) differ from the "
+                         f"generated kernel's {expected}; regenerate for this spec")
+    if k_a.shape[0] != batch or v.shape[0] != batch or k_a.shape[-1] != d_a:
+        raise ValueError(f"k_a {list(k_a.shape)} does not match q_a {list(q_a.shape)}")
+    if v.shape[1] != seqlen_k or v.shape[2] != heads_k:
+        raise ValueError(f"v {list(v.shape)} does not match k_a {list(k_a.shape)} in length or heads")
+    if heads_q % heads_k:
+        raise ValueError(f"{heads_q} query heads cannot share {heads_k} kv heads evenly")
+    if q_b is not None and k_b is not None:
+        if q_b.shape[:3] != q_a.shape[:3]:
+            raise ValueError(f"q_b {list(q_b.shape)} does not match q_a {list(q_a.shape)}")
+        if k_b.shape[:2] != k_a.shape[:2] or k_b.shape[2] not in (1, heads_k) or k_b.shape[3] != d_b:
+            raise ValueError(f"k_b {list(k_b.shape)} must be [B, Sk, 1 or {heads_k}, {d_b}]")
+    return AttentionDims(batch, seqlen_q, seqlen_k, heads_q, heads_k, d_a, d_b, d_v)
+
+
+def group_mask_args(group_mask: reference.GroupMask | None) -> tuple[int, int, int]:
+    if group_mask is None:
+        return 0, 1, 1
+    mode, q_group, k_group = group_mask
+    return GROUP_MASK_CODES[mode], q_group, k_group
+
+
+def reference_backward(grad_out: torch.Tensor, operands: tuple[torch.Tensor | None, ...],
+                       options: dict) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of the attention by recomputing the reference math under autograd.
+
+    Correct in every dtype, but it materialises the [Sq, Sk] scores; the
+    generated Triton backward kernels replace it (training issue).
+    """
+    with torch.enable_grad():
+        leaves = tuple(None if t is None else t.detach().requires_grad_(True) for t in operands)
+        out = reference.attention(*leaves, **options)
+        wanted = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(out, wanted, grad_out))
+    return tuple(None if t is None else next(grads) for t in leaves)

@@ -1,0 +1,65 @@
+"""Where kernels run, and with which block sizes.
+
+Triton decides at `@triton.jit` time whether a kernel is interpreted
+(TRITON_INTERPRET=1): then it runs on CPU tensors. Otherwise it needs CUDA
+tensors, and CPU inputs fall back to the plain-torch reference path.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class BlockConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+# Small tiles under the interpreter keep tests fast and make short test
+# sequences span several blocks, so block-boundary masking is exercised.
+INTERPRETER_CONFIG = BlockConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
+
+
+def default_config(head_dim_qk: int, head_dim_v: int, device: torch.device) -> BlockConfig:
+    """A config that fits registers on sm_80 and sm_90 (ANCHORS.md static probes);
+    `mlagen tune` replaces it per GPU."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    if head_dim_qk + head_dim_v > 256:
+        return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+    return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+
+
+def is_interpreted(kernel: object) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(kernel, InterpretedFunction)
+
+
+_warned: set[str] = set()
+
+
+def warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def use_kernels(tensor: torch.Tensor, kernel: object) -> bool:
+    """True when the generated kernels can run on `tensor`'s device."""
+    if tensor.is_cuda:
+        if is_interpreted(kernel):
+            raise ValueError("CUDA tensors given, but the kernels were imported with TRITON_INTERPRET=1; "
+                             "unset it before importing the generated module")
+        return True
+    if tensor.device.type == "cpu" and is_interpreted(kernel):
+        return True
+    warn_once(f"mlagen: no Triton kernels for {tensor.device.type} tensors without TRITON_INTERPRET=1; "
+              "running the plain-torch reference path")
+    return False

@@ -1,0 +1,42 @@
+"""Small nn.Modules and tensor helpers the generated modules are built from."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mlagen.runtime.reference import rms_norm
+from mlagen.runtime.rope import YarnParams, cos_sin, inverse_frequencies
+
+
+class RMSNorm(nn.Module):
+    """transformers-compatible RMSNorm (parameter `weight`)."""
+
+    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None, device: torch.device | None = None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for positions; the inverse frequencies are a non-persistent
+    buffer so state dicts hold exactly transformers' parameter names."""
+
+    def __init__(self, dim: int, theta: float, yarn: YarnParams | None, device: torch.device | None = None):
+        super().__init__()
+        inv_freq, self.attention_factor = inverse_frequencies(dim, theta, yarn)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return cos_sin(position_ids, self.inv_freq, self.attention_factor, dtype)
+
+
+def repeat_chunks(x: torch.Tensor, batch: int, chunks: int) -> torch.Tensor:
+    """[M, D] -> [batch, chunks * M, D]: a view over batch (stride 0), a copy over chunks."""
+    return x.repeat(chunks, 1).expand(batch, -1, -1)
