@@ -1,0 +1,166 @@
+"""The generated forward attention kernel against the plain-torch reference, for
+every family and flag combination, in fp32 and fp16 under the interpreter.
+
+Golden: the reference in fp64. Eager: the reference in the kernel's dtype.
+A kernel passes when its error is at most 2x eager's plus a small atol.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from mlagen.runtime import reference
+from tests.helpers import assert_close_to_golden, generated, max_error
+
+ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    package: str = "tiny_gqa"  # whose generated kernel: tiny_gqa (qk 16, v 16), tiny_mla (16 + 8, v 24)
+    heads_q: int = 2
+    heads_k: int = 2
+    seqlen_q: int = 37
+    seqlen_k: int = 37
+    causal: bool = True
+    window: int | None = None
+    group_mask: tuple | None = None
+    shared_rope_key: bool = True  # tiny_mla: k_b has one head (MLA), or one per kv head
+
+
+CASES = [
+    Case("mha-causal"),
+    Case("mha-bidirectional", causal=False),
+    Case("gqa-causal", heads_q=4, heads_k=2),
+    Case("mqa-causal", heads_q=4, heads_k=1),
+    Case("gqa-sliding-window", heads_q=4, heads_k=2, window=7),
+    Case("window-wider-than-sequence", window=100),
+    Case("window-of-one", window=1),
+    Case("cross-attention-more-keys", causal=False, seqlen_q=9, seqlen_k=45),
+    Case("cross-attention-fewer-keys", causal=False, seqlen_q=45, seqlen_k=9),
+    Case("causal-continuing-a-prefix", seqlen_q=7, seqlen_k=40),
+    Case("causal-more-queries-than-keys", seqlen_q=40, seqlen_k=7),
+    Case("latent-encode-same-chunk", causal=False, seqlen_q=12, seqlen_k=37, group_mask=("same", 4, 8)),
+    Case("latent-decode-earlier-chunks", causal=False, seqlen_q=37, seqlen_k=20, group_mask=("earlier", 8, 4)),
+    Case("latent-self-attention-per-chunk", causal=False, seqlen_q=20, seqlen_k=20, group_mask=("same", 4, 4)),
+    Case("mla-split-dots-causal", package="tiny_mla", heads_q=4, heads_k=4),
+    Case("mla-split-dots-bidirectional", package="tiny_mla", heads_q=4, heads_k=4, causal=False),
+    Case("mla-split-dots-single-token", package="tiny_mla", heads_q=4, heads_k=4, seqlen_q=1, seqlen_k=1),
+    Case("split-dots-per-head-second-key", package="tiny_mla", heads_q=4, heads_k=2, shared_rope_key=False),
+    Case("split-dots-window", package="tiny_mla", heads_q=4, heads_k=4, window=5),
+]
+
+
+def _operands(case: Case, dtype: torch.dtype, scale_logits: float = 1.0):
+    kernel = next(iter(generated(case.package).ATTENTION.items()))
+    name = kernel[0]
+    split = "_rope" in name
+    d_a = 16
+    d_b = 8 if split else 0
+    d_v = 24 if split else 16
+    b = 2
+    q_a = torch.randn(b, case.seqlen_q, case.heads_q, d_a) * scale_logits
+    k_a = torch.randn(b, case.seqlen_k, case.heads_k, d_a)
+    v = torch.randn(b, case.seqlen_k, case.heads_k, d_v)
+    q_b = k_b = None
+    if split:
+        q_b = torch.randn(b, case.seqlen_q, case.heads_q, d_b) * scale_logits
+        k_b = torch.randn(b, case.seqlen_k, 1 if case.shared_rope_key else case.heads_k, d_b)
+    as_dtype = [None if t is None else t.to(dtype) for t in (q_a, q_b, k_a, k_b, v)]
+    return kernel[1], as_dtype
+
+
+def _run(case: Case, dtype: torch.dtype, scale_logits: float = 1.0):
+    entry, operands = _operands(case, dtype, scale_logits)
+    options = dict(scale=1 / math.sqrt(16 + (8 if operands[1] is not None else 0)), causal=case.causal,
+                   window=case.window, group_mask=case.group_mask)
+    out = entry(*operands, **options)
+    golden = reference.attention(*[None if t is None else t.double() for t in operands], **options)
+    eager = reference.attention(*operands, **options)
+    return out, eager, golden, operands, options
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_kernel_matches_reference(case, dtype):
+    out, eager, golden, _, _ = _run(case, dtype)
+    assert out.dtype == dtype and out.shape == golden.shape
+    assert not out.isnan().any()
+    assert_close_to_golden(out, eager, golden, atol=ATOL[dtype], what=f"{case.id} {dtype}")
+
+
+@pytest.mark.parametrize("case", CASES[:4] + CASES[9:15], ids=[c.id for c in CASES[:4] + CASES[9:15]])
+def test_kernel_log_sum_exp_matches_reference(case):
+    entry, operands = _operands(case, torch.float32)
+    kernel = generated(case.package).kernels
+    launch = getattr(kernel, next(iter(kernel.ATTENTION)) + "_launch")
+    options = dict(scale=0.25, causal=case.causal, window=case.window, group_mask=case.group_mask)
+    _, lse = launch(*operands, **options)
+    _, golden_lse = reference.attention(*[None if t is None else t.double() for t in operands], **options,
+                                        return_lse=True)
+    finite = golden_lse.isfinite()
+    assert torch.equal(finite, lse.isfinite()), "rows with no visible key must have lse -inf"
+    assert max_error(lse[finite], golden_lse[finite]) < 1e-4
+
+
+def test_fully_masked_rows_give_zeros_not_nan():
+    # Queries before the first key (causal, more queries than keys) and tokens of the
+    # first chunk (latent decode) see nothing: their output is exactly zero.
+    for case in (CASES[10], CASES[12]):
+        out, _, golden, _, _ = _run(case, torch.float32)
+        empty = golden.abs().sum(-1) == 0
+        assert empty.any()
+        assert not out.isnan().any()
+        assert torch.equal(out[empty], torch.zeros_like(out[empty]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_large_logits_do_not_overflow(dtype):
+    # Scores near fp16's limit: the kernel works in fp32 after the dot, with the running max subtracted.
+    out, eager, golden, _, _ = _run(Case("large-logits", heads_q=4, heads_k=2), dtype, scale_logits=40.0)
+    assert out.isfinite().all()
+    assert_close_to_golden(out, eager, golden, atol=ATOL[dtype], what="large logits")
+
+
+def test_strided_and_broadcast_operands():
+    # Views straight out of a fused projection (head-strided, not contiguous) and a
+    # batch-broadcast query (stride 0) are read in place, and match contiguous copies.
+    entry = generated("tiny_gqa").ATTENTION["attention_fwd_qk16_v16"]
+    fused = torch.randn(2, 30, 3 * 4 * 16)
+    q, k, v = (t.unflatten(-1, (4, 16)) for t in fused.split(64, dim=-1))
+    assert not q.is_contiguous()
+    latents = torch.randn(1, 30, 4, 16).expand(2, -1, -1, -1)
+    for query in (q, latents):
+        out = entry(query, None, k, None, v, scale=0.25, causal=True)
+        expected = reference.attention(query.contiguous(), None, k.contiguous(), None, v.contiguous(), scale=0.25,
+                                       causal=True)
+        assert max_error(out, expected) < 1e-5
+    rows = torch.randn(2, 30, 4, 32)[..., ::2]  # last dim strided: copied, still correct
+    out = entry(rows, None, k, None, v, scale=0.25, causal=False)
+    assert max_error(out, reference.attention(rows, None, k, None, v, scale=0.25, causal=False)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda ops: ops.__setitem__(0, ops[0][..., :8]), "head dims"),
+        (lambda ops: ops.__setitem__(2, ops[2].half()), "dtype"),
+        (lambda ops: ops.__setitem__(4, ops[4][:, :5]), "does not match"),
+        (lambda ops: ops.__setitem__(0, ops[0][0]), "4-d"),
+        (lambda ops: ops.__setitem__(2, torch.randn(2, 37, 3, 16)), "does not match"),
+        (lambda ops: [ops.__setitem__(i, t.double()) for i, t in enumerate(ops) if t is not None],
+         "float16, bfloat16 or float32"),
+    ],
+    ids=["wrong-head-dim", "mixed-dtypes", "values-shorter-than-keys", "missing-batch-dim", "kv-heads-mismatch",
+         "float64-unsupported"],
+)
+def test_bad_operands_raise_clear_errors(mutate, message):
+    entry, operands = _operands(CASES[0], torch.float32)  # [q_a, q_b, k_a, k_b, v]
+    mutate(operands)
+    with pytest.raises(ValueError, match=message):
+        entry(*operands, scale=0.25, causal=True)
