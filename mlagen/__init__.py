@@ -1,7 +1,7 @@
 """mlagen: YAML attention specs -> Triton kernels and PyTorch modules.
 
-    attn_module = mlagen.load("specs/deepseek_v3.yaml")   # generates if needed, then imports
-    attn = attn_module.Attention()
+attn_module = mlagen.load("specs/deepseek_v3.yaml")   # generates if needed, then imports
+attn = attn_module.Attention()
 """
 
 from __future__ import annotations

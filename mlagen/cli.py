@@ -59,7 +59,7 @@ def _format_count(n: float) -> str:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from mlagen.ir import lower
-    from mlagen.ir.analysis import cache_report, parameter_count
+    from mlagen.ir.analysis import parameter_count
     from mlagen.ir.ops import format_shape
     from mlagen.passes import run_pipeline
     from mlagen.spec import load_spec
@@ -71,15 +71,26 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"\n{'node':<{width}}  {'op':<13} {'shape':<28} dtype")
     for node in graph.nodes:
         detail = node.attr("param") or node.attr("kernel") or ""
-        print(f"{node.name:<{width}}  {node.op.value:<13} {format_shape(node.shape):<28} {node.dtype}  {detail}")
+        print(
+            f"{node.name:<{width}}  {node.op.value:<13} {format_shape(node.shape):<28} {node.dtype}  {detail}"
+        )
     params = parameter_count(graph)
     print(f"\nparameters: {params:,} ({_format_count(params)})")
-    cache = cache_report(spec)
-    print(f"KV cache per token per layer: {cache.values_per_token:g} values = {cache.bytes_per_token:g} bytes "
-          f"({cache.note})")
-    print(f"MHA equivalent: {cache.mha_values_per_token:,} values = {cache.mha_bytes_per_token:,} bytes "
-          f"-> {cache.ratio:.1f}x the cache")
+    print(_cache_line(spec))
     return 0
+
+
+def _cache_line(spec) -> str:
+    from mlagen.ir.analysis import cache_report
+
+    cache = cache_report(spec)
+    if not cache.bytes_per_token:
+        return f"KV cache per token per layer: none ({cache.note})"
+    return (
+        f"KV cache per token per layer: {cache.values_per_token:g} values = {cache.bytes_per_token:g} bytes in "
+        f"{spec.dtype} ({cache.note}); MHA equivalent {cache.mha_values_per_token:,} values = "
+        f"{cache.mha_bytes_per_token:,} bytes, {cache.ratio:.1f}x more"
+    )
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
@@ -102,7 +113,31 @@ def cmd_graph(args: argparse.Namespace) -> int:
         subprocess.run([dot, "-Tsvg", str(out), "-o", str(svg)], check=True)
         print(f"wrote {svg}")
     else:
-        print("graphviz not installed: no SVG (apt-get install graphviz, or paste the .dot into any DOT viewer)")
+        print(
+            "graphviz not installed: no SVG (apt-get install graphviz, or paste the .dot into any DOT viewer)"
+        )
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mlagen.run import run_spec
+    from mlagen.spec import load_spec
+
+    report = run_spec(
+        args.spec, batch=args.batch, seqlen=args.seq, dtype=args.dtype, device=args.device, out_root=args.out
+    )
+    where = "Triton kernels" if report.kernel_path else "plain-torch fallback"
+    if report.kernel_path and report.device == "cpu":
+        where += " under the interpreter"
+    print(
+        f"{report.spec_name}: batch {report.batch} x {report.seqlen} tokens, {report.dtype} on {report.device} "
+        f"({where}), {report.seconds:.2f}s"
+    )
+    print(
+        f"  max |module - fp64 reference| = {report.kernel_error:.3g}   "
+        f"(eager {report.dtype} reference: {report.eager_error:.3g})"
+    )
+    print("  " + _cache_line(load_spec(args.spec)))
     return 0
 
 
@@ -114,12 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("specs", nargs="*", help="spec files (.yaml)")
     gen.add_argument("--all", action="store_true", help="every spec in specs/")
     gen.add_argument("--out", default="generated", help="output root (default: generated)")
-    gen.add_argument("--check", action="store_true", help="write nothing; exit 1 if regeneration would change files")
+    gen.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if regeneration would change files"
+    )
     gen.set_defaults(run=cmd_generate)
 
     check = sub.add_parser("check", help="validate a spec; print shapes, parameters and KV-cache bytes")
     check.add_argument("spec")
     check.set_defaults(run=cmd_check)
+
+    run = sub.add_parser(
+        "run", help="generate, run the module on random input, compare with the fp64 reference"
+    )
+    run.add_argument("spec")
+    run.add_argument("--batch", type=int, default=1)
+    run.add_argument("--seq", type=int, default=32)
+    run.add_argument(
+        "--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp32 on CPU, the spec's on GPU"
+    )
+    run.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    run.add_argument("--out", default="generated", help="output root (default: generated)")
+    run.set_defaults(run=cmd_run)
 
     graph = sub.add_parser("graph", help="write the spec's IR as DOT (and SVG with graphviz)")
     graph.add_argument("spec")

@@ -14,7 +14,9 @@ class MlagenError(Exception):
 class SpecError(MlagenError):
     """A spec file that cannot be used, located at file:line and field."""
 
-    def __init__(self, message: str, *, source: str = "<spec>", line: int | None = None, field: str | None = None):
+    def __init__(
+        self, message: str, *, source: str = "<spec>", line: int | None = None, field: str | None = None
+    ):
         self.message = message
         self.source = source
         self.line = line

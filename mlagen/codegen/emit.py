@@ -18,11 +18,11 @@ from pathlib import Path
 import filelock
 import jinja2
 
+from mlagen.codegen.module_code import forward_body, submodules
 from mlagen.errors import GenerateError
 from mlagen.ir import Graph, OpKind
 from mlagen.runtime.attention import padded
 from mlagen.spec import GqaSpec, LatentSpec, MlaSpec, Spec
-from mlagen.codegen.module_code import forward_body, submodules
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -68,8 +68,9 @@ class Variant:
 def variants(graph: Graph) -> list[Variant]:
     found: dict[str, Variant] = {}
     for node in graph.of_kind(OpKind.ATTENTION):
-        variant = Variant(node.attr("kernel"), node.attr("d_b") > 0, node.attr("d_a"), node.attr("d_b"),
-                          node.attr("d_v"))
+        variant = Variant(
+            node.attr("kernel"), node.attr("d_b") > 0, node.attr("d_a"), node.attr("d_b"), node.attr("d_v")
+        )
         assert found.setdefault(variant.name, variant) == variant, f"kernel name clash: {variant.name}"
     return list(found.values())
 
@@ -77,24 +78,33 @@ def variants(graph: Graph) -> list[Variant]:
 def _summary(spec: Spec) -> tuple[str, str]:
     if isinstance(spec, MlaSpec):
         q = "plain q_proj" if spec.q_lora_rank is None else f"q_lora_rank {spec.q_lora_rank}"
-        return (f"DeepSeek Multi-head Latent Attention, {spec.heads} heads, {q}, kv_lora_rank "
-                f"{spec.kv_lora_rank}, qk {spec.qk_nope_head_dim}+{spec.qk_rope_head_dim}, v {spec.v_head_dim}.",
-                "DeepseekV3Attention")
+        return (
+            f"DeepSeek Multi-head Latent Attention, {spec.heads} heads, {q}, kv_lora_rank "
+            f"{spec.kv_lora_rank}, qk {spec.qk_nope_head_dim}+{spec.qk_rope_head_dim}, v {spec.v_head_dim}.",
+            "DeepseekV3Attention",
+        )
     if isinstance(spec, GqaSpec):
         window = f", sliding window {spec.window}" if spec.window else ""
-        return (f"{spec.family.upper()} attention, {spec.heads} query heads, {spec.kv_heads} kv heads, "
-                f"head dim {spec.head_dim}{window}.", "LlamaAttention")
+        return (
+            f"{spec.family.upper()} attention, {spec.heads} query heads, {spec.kv_heads} kv heads, "
+            f"head dim {spec.head_dim}{window}.",
+            "LlamaAttention",
+        )
     assert isinstance(spec, LatentSpec)
     mode = f"causal, one summary per {spec.chunk_size}-token chunk" if spec.causal else "non-causal"
     hybrid = f", plus sliding-window attention over {spec.window} tokens" if spec.hybrid else ""
-    return (f"{spec.latent_tokens} learned latent tokens ({mode}){hybrid}, {spec.heads} heads of "
-            f"{spec.head_dim}.", "(no transformers equivalent)")
+    return (
+        f"{spec.latent_tokens} learned latent tokens ({mode}){hybrid}, {spec.heads} heads of "
+        f"{spec.head_dim}.",
+        "(no transformers equivalent)",
+    )
 
 
 def _environment() -> jinja2.Environment:
     if not TEMPLATES_DIR.is_dir():
-        raise GenerateError(f"templates not found at {TEMPLATES_DIR}; install mlagen from its source tree "
-                            "(pip install -e .)")
+        raise GenerateError(
+            f"templates not found at {TEMPLATES_DIR}; install mlagen from its source tree (pip install -e .)"
+        )
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES_DIR),
         undefined=jinja2.StrictUndefined,
@@ -131,11 +141,15 @@ def render(spec: Spec, graph: Graph) -> dict[str, str]:
 
 def stale_files(files: dict[str, str], package_dir: Path) -> list[str]:
     """Names whose content on disk differs from `files` (missing, changed, or extra)."""
-    stale = [name for name, text in files.items()
-             if not (package_dir / name).is_file() or (package_dir / name).read_text(encoding="utf-8") != text]
+    stale = [
+        name
+        for name, text in files.items()
+        if not (package_dir / name).is_file() or (package_dir / name).read_text(encoding="utf-8") != text
+    ]
     if package_dir.is_dir():
-        stale += sorted(p.name for p in package_dir.iterdir()
-                        if p.is_file() and p.suffix == ".py" and p.name not in files)
+        stale += sorted(
+            p.name for p in package_dir.iterdir() if p.is_file() and p.suffix == ".py" and p.name not in files
+        )
     return sorted(stale)
 
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import sympy
 
-from mlagen.ir.ops import S, Graph, Node, OpKind
+from mlagen.ir.ops import Graph, Node, OpKind, S
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +51,11 @@ def submodules(graph: Graph) -> list[Submodule]:
     factory = "dtype=dtype, device=device"
     for node in graph.nodes:
         if node.op is OpKind.LINEAR:
-            add(node.attr("param"), f"nn.Linear({node.attr('in_features')}, {node.attr('out_features')}, "
-                                    f"bias={node.attr('bias')}, {factory})")
+            add(
+                node.attr("param"),
+                f"nn.Linear({node.attr('in_features')}, {node.attr('out_features')}, "
+                f"bias={node.attr('bias')}, {factory})",
+            )
         elif node.op is OpKind.RMS_NORM:
             add(node.attr("param"), f"RMSNorm({node.attr('dim')}, eps={node.attr('eps')!r}, {factory})")
         elif node.op is OpKind.PARAM:
@@ -93,9 +96,11 @@ def _statement(node: Node) -> str | None:
         return f"{out} = repeat_chunks({args[0]}, batch, {_chunks_code(node.attr('chunks'))})"
     if op is OpKind.ATTENTION:
         q_a, q_b, k_a, k_b, v = args if len(args) == 5 else (args[0], None, args[1], None, args[2])
-        return (f"{out} = attention[{node.attr('kernel')!r}]({q_a}, {q_b}, {k_a}, {k_b}, {v}, "
-                f"scale={node.attr('scale')!r}, causal={node.attr('causal')}, window={node.attr('window')}, "
-                f"group_mask={node.attr('group_mask')!r})")
+        return (
+            f"{out} = attention[{node.attr('kernel')!r}]({q_a}, {q_b}, {k_a}, {k_b}, {v}, "
+            f"scale={node.attr('scale')!r}, causal={node.attr('causal')}, window={node.attr('window')}, "
+            f"group_mask={node.attr('group_mask')!r})"
+        )
     if op is OpKind.ADD:
         return f"{out} = {args[0]} + {args[1]}"
     if op is OpKind.GATE:

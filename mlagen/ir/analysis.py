@@ -54,5 +54,6 @@ def cache_report(spec: Spec) -> CacheReport:
         else:
             note = f"K/V of {spec.latent_tokens} latents per {spec.chunk_size}-token chunk, amortised"
             if spec.hybrid:
-                note += f", plus window K/V (bounded by {spec.window} tokens)"
+                fixed = spec.window * 2 * spec.heads * spec.head_dim
+                note += f"; plus a fixed {fixed:,}-value window cache whatever the length"
     return CacheReport(values, values * spec.dtype_bytes, mha, mha * spec.dtype_bytes, note)

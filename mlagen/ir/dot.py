@@ -22,8 +22,11 @@ def _quote(*lines: str) -> str:
 
 
 def to_dot(graph: Graph) -> str:
-    lines = [f"digraph {_quote(graph.spec_name + ' ' + graph.mode)} {{",
-             "  rankdir=TB;", '  node [shape=box, style="rounded,filled", fontname="Helvetica"];']
+    lines = [
+        f"digraph {_quote(graph.spec_name + ' ' + graph.mode)} {{",
+        "  rankdir=TB;",
+        '  node [shape=box, style="rounded,filled", fontname="Helvetica"];',
+    ]
     for node in graph.nodes:
         detail = node.attr("param") or node.attr("kernel") or ""
         label = _quote(node.name, f"{node.op.value} {detail}".strip(), format_shape(node.shape))

@@ -13,7 +13,7 @@ from typing import Any
 import sympy
 
 from mlagen.errors import ShapeError
-from mlagen.ir.ops import B, S, Graph, Node, OpKind
+from mlagen.ir.ops import B, Graph, Node, OpKind, S
 from mlagen.ir.shapes import RuleViolation, infer
 from mlagen.spec import GqaSpec, LatentSpec, MlaSpec, Spec
 from mlagen.spec.schema import Rope
@@ -29,13 +29,23 @@ class _Builder:
 
     def input(self, name: str, shape: tuple[Any, ...], integer: bool = False) -> str:
         dtype = "int64" if integer else self.dtype
-        self.nodes.append(Node(name, OpKind.INPUT, (), tuple(sympy.sympify(d) for d in shape), dtype,
-                               field="d_model"))
+        self.nodes.append(
+            Node(name, OpKind.INPUT, (), tuple(sympy.sympify(d) for d in shape), dtype, field="d_model")
+        )
         return name
 
     def param(self, name: str, shape: tuple[int, ...], field: str) -> str:
-        self.nodes.append(Node(name, OpKind.PARAM, (), tuple(sympy.Integer(d) for d in shape), self.dtype,
-                               attrs=(("param", name),), field=field))
+        self.nodes.append(
+            Node(
+                name,
+                OpKind.PARAM,
+                (),
+                tuple(sympy.Integer(d) for d in shape),
+                self.dtype,
+                attrs=(("param", name),),
+                field=field,
+            )
+        )
         return name
 
     def add(self, name: str, op: OpKind, inputs: tuple[str, ...], field: str, **attrs: Any) -> str:
@@ -48,17 +58,44 @@ class _Builder:
         self.nodes.append(Node(name, op, inputs, shape, dtype, tuple(sorted(attrs.items())), field))
         return name
 
-    def linear(self, name: str, x: str, param: str, in_features: int, out_features: int, field: str,
-               bias: bool = False) -> str:
-        return self.add(name, OpKind.LINEAR, (x,), field, param=param, in_features=in_features,
-                        out_features=out_features, bias=bias)
+    def linear(
+        self,
+        name: str,
+        x: str,
+        param: str,
+        in_features: int,
+        out_features: int,
+        field: str,
+        bias: bool = False,
+    ) -> str:
+        return self.add(
+            name,
+            OpKind.LINEAR,
+            (x,),
+            field,
+            param=param,
+            in_features=in_features,
+            out_features=out_features,
+            bias=bias,
+        )
 
     def rope(self, name: str, x: str, positions: str, rope: Rope, dim: int, field: str) -> str:
         scaling = rope.scaling
-        yarn = None if scaling is None else (scaling.factor, scaling.original_max_position, scaling.beta_fast,
-                                             scaling.beta_slow, scaling.mscale, scaling.mscale_all_dim)
-        return self.add(name, OpKind.ROPE, (x, positions), field, dim=dim, theta=rope.theta,
-                        layout=rope.layout, yarn=yarn)
+        yarn = (
+            None
+            if scaling is None
+            else (
+                scaling.factor,
+                scaling.original_max_position,
+                scaling.beta_fast,
+                scaling.beta_slow,
+                scaling.mscale,
+                scaling.mscale_all_dim,
+            )
+        )
+        return self.add(
+            name, OpKind.ROPE, (x, positions), field, dim=dim, theta=rope.theta, layout=rope.layout, yarn=yarn
+        )
 
     def graph(self, outputs: tuple[str, ...]) -> Graph:
         locations = tuple((name, self.spec.where(name)) for name, _ in self.spec.field_lines)
@@ -77,7 +114,13 @@ def softmax_scale(qk_head_dim: int, rope: Rope | None) -> float:
 
 def _lower_mla(spec: MlaSpec) -> Graph:
     g = _Builder(spec)
-    H, dn, dr, dv, r = spec.heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim, spec.kv_lora_rank
+    H, dn, dr, dv, r = (
+        spec.heads,
+        spec.qk_nope_head_dim,
+        spec.qk_rope_head_dim,
+        spec.v_head_dim,
+        spec.kv_lora_rank,
+    )
     dqk = dn + dr
     x = g.input("hidden_states", (B, S, spec.d_model))
     pos = g.input("position_ids", (B, S), integer=True)
@@ -86,19 +129,28 @@ def _lower_mla(spec: MlaSpec) -> Graph:
     else:
         rq = spec.q_lora_rank
         c_q = g.linear("q_a", x, "q_a_proj", spec.d_model, rq, "q_lora_rank", bias=spec.attention_bias)
-        c_q = g.add("c_q", OpKind.RMS_NORM, (c_q,), "q_lora_rank", param="q_a_layernorm", dim=rq,
-                    eps=spec.norm_eps)
+        c_q = g.add(
+            "c_q", OpKind.RMS_NORM, (c_q,), "q_lora_rank", param="q_a_layernorm", dim=rq, eps=spec.norm_eps
+        )
         q = g.linear("q", c_q, "q_b_proj", rq, H * dqk, "heads, qk_nope_head_dim, qk_rope_head_dim")
     q = g.add("q_heads", OpKind.SPLIT_HEADS, (q,), "heads", heads=H, head_dim=dqk)
     q_nope = g.add("q_nope", OpKind.SLICE, (q,), "qk_nope_head_dim", start=0, stop=dn)
     q_pe = g.add("q_pe", OpKind.SLICE, (q,), "qk_rope_head_dim", start=dn, stop=dqk)
     q_pe = g.rope("q_pe_rot", q_pe, pos, spec.rope, dr, "qk_rope_head_dim")
 
-    kv_a = g.linear("kv_a", x, "kv_a_proj_with_mqa", spec.d_model, r + dr, "kv_lora_rank, qk_rope_head_dim",
-                    bias=spec.attention_bias)
+    kv_a = g.linear(
+        "kv_a",
+        x,
+        "kv_a_proj_with_mqa",
+        spec.d_model,
+        r + dr,
+        "kv_lora_rank, qk_rope_head_dim",
+        bias=spec.attention_bias,
+    )
     c_kv = g.add("c_kv_raw", OpKind.SLICE, (kv_a,), "kv_lora_rank", start=0, stop=r)
-    c_kv = g.add("c_kv", OpKind.RMS_NORM, (c_kv,), "kv_lora_rank", param="kv_a_layernorm", dim=r,
-                 eps=spec.norm_eps)
+    c_kv = g.add(
+        "c_kv", OpKind.RMS_NORM, (c_kv,), "kv_lora_rank", param="kv_a_layernorm", dim=r, eps=spec.norm_eps
+    )
     k_pe = g.add("k_pe_raw", OpKind.SLICE, (kv_a,), "qk_rope_head_dim", start=r, stop=r + dr)
     k_pe = g.add("k_pe_one_head", OpKind.SPLIT_HEADS, (k_pe,), "qk_rope_head_dim", heads=1, head_dim=dr)
     k_pe = g.rope("k_pe", k_pe, pos, spec.rope, dr, "qk_rope_head_dim")
@@ -110,8 +162,16 @@ def _lower_mla(spec: MlaSpec) -> Graph:
     query = g.add("query", OpKind.CONCAT, (q_nope, q_pe), "qk_nope_head_dim, qk_rope_head_dim")
     k_pe_all = g.add("k_pe_all_heads", OpKind.EXPAND_HEADS, (k_pe,), "heads", heads=H)
     key = g.add("key", OpKind.CONCAT, (k_nope, k_pe_all), "qk_nope_head_dim, qk_rope_head_dim")
-    o = g.add("attn", OpKind.ATTENTION, (query, key, v), "heads, v_head_dim",
-              scale=softmax_scale(dqk, spec.rope), causal=spec.causal, window=None, group_mask=None)
+    o = g.add(
+        "attn",
+        OpKind.ATTENTION,
+        (query, key, v),
+        "heads, v_head_dim",
+        scale=softmax_scale(dqk, spec.rope),
+        causal=spec.causal,
+        window=None,
+        group_mask=None,
+    )
     o = g.add("attn_merged", OpKind.MERGE_HEADS, (o,), "heads, v_head_dim")
     out = g.linear("out", o, "o_proj", H * dv, spec.d_model, "d_model", bias=spec.attention_bias)
     return g.graph((g.add("output", OpKind.OUTPUT, (out,), "d_model"),))
@@ -131,16 +191,33 @@ def _lower_gqa(spec: GqaSpec) -> Graph:
     v = g.add("v_heads", OpKind.SPLIT_HEADS, (v,), "kv_heads", heads=Hk, head_dim=D)
     q = g.rope("q_rot", q, pos, spec.rope, D, "head_dim")
     k = g.rope("k_rot", k, pos, spec.rope, D, "head_dim")
-    o = g.add("attn", OpKind.ATTENTION, (q, k, v), "kv_heads", scale=softmax_scale(D, None),
-              causal=spec.causal, window=spec.window, group_mask=None)
+    o = g.add(
+        "attn",
+        OpKind.ATTENTION,
+        (q, k, v),
+        "kv_heads",
+        scale=softmax_scale(D, None),
+        causal=spec.causal,
+        window=spec.window,
+        group_mask=None,
+    )
     o = g.add("attn_merged", OpKind.MERGE_HEADS, (o,), "heads, head_dim")
     out = g.linear("out", o, "o_proj", H * D, spec.d_model, "d_model", bias=bias)
     return g.graph((g.add("output", OpKind.OUTPUT, (out,), "d_model"),))
 
 
-def _latent_attention(g: _Builder, prefix: str, queries: str, keys: str, spec: LatentSpec, *,
-                      causal: bool = False, window: int | None = None,
-                      group_mask: tuple[str, int, int] | None = None, rope_positions: str | None = None) -> str:
+def _latent_attention(
+    g: _Builder,
+    prefix: str,
+    queries: str,
+    keys: str,
+    spec: LatentSpec,
+    *,
+    causal: bool = False,
+    window: int | None = None,
+    group_mask: tuple[str, int, int] | None = None,
+    rope_positions: str | None = None,
+) -> str:
     """One attention block with its own q/k/v/o projections (Perceiver style)."""
     H, D, d = spec.heads, spec.head_dim, spec.d_model
     q = g.linear(f"{prefix}_q", queries, f"{prefix}.q_proj", d, H * D, "heads, head_dim")
@@ -153,8 +230,16 @@ def _latent_attention(g: _Builder, prefix: str, queries: str, keys: str, spec: L
         assert spec.rope is not None
         q = g.rope(f"{prefix}_q_rot", q, rope_positions, spec.rope, D, "head_dim")
         k = g.rope(f"{prefix}_k_rot", k, rope_positions, spec.rope, D, "head_dim")
-    o = g.add(f"{prefix}_attn", OpKind.ATTENTION, (q, k, v), "heads, head_dim", scale=softmax_scale(D, None),
-              causal=causal, window=window, group_mask=group_mask)
+    o = g.add(
+        f"{prefix}_attn",
+        OpKind.ATTENTION,
+        (q, k, v),
+        "heads, head_dim",
+        scale=softmax_scale(D, None),
+        causal=causal,
+        window=window,
+        group_mask=group_mask,
+    )
     return o
 
 
@@ -185,8 +270,9 @@ def _lower_latent(spec: LatentSpec) -> Graph:
     o = _latent_attention(g, "decode", x, lat, spec, group_mask=("earlier", chunk, M) if chunk else None)
     if spec.hybrid:
         o = g.add("decode_gated", OpKind.GATE, (o,), "heads", param="global_gate", heads=H)
-        local = _latent_attention(g, "local", x, x, spec, causal=True, window=spec.window,
-                                  rope_positions=pos if spec.rope else None)
+        local = _latent_attention(
+            g, "local", x, x, spec, causal=True, window=spec.window, rope_positions=pos if spec.rope else None
+        )
         o = g.add("mixed", OpKind.ADD, (local, o), "heads, head_dim")
     o = g.add("attn_merged", OpKind.MERGE_HEADS, (o,), "heads, head_dim")
     out = g.linear("out", o, "o_proj", H * D, d, "d_model")

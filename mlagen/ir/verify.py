@@ -45,8 +45,11 @@ def verify(graph: Graph) -> Graph:
             if len(shape) != len(node.shape) or any(
                 sympy.simplify(a - b) != 0 for a, b in zip(shape, node.shape)
             ):
-                raise _fail(graph, node, f"declared {format_shape(node.shape)} but its operands give "
-                                         f"{format_shape(shape)}")
+                raise _fail(
+                    graph,
+                    node,
+                    f"declared {format_shape(node.shape)} but its operands give {format_shape(shape)}",
+                )
             if dtype != node.dtype:
                 raise _fail(graph, node, f"declared dtype {node.dtype} but operands give {dtype}")
         seen[node.name] = node

@@ -24,10 +24,14 @@ def run(graph: Graph) -> Graph:
             param, like = (by_name[name] for name in source.inputs)
             projected_name = f"{node.name}_once"
             shape, dtype = infer(OpKind.LINEAR, dict(node.attrs), (param,))
-            projected = Node(projected_name, OpKind.LINEAR, (param.name,), shape, dtype, node.attrs, node.field)
+            projected = Node(
+                projected_name, OpKind.LINEAR, (param.name,), shape, dtype, node.attrs, node.field
+            )
             nodes.append(projected)
             by_name[projected_name] = projected
-            node = replace(node, op=OpKind.REPEAT_CHUNKS, inputs=(projected_name, like.name), attrs=source.attrs)
+            node = replace(
+                node, op=OpKind.REPEAT_CHUNKS, inputs=(projected_name, like.name), attrs=source.attrs
+            )
         nodes.append(node)
         by_name[node.name] = node
     return graph.with_nodes(tuple(nodes))

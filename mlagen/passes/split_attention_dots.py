@@ -33,7 +33,14 @@ def run(graph: Graph) -> Graph:
             if q_parts and k_parts:
                 (q_a, q_b), (k_a, k_b) = q_parts, k_parts
                 if graph.node(q_a).shape[-1] == graph.node(k_a).shape[-1]:
-                    node = Node(node.name, node.op, (q_a, q_b, k_a, _unexpanded(graph, k_b), node.inputs[2]),
-                                node.shape, node.dtype, node.attrs, node.field)
+                    node = Node(
+                        node.name,
+                        node.op,
+                        (q_a, q_b, k_a, _unexpanded(graph, k_b), node.inputs[2]),
+                        node.shape,
+                        node.dtype,
+                        node.attrs,
+                        node.field,
+                    )
         nodes.append(node)
     return graph.with_nodes(tuple(nodes))

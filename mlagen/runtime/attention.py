@@ -38,8 +38,15 @@ def last_dim_contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:
     return tensor.contiguous()
 
 
-def check_operands(q_a: torch.Tensor, q_b: torch.Tensor | None, k_a: torch.Tensor, k_b: torch.Tensor | None,
-                   v: torch.Tensor, *, expected: tuple[int, int, int]) -> AttentionDims:
+def check_operands(
+    q_a: torch.Tensor,
+    q_b: torch.Tensor | None,
+    k_a: torch.Tensor,
+    k_b: torch.Tensor | None,
+    v: torch.Tensor,
+    *,
+    expected: tuple[int, int, int],
+) -> AttentionDims:
     """Validate attention operands against the dims the kernel was generated for."""
     named = {"q_a": q_a, "q_b": q_b, "k_a": k_a, "k_b": k_b, "v": v}
     present = {name: t for name, t in named.items() if t is not None}
@@ -48,7 +55,9 @@ def check_operands(q_a: torch.Tensor, q_b: torch.Tensor | None, k_a: torch.Tenso
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"attention operand {name} must be a 4-d tensor [B, S, heads, dim], got {shape}")
         if tensor.dtype != q_a.dtype:
-            raise ValueError(f"attention operand {name} is {tensor.dtype} but q_a is {q_a.dtype}; use one dtype")
+            raise ValueError(
+                f"attention operand {name} is {tensor.dtype} but q_a is {q_a.dtype}; use one dtype"
+            )
         if tensor.device != q_a.device:
             raise ValueError(f"attention operand {name} is on {tensor.device} but q_a on {q_a.device}")
     if q_a.dtype not in SUPPORTED_DTYPES:
@@ -60,8 +69,10 @@ def check_operands(q_a: torch.Tensor, q_b: torch.Tensor | None, k_a: torch.Tenso
     d_b = q_b.shape[-1] if q_b is not None else 0
     d_v = v.shape[-1]
     if (d_a, d_b, d_v) != expected:
-        raise ValueError(f"attention head dims (q.k {d_a}, second part {d_b}, v {d_v}) differ from the "
-                         f"generated kernel's {expected}; regenerate for this spec")
+        raise ValueError(
+            f"attention head dims (q.k {d_a}, second part {d_b}, v {d_v}) differ from the "
+            f"generated kernel's {expected}; regenerate for this spec"
+        )
     if k_a.shape[0] != batch or v.shape[0] != batch or k_a.shape[-1] != d_a:
         raise ValueError(f"k_a {list(k_a.shape)} does not match q_a {list(q_a.shape)}")
     if v.shape[1] != seqlen_k or v.shape[2] != heads_k:
@@ -83,8 +94,9 @@ def group_mask_args(group_mask: reference.GroupMask | None) -> tuple[int, int, i
     return GROUP_MASK_CODES[mode], q_group, k_group
 
 
-def reference_backward(grad_out: torch.Tensor, operands: tuple[torch.Tensor | None, ...],
-                       options: dict) -> tuple[torch.Tensor | None, ...]:
+def reference_backward(
+    grad_out: torch.Tensor, operands: tuple[torch.Tensor | None, ...], options: dict
+) -> tuple[torch.Tensor | None, ...]:
     """Gradients of the attention by recomputing the reference math under autograd.
 
     Correct in every dtype, but it materialises the [Sq, Sk] scores; the

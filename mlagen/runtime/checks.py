@@ -12,15 +12,23 @@ from collections.abc import Sequence
 import torch
 
 
-def expect_tensor(name: str, tensor: object, *, ndim: int | None = None, dtype: torch.dtype | None = None,
-                  device: torch.device | None = None) -> torch.Tensor:
+def expect_tensor(
+    name: str,
+    tensor: object,
+    *,
+    ndim: int | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if ndim is not None and tensor.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dims, got shape {tuple(tensor.shape)}")
     if dtype is not None and tensor.dtype != dtype:
-        raise ValueError(f"{name} has dtype {tensor.dtype} but the module runs in {dtype}; "
-                         f"convert the input with .to({dtype}) or the module with .to(dtype)")
+        raise ValueError(
+            f"{name} has dtype {tensor.dtype} but the module runs in {dtype}; "
+            f"convert the input with .to({dtype}) or the module with .to(dtype)"
+        )
     if device is not None and tensor.device != device:
         raise ValueError(f"{name} is on {tensor.device} but the module is on {device}; move one of them")
     return tensor
@@ -33,8 +41,9 @@ def expect_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | None]
         raise ValueError(f"{name} must have shape [{shown}], got {list(tensor.shape)}")
 
 
-def position_ids_for(hidden_states: torch.Tensor, position_ids: torch.Tensor | None,
-                     max_position: int) -> torch.Tensor:
+def position_ids_for(
+    hidden_states: torch.Tensor, position_ids: torch.Tensor | None, max_position: int
+) -> torch.Tensor:
     """Default positions 0..S-1, or the caller's [B, S] integer positions, range-checked."""
     batch, seqlen = hidden_states.shape[:2]
     if position_ids is None:
@@ -48,6 +57,8 @@ def position_ids_for(hidden_states: torch.Tensor, position_ids: torch.Tensor | N
         position_ids = position_ids.expand(batch, -1)
     expect_shape("position_ids", position_ids, (batch, seqlen))
     if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_position):
-        raise ValueError(f"position_ids must lie in [0, {max_position}) (the spec's max_position), "
-                         f"got [{int(position_ids.min())}, {int(position_ids.max())}]")
+        raise ValueError(
+            f"position_ids must lie in [0, {max_position}) (the spec's max_position), "
+            f"got [{int(position_ids.min())}, {int(position_ids.max())}]"
+        )
     return position_ids

@@ -55,11 +55,15 @@ def use_kernels(tensor: torch.Tensor, kernel: object) -> bool:
     """True when the generated kernels can run on `tensor`'s device."""
     if tensor.is_cuda:
         if is_interpreted(kernel):
-            raise ValueError("CUDA tensors given, but the kernels were imported with TRITON_INTERPRET=1; "
-                             "unset it before importing the generated module")
+            raise ValueError(
+                "CUDA tensors given, but the kernels were imported with TRITON_INTERPRET=1; "
+                "unset it before importing the generated module"
+            )
         return True
     if tensor.device.type == "cpu" and is_interpreted(kernel):
         return True
-    warn_once(f"mlagen: no Triton kernels for {tensor.device.type} tensors without TRITON_INTERPRET=1; "
-              "running the plain-torch reference path")
+    warn_once(
+        f"mlagen: no Triton kernels for {tensor.device.type} tensors without TRITON_INTERPRET=1; "
+        "running the plain-torch reference path"
+    )
     return False

@@ -12,7 +12,9 @@ from mlagen.runtime.rope import YarnParams, cos_sin, inverse_frequencies
 class RMSNorm(nn.Module):
     """transformers-compatible RMSNorm (parameter `weight`)."""
 
-    def __init__(self, dim: int, eps: float, dtype: torch.dtype | None = None, device: torch.device | None = None):
+    def __init__(
+        self, dim: int, eps: float, dtype: torch.dtype | None = None, device: torch.device | None = None
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
         self.eps = eps

@@ -22,8 +22,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed.to(x.dtype)
 
 
-def visible(seqlen_q: int, seqlen_k: int, *, causal: bool, window: int | None,
-            group_mask: GroupMask | None, device: torch.device | None = None) -> torch.Tensor:
+def visible(
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    causal: bool,
+    window: int | None,
+    group_mask: GroupMask | None,
+    device: torch.device | None = None,
+) -> torch.Tensor:
     """Bool [Sq, Sk]: which keys each query may attend to.
 
     Causal and window masks align the last query with the last key (a query
@@ -47,9 +54,19 @@ def visible(seqlen_q: int, seqlen_k: int, *, causal: bool, window: int | None,
     return allowed
 
 
-def attention(q_a: torch.Tensor, q_b: torch.Tensor | None, k_a: torch.Tensor, k_b: torch.Tensor | None,
-              v: torch.Tensor, *, scale: float, causal: bool, window: int | None = None,
-              group_mask: GroupMask | None = None, return_lse: bool = False):
+def attention(
+    q_a: torch.Tensor,
+    q_b: torch.Tensor | None,
+    k_a: torch.Tensor,
+    k_b: torch.Tensor | None,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    causal: bool,
+    window: int | None = None,
+    group_mask: GroupMask | None = None,
+    return_lse: bool = False,
+):
     """softmax((q_a.k_a + q_b.k_b) * scale + mask) @ v.
 
     q_a [B, Sq, Hq, Da], q_b [B, Sq, Hq, Db] or None, k_a [B, Sk, Hk, Da],
@@ -69,8 +86,9 @@ def attention(q_a: torch.Tensor, q_b: torch.Tensor | None, k_a: torch.Tensor, k_
         scores = scores + per_query_head(q_b) @ per_query_head(k_b).transpose(-1, -2)
     assert group * heads_k == heads_q
     scores = scores.to(torch.float32 if scores.dtype != torch.float64 else torch.float64) * scale
-    allowed = visible(q_a.shape[1], k_a.shape[1], causal=causal, window=window, group_mask=group_mask,
-                      device=q_a.device)
+    allowed = visible(
+        q_a.shape[1], k_a.shape[1], causal=causal, window=window, group_mask=group_mask, device=q_a.device
+    )
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None].masked_fill(lse[..., None] == float("-inf"), 0.0))

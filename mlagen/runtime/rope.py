@@ -49,8 +49,9 @@ def inverse_frequencies(dim: int, theta: float, yarn: YarnParams | None) -> tupl
     return inv_freq, attention_factor
 
 
-def cos_sin(position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float,
-            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def cos_sin(
+    position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [B, S, dim] for integer positions [B, S], computed in fp32 then cast."""
     freqs = position_ids.to(torch.float32)[..., None] * inv_freq.to(position_ids.device)
     emb = torch.cat((freqs, freqs), dim=-1)

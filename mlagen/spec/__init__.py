@@ -3,4 +3,14 @@
 from mlagen.spec.parse import load_spec, parse_spec
 from mlagen.spec.schema import DTYPE_BYTES, GqaSpec, LatentSpec, MlaSpec, Rope, Spec, Yarn
 
-__all__ = ["DTYPE_BYTES", "GqaSpec", "LatentSpec", "MlaSpec", "Rope", "Spec", "Yarn", "load_spec", "parse_spec"]
+__all__ = [
+    "DTYPE_BYTES",
+    "GqaSpec",
+    "LatentSpec",
+    "MlaSpec",
+    "Rope",
+    "Spec",
+    "Yarn",
+    "load_spec",
+    "parse_spec",
+]

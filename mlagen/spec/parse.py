@@ -30,9 +30,7 @@ from mlagen.spec.schema import (
 )
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}\Z")
-SAFE_TAGS = {
-    "tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "map", "seq")
-}
+SAFE_TAGS = {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "map", "seq")}
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +50,14 @@ class FieldRule:
 
 
 def _dims(name: str, high: int = 256, why: str = "") -> FieldRule:
-    return FieldRule(name, int, low=1, high=high, multiple_of=8,
-                     why=why or "head dims are multiples of 8 so rows load as 16-byte vectors")
+    return FieldRule(
+        name,
+        int,
+        low=1,
+        high=high,
+        multiple_of=8,
+        why=why or "head dims are multiples of 8 so rows load as 16-byte vectors",
+    )
 
 
 COMMON = (
@@ -84,10 +88,23 @@ ROPE = (
 
 FAMILY_FIELDS: dict[str, tuple[FieldRule, ...]] = {
     "mla": (
-        FieldRule("q_lora_rank", int, nullable=True, low=16, high=8192, multiple_of=16,
-                  why="the rank is a matmul dimension (tensor-core tiles are 16 wide)"),
-        FieldRule("kv_lora_rank", int, low=16, high=2048, multiple_of=16,
-                  why="the latent is the K dimension of the decode dot products (tiles are 16 wide)"),
+        FieldRule(
+            "q_lora_rank",
+            int,
+            nullable=True,
+            low=16,
+            high=8192,
+            multiple_of=16,
+            why="the rank is a matmul dimension (tensor-core tiles are 16 wide)",
+        ),
+        FieldRule(
+            "kv_lora_rank",
+            int,
+            low=16,
+            high=2048,
+            multiple_of=16,
+            why="the latent is the K dimension of the decode dot products (tiles are 16 wide)",
+        ),
         _dims("qk_nope_head_dim"),
         _dims("qk_rope_head_dim", why="rope dims are multiples of 8 so rows load as 16-byte vectors"),
         _dims("v_head_dim"),
@@ -139,8 +156,14 @@ class _Located:
 def _type_name(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
-            dict: "a mapping", list: "a list"}.get(type(value), type(value).__name__)
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "a mapping",
+        list: "a list",
+    }.get(type(value), type(value).__name__)
 
 
 def _to_python(node: yaml.Node, loader: yaml.SafeLoader, doc: _Located, path: str, seen: set[int]) -> Any:
@@ -148,30 +171,54 @@ def _to_python(node: yaml.Node, loader: yaml.SafeLoader, doc: _Located, path: st
     if id(node) in seen:
         # Only an alias (*name) reaches a node twice; refusing them also stops
         # self-referencing documents and exponential "billion laughs" expansion.
-        raise SpecError("YAML anchors and aliases (& and *) are not allowed; write the value out",
-                        source=doc.source, line=line, field=path or None)
+        raise SpecError(
+            "YAML anchors and aliases (& and *) are not allowed; write the value out",
+            source=doc.source,
+            line=line,
+            field=path or None,
+        )
     seen.add(id(node))
     if node.tag == "tag:yaml.org,2002:timestamp":
-        raise SpecError("a date is not a spec value; quote it if it is text", source=doc.source, line=line,
-                        field=path or None)
+        raise SpecError(
+            "a date is not a spec value; quote it if it is text",
+            source=doc.source,
+            line=line,
+            field=path or None,
+        )
     if node.tag not in SAFE_TAGS:
-        raise SpecError(f"YAML tag {node.tag!r} is not allowed; specs hold plain values only",
-                        source=doc.source, line=line, field=path or None)
+        raise SpecError(
+            f"YAML tag {node.tag!r} is not allowed; specs hold plain values only",
+            source=doc.source,
+            line=line,
+            field=path or None,
+        )
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
             key = _to_python(key_node, loader, doc, path, seen)
             if not isinstance(key, str):
-                raise SpecError(f"keys must be field names, got {key!r}", source=doc.source,
-                                line=key_node.start_mark.line + 1, field=path or None)
+                raise SpecError(
+                    f"keys must be field names, got {key!r}",
+                    source=doc.source,
+                    line=key_node.start_mark.line + 1,
+                    field=path or None,
+                )
             child = f"{path}.{key}" if path else key
             if key in result:
-                raise SpecError(f"duplicate key (first set on line {doc.lines[child]}); keep one",
-                                source=doc.source, line=key_node.start_mark.line + 1, field=child)
+                raise SpecError(
+                    f"duplicate key (first set on line {doc.lines[child]}); keep one",
+                    source=doc.source,
+                    line=key_node.start_mark.line + 1,
+                    field=child,
+                )
             doc.lines[child] = key_node.start_mark.line + 1
             if id(value_node) in seen:  # report the alias where it is used, not where it was anchored
-                raise SpecError("YAML anchors and aliases (& and *) are not allowed; write the value out",
-                                source=doc.source, line=doc.lines[child], field=child)
+                raise SpecError(
+                    "YAML anchors and aliases (& and *) are not allowed; write the value out",
+                    source=doc.source,
+                    line=doc.lines[child],
+                    field=child,
+                )
             result[key] = _to_python(value_node, loader, doc, child, seen)
         return result
     if isinstance(node, yaml.SequenceNode):
@@ -201,11 +248,13 @@ def _load_yaml(text: str, source: str) -> tuple[Any, _Located]:
         return _to_python(root, loader, doc, "", set()), doc
     except yaml.reader.ReaderError as exc:
         line = text.count("\n", 0, exc.position) + 1
-        raise SpecError(f"character {exc.character!r} is not allowed in YAML; remove it", source=source,
-                        line=line) from None
+        raise SpecError(
+            f"character {exc.character!r} is not allowed in YAML; remove it", source=source, line=line
+        ) from None
     except RecursionError:
-        raise SpecError("the YAML is nested too deeply; a spec is a flat mapping with small nested tables",
-                        source=source) from None
+        raise SpecError(
+            "the YAML is nested too deeply; a spec is a flat mapping with small nested tables", source=source
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else None
@@ -287,8 +336,11 @@ def _resolve_name(values: dict[str, Any], source: str, doc: _Located) -> str:
     if name is None:
         name, origin = Path(source).stem, "the file name (no 'name' field)"
     if not NAME_PATTERN.match(name) or keyword.iskeyword(name):
-        raise doc.error("name", f"{name!r} from {origin} is not a safe module name; use lowercase "
-                                "letters, digits and underscores, starting with a letter")
+        raise doc.error(
+            "name",
+            f"{name!r} from {origin} is not a safe module name; use lowercase "
+            "letters, digits and underscores, starting with a letter",
+        )
     return name
 
 
@@ -297,8 +349,9 @@ RuleCheck = Callable[[dict[str, Any], _Located], None]
 
 def _rules_mla(v: dict[str, Any], doc: _Located) -> None:
     if v["qk_rope_head_dim"] % 2:
-        raise doc.error("qk_rope_head_dim", f"qk_rope_head_dim={v['qk_rope_head_dim']}: must be even "
-                                            "(RoPE rotates pairs)")
+        raise doc.error(
+            "qk_rope_head_dim", f"qk_rope_head_dim={v['qk_rope_head_dim']}: must be even (RoPE rotates pairs)"
+        )
 
 
 def _rules_gqa(v: dict[str, Any], doc: _Located) -> None:
@@ -307,14 +360,21 @@ def _rules_gqa(v: dict[str, Any], doc: _Located) -> None:
         v["kv_heads"] = heads if family == "mha" else 1
     kv_heads = v["kv_heads"]
     if family == "mha" and kv_heads != heads:
-        raise doc.error("kv_heads", f"kv_heads={kv_heads}: family mha needs kv_heads == heads ({heads}); "
-                                    "use family gqa for grouped heads")
+        raise doc.error(
+            "kv_heads",
+            f"kv_heads={kv_heads}: family mha needs kv_heads == heads ({heads}); "
+            "use family gqa for grouped heads",
+        )
     if family == "mqa" and kv_heads != 1:
-        raise doc.error("kv_heads", f"kv_heads={kv_heads}: family mqa has one kv head; "
-                                    "use family gqa for more")
+        raise doc.error(
+            "kv_heads", f"kv_heads={kv_heads}: family mqa has one kv head; use family gqa for more"
+        )
     if heads % kv_heads:
-        raise doc.error("kv_heads", f"kv_heads={kv_heads}: must divide heads={heads} "
-                                    "(each kv head serves an equal group of query heads)")
+        raise doc.error(
+            "kv_heads",
+            f"kv_heads={kv_heads}: must divide heads={heads} "
+            "(each kv head serves an equal group of query heads)",
+        )
     if v["head_dim"] % 2:
         raise doc.error("head_dim", f"head_dim={v['head_dim']}: must be even (RoPE rotates pairs)")
     if v["window"] is not None and not v["causal"]:
@@ -323,16 +383,22 @@ def _rules_gqa(v: dict[str, Any], doc: _Located) -> None:
 
 def _rules_latent(v: dict[str, Any], doc: _Located) -> None:
     if v["causal"] and v["chunk_size"] is None:
-        raise doc.error("chunk_size", "a causal latent spec needs chunk_size: each chunk gets its own "
-                                      "latent summary so no token sees the future", near="causal")
+        raise doc.error(
+            "chunk_size",
+            "a causal latent spec needs chunk_size: each chunk gets its own "
+            "latent summary so no token sees the future",
+            near="causal",
+        )
     if not v["causal"] and v["chunk_size"] is not None:
-        raise doc.error("chunk_size", "chunk_size applies to causal latent specs only; remove it or set "
-                                      "causal: true")
+        raise doc.error(
+            "chunk_size", "chunk_size applies to causal latent specs only; remove it or set causal: true"
+        )
     if v["window"] is not None and not v["causal"]:
         raise doc.error("window", "the local window of the hybrid needs causal: true")
     if v["rope"] is not None and v["window"] is None:
-        raise doc.error("rope", "rope applies to the local window path of the hybrid; set window or "
-                                "remove rope")
+        raise doc.error(
+            "rope", "rope applies to the local window path of the hybrid; set window or remove rope"
+        )
 
 
 FAMILY_RULES: dict[str, tuple[RuleCheck, type]] = {
@@ -356,8 +422,12 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
             raise doc.error(misspelt[0], "unknown field; did you mean 'family'?")
         if "family" in data:
             raise doc.error("family", f"must be one of {', '.join(FAMILIES)}, got null")
-        raise SpecError(f"missing required field 'family'; one of {', '.join(FAMILIES)}",
-                        source=source, line=1, field="family")
+        raise SpecError(
+            f"missing required field 'family'; one of {', '.join(FAMILIES)}",
+            source=source,
+            line=1,
+            field="family",
+        )
     _check_value(family, FieldRule("family", str, choices=FAMILIES), doc, "family")
     values = _check_table(data, COMMON + FAMILY_FIELDS[family], doc, "")
     values.pop("description")

@@ -138,12 +138,13 @@ class LatentSpec(SpecBase):
         return self.window is not None
 
     def cache_values_per_token(self) -> float:
-        """Amortised decode state per token: chunk summaries (K and V of M latents per chunk)
-        plus, for the hybrid, K and V of the window (bounded, so counted once per token)."""
-        per_chunk = 2 * self.heads * self.head_dim * self.latent_tokens
-        latents = per_chunk / self.chunk_size if self.chunk_size else 0.0
-        local = 2 * self.heads * self.head_dim if self.hybrid else 0
-        return latents + local
+        """Decode state that grows with the sequence, amortised per token: K and V of
+        the M latents of each finished chunk. (The hybrid's window K/V is a fixed
+        window * 2 * heads * head_dim values, whatever the length; non-causal specs
+        have no decode cache.)"""
+        if not self.chunk_size:
+            return 0.0
+        return 2 * self.heads * self.head_dim * self.latent_tokens / self.chunk_size
 
     def mha_cache_values_per_token(self) -> int:
         return 2 * self.heads * self.head_dim
