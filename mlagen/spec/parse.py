@@ -95,7 +95,7 @@ FAMILY_FIELDS: dict[str, tuple[FieldRule, ...]] = {
             low=16,
             high=8192,
             multiple_of=16,
-            why="the rank is a matmul dimension (tensor-core tiles are 16 wide)",
+            why="the rank is a matmul dimension; tensor-core tiles are 16 wide",
         ),
         FieldRule(
             "kv_lora_rank",
@@ -103,7 +103,7 @@ FAMILY_FIELDS: dict[str, tuple[FieldRule, ...]] = {
             low=16,
             high=2048,
             multiple_of=16,
-            why="the latent is the K dimension of the decode dot products (tiles are 16 wide)",
+            why="the latent is the K dimension of the decode dot products; tiles are 16 wide",
         ),
         _dims("qk_nope_head_dim"),
         _dims("qk_rope_head_dim", why="rope dims are multiples of 8 so rows load as 16-byte vectors"),
