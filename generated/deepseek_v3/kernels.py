@@ -184,3 +184,7 @@ ATTENTION = {
     "attention_fwd_qk128_rope64_v128": attention_qk128_rope64_v128,
 }
 KERNELS = (attention_fwd_qk128_rope64_v128, )
+# (q.k dims, second score part dims, v dims) of each kernel, for tools that compile or tune them.
+HEAD_DIMS = {
+    "attention_fwd_qk128_rope64_v128": (128, 64, 128),
+}

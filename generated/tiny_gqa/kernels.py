@@ -170,3 +170,7 @@ ATTENTION = {
     "attention_fwd_qk16_v16": attention_qk16_v16,
 }
 KERNELS = (attention_fwd_qk16_v16, )
+# (q.k dims, second score part dims, v dims) of each kernel, for tools that compile or tune them.
+HEAD_DIMS = {
+    "attention_fwd_qk16_v16": (16, 0, 16),
+}

@@ -170,3 +170,7 @@ ATTENTION = {
     "attention_fwd_qk32_v32": attention_qk32_v32,
 }
 KERNELS = (attention_fwd_qk32_v32, )
+# (q.k dims, second score part dims, v dims) of each kernel, for tools that compile or tune them.
+HEAD_DIMS = {
+    "attention_fwd_qk32_v32": (32, 0, 32),
+}

@@ -184,3 +184,7 @@ ATTENTION = {
     "attention_fwd_qk16_rope8_v24": attention_qk16_rope8_v24,
 }
 KERNELS = (attention_fwd_qk16_rope8_v24, )
+# (q.k dims, second score part dims, v dims) of each kernel, for tools that compile or tune them.
+HEAD_DIMS = {
+    "attention_fwd_qk16_rope8_v24": (16, 8, 24),
+}

@@ -26,14 +26,22 @@ class BlockConfig:
 INTERPRETER_CONFIG = BlockConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
 
-def default_config(head_dim_qk: int, head_dim_v: int, device: torch.device) -> BlockConfig:
-    """A config that fits registers on sm_80 and sm_90 (ANCHORS.md static probes);
-    `mlagen tune` replaces it per GPU."""
+def default_config(
+    head_dim_qk: int, head_dim_v: int, device: torch.device, arch: int | None = None
+) -> BlockConfig:
+    """A static config that compiles without spills for the shipped head dims on
+    sm_80 and sm_90 (checked ahead of time by tests/test_gpu_compile.py);
+    `mlagen tune` replaces it per GPU. `arch` defaults to the device's."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
-    if head_dim_qk + head_dim_v > 256:
-        return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
-    return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = 10 * major + minor
+    if arch >= 90 or head_dim_qk + head_dim_v > 256:
+        # 8 warps split the 128-row tile: 212 registers for d=128 on sm_90, 255 for MLA's 192+128.
+        return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3 if arch >= 90 else 2)
+    # On sm_80 the 128-row tile spills 8 bytes at d=128; 64 rows fit.
+    return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 
 
 def is_interpreted(kernel: object) -> bool:
