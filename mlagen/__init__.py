@@ -6,6 +6,7 @@ attn = attn_module.Attention()
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import sys
 from pathlib import Path
@@ -21,9 +22,13 @@ def load(spec_path: str | Path, out_root: str | Path = "generated") -> ModuleTyp
 
     result = generate(load_spec(spec_path), out_root)
     package_dir = result.package_dir.resolve()
-    module_name = f"mlagen_generated.{result.spec.name}_{result.spec.content_hash}"
+    where = hashlib.sha256(str(package_dir).encode()).hexdigest()[:12]
+    module_name = f"mlagen_generated_{result.spec.name}_{where}"
     if module_name in sys.modules and not result.changed:
         return sys.modules[module_name]
+    # Regenerated files replace the package whole: forget its old submodules too.
+    for name in [n for n in sys.modules if n == module_name or n.startswith(module_name + ".")]:
+        del sys.modules[name]
     spec = importlib.util.spec_from_file_location(
         module_name, package_dir / "__init__.py", submodule_search_locations=[str(package_dir)]
     )

@@ -174,6 +174,7 @@ def write_package(files: dict[str, str], package_dir: Path) -> list[str]:
             if not changed:
                 return []
             staging = Path(tempfile.mkdtemp(prefix=f".{package_dir.name}.new-", dir=root))
+            os.chmod(staging, 0o777 & ~_umask())  # mkdtemp is private; a package is importable by all
             try:
                 for name, text in files.items():
                     (staging / name).write_text(text, encoding="utf-8")
@@ -213,8 +214,15 @@ def _swap_in(staging: Path, package_dir: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp is private; match a plain write
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
     os.replace(tmp, path)
