@@ -35,6 +35,14 @@ class Rotary(nn.Module):
         inv_freq, self.attention_factor = inverse_frequencies(dim, theta, yarn)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) would round the frequencies (and so every angle) to the
+        # module dtype; they stay fp32 and only follow device moves.
+        exact = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = exact.to(self.inv_freq.device)
+        return self
+
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         return cos_sin(position_ids, self.inv_freq, self.attention_factor, dtype)
 

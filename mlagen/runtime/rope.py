@@ -52,8 +52,10 @@ def inverse_frequencies(dim: int, theta: float, yarn: YarnParams | None) -> tupl
 def cos_sin(
     position_ids: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [B, S, dim] for integer positions [B, S], computed in fp32 then cast."""
-    freqs = position_ids.to(torch.float32)[..., None] * inv_freq.to(position_ids.device)
+    """cos, sin [B, S, dim] for integer positions [B, S], computed in fp32 (as transformers
+    does) then cast; in fp64 for an fp64 module, so the golden reference stays exact."""
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    freqs = position_ids.to(compute)[..., None] * inv_freq.to(position_ids.device, compute)
     emb = torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
 
