@@ -37,6 +37,8 @@ class CompileJob:
     num_warps: int
     num_stages: int
     constexprs: dict[str, Any] = field(default_factory=dict)
+    fp32_pointers: tuple[str, ...] = ("LSE", "DELTA", "DK_B")
+    float_args: tuple[str, ...] = ("qk_scale", "sm_scale")
 
 
 @dataclass(frozen=True, slots=True)

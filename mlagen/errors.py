@@ -25,7 +25,9 @@ class SpecError(MlagenError):
 
     def render(self) -> str:
         where = self.source if self.line is None else f"{self.source}:{self.line}"
-        what = f"{self.field}: " if self.field else ""
+        # A field name comes from the user's YAML; escape it so the message stays one line.
+        field = self.field if self.field is None or self.field.isprintable() else ascii(self.field)
+        what = f"{field}: " if field else ""
         return f"{where}: {what}{self.message}"
 
 

@@ -56,14 +56,14 @@ CASES = [
 ]
 
 
-def _operands(case: Case, dtype: torch.dtype, scale_logits: float = 1.0):
+def _operands(case: Case, dtype: torch.dtype, scale_logits: float = 1.0, batch: int = 2):
     kernel = next(iter(generated(case.package).ATTENTION.items()))
     name = kernel[0]
     split = "_rope" in name
     d_a = 16
     d_b = 8 if split else 0
     d_v = 24 if split else 16
-    b = 2
+    b = batch
     q_a = torch.randn(b, case.seqlen_q, case.heads_q, d_a) * scale_logits
     k_a = torch.randn(b, case.seqlen_k, case.heads_k, d_a)
     v = torch.randn(b, case.seqlen_k, case.heads_k, d_v)

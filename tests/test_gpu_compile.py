@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mlagen.aot import CompileJob, compile_jobs
-from mlagen.runtime.launch import default_config
+from mlagen.runtime.launch import default_backward_config, default_config
 from tests.helpers import ROOT, SPECS, generated
 
 SHIPPED = sorted(p.stem for p in SPECS.glob("*.yaml") if not p.stem.startswith("tiny_"))
@@ -23,12 +23,14 @@ def _jobs() -> list[CompileJob]:
         kernels = generated(spec).kernels
         for name, (d_a, d_b, d_v) in kernels.HEAD_DIMS.items():
             for arch in ARCHS:
-                config = default_config(d_a + d_b, d_v, torch.device("cuda"), arch=arch)
-                # A kernel name fixes its template parameters, so compile each name once.
-                jobs.setdefault((name, arch), CompileJob(
-                    str(ROOT / "generated" / spec / "kernels.py"), name, arch, "bf16", config.num_warps,
-                    config.num_stages, dict(HEAD_GROUP=1, DOT_PRECISION="tf32", CAUSAL=True, WINDOWED=False,
-                                            GROUP_MASK=0, BLOCK_M=config.block_m, BLOCK_N=config.block_n)))
+                for kernel, choose in ((name, default_config), (f"{name}_bwd_dkdv", default_backward_config),
+                                       (f"{name}_bwd_dq", default_backward_config)):
+                    config = choose(d_a + d_b, d_v, torch.device("cuda"), arch=arch)
+                    # A kernel name fixes its template parameters, so compile each name once.
+                    jobs.setdefault((kernel, arch), CompileJob(
+                        str(ROOT / "generated" / spec / "kernels.py"), kernel, arch, "bf16", config.num_warps,
+                        config.num_stages, dict(HEAD_GROUP=1, DOT_PRECISION="tf32", CAUSAL=True, WINDOWED=False,
+                                                GROUP_MASK=0, BLOCK_M=config.block_m, BLOCK_N=config.block_n)))
     ordered = sorted(jobs.values(), key=lambda job: (job.kernel, job.arch))
     # The mask and grouping flags change the compiled code too: window + GQA, and the latent chunk masks.
     base = next(job for job in ordered if job.arch == 90 and job.kernel == "attention_fwd_qk128_v128")
@@ -38,7 +40,7 @@ def _jobs() -> list[CompileJob]:
 
 
 @pytest.mark.slow
-def test_default_configs_compile_for_sm90_and_sm80_without_spills():
+def test_default_forward_and_backward_configs_compile_for_sm90_and_sm80_without_spills():
     jobs = _jobs()
     results = compile_jobs(jobs)
     assert {r.arch for r in results} == set(ARCHS)

@@ -23,6 +23,8 @@ def _chunks_code(expr: sympy.Expr) -> str:
     expr = sympy.sympify(expr)
     if expr.is_Integer:
         return str(int(expr))
+    if expr == S:  # chunk_size 1: one chunk per token
+        return "seqlen"
     assert isinstance(expr, sympy.ceiling), expr
     numerator, denominator = sympy.fraction(expr.args[0])
     assert numerator == S and denominator.is_Integer, expr

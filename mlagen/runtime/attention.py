@@ -10,7 +10,7 @@ from mlagen.runtime import reference
 
 LOG2E = 1.4426950408889634
 GROUP_MASK_CODES = {None: 0, "same": 1, "earlier": 2}
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +61,7 @@ def check_operands(
         if tensor.device != q_a.device:
             raise ValueError(f"attention operand {name} is on {tensor.device} but q_a on {q_a.device}")
     if q_a.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"attention runs in float16, bfloat16 or float32, got {q_a.dtype}")
+        raise ValueError(f"attention runs in float16, bfloat16, float32 or float64, got {q_a.dtype}")
     if (q_b is None) != (k_b is None):
         raise ValueError("give both q_b and k_b (the second score part) or neither")
     batch, seqlen_q, heads_q, d_a = q_a.shape
@@ -87,24 +87,14 @@ def check_operands(
     return AttentionDims(batch, seqlen_q, seqlen_k, heads_q, heads_k, d_a, d_b, d_v)
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 and fp64 inputs get exact products: tf32 (Triton's GPU default for fp32) would
+    make an fp32 module 1e-3 accurate. 16-bit inputs ignore the setting."""
+    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
 def group_mask_args(group_mask: reference.GroupMask | None) -> tuple[int, int, int]:
     if group_mask is None:
         return 0, 1, 1
     mode, q_group, k_group = group_mask
     return GROUP_MASK_CODES[mode], q_group, k_group
-
-
-def reference_backward(
-    grad_out: torch.Tensor, operands: tuple[torch.Tensor | None, ...], options: dict
-) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of the attention by recomputing the reference math under autograd.
-
-    Correct in every dtype, but it materialises the [Sq, Sk] scores; the
-    generated Triton backward kernels replace it (training issue).
-    """
-    with torch.enable_grad():
-        leaves = tuple(None if t is None else t.detach().requires_grad_(True) for t in operands)
-        out = reference.attention(*leaves, **options)
-        wanted = [t for t in leaves if t is not None]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out))
-    return tuple(None if t is None else next(grads) for t in leaves)

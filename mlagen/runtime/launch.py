@@ -44,6 +44,22 @@ def default_config(
     return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=3)
 
 
+def default_backward_config(
+    head_dim_qk: int, head_dim_v: int, device: torch.device, arch: int | None = None
+) -> BlockConfig:
+    """The backward kernels hold K, V, dK, dV (or Q, dO, dQ) tiles at once, so tiles are
+    smaller than the forward's; spill-free on sm_80 and sm_90 (tests/test_gpu_compile.py)."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    if arch is None:
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = 10 * major + minor
+    if head_dim_qk + head_dim_v > 256 and arch < 90:
+        # MLA's dK/dV tile (192 + 128 wide, plus the fp32 rope-key partial) spills at 64 keys on sm_80.
+        return BlockConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+    return BlockConfig(block_m=32, block_n=64, num_warps=8, num_stages=1)
+
+
 def is_interpreted(kernel: object) -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 

@@ -74,14 +74,14 @@ YARN = (
     FieldRule("type", str, required=False, default="yarn", choices=("yarn",)),
     FieldRule("factor", float, low=1.0, high=1024.0),
     FieldRule("original_max_position", int, low=1, high=1 << 24),
-    FieldRule("beta_fast", float, required=False, default=32.0, low=0.0, high=1024.0),
-    FieldRule("beta_slow", float, required=False, default=1.0, low=0.0, high=1024.0),
+    FieldRule("beta_fast", float, required=False, default=32.0, low=0.001, high=1024.0),
+    FieldRule("beta_slow", float, required=False, default=1.0, low=0.001, high=1024.0),
     FieldRule("mscale", float, required=False, default=1.0, low=0.0, high=100.0),
     FieldRule("mscale_all_dim", float, required=False, default=0.0, low=0.0, high=100.0),
 )
 
 ROPE = (
-    FieldRule("theta", float, low=1.0, high=1e12),
+    FieldRule("theta", float, low=2.0, high=1e12),
     FieldRule("layout", str, required=False, default="half", choices=ROPE_LAYOUTS),
     FieldRule("scaling", dict, required=False, nullable=True),
 )
