@@ -153,11 +153,11 @@ def test_strided_and_broadcast_operands():
         (lambda ops: ops.__setitem__(4, ops[4][:, :5]), "does not match"),
         (lambda ops: ops.__setitem__(0, ops[0][0]), "4-d"),
         (lambda ops: ops.__setitem__(2, torch.randn(2, 37, 3, 16)), "does not match"),
-        (lambda ops: [ops.__setitem__(i, t.double()) for i, t in enumerate(ops) if t is not None],
-         "float16, bfloat16 or float32"),
+        (lambda ops: [ops.__setitem__(i, t.to(torch.int32)) for i, t in enumerate(ops) if t is not None],
+         "float16, bfloat16, float32 or float64"),
     ],
     ids=["wrong-head-dim", "mixed-dtypes", "values-shorter-than-keys", "missing-batch-dim", "kv-heads-mismatch",
-         "float64-unsupported"],
+         "integer-inputs"],
 )
 def test_bad_operands_raise_clear_errors(mutate, message):
     entry, operands = _operands(CASES[0], torch.float32)  # [q_a, q_b, k_a, k_b, v]

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+import triton.language as tl
 
 from mlagen.aot import CompileJob, compile_jobs
 from mlagen.runtime.launch import default_backward_config, default_config
@@ -29,7 +30,7 @@ def _jobs() -> list[CompileJob]:
                     # A kernel name fixes its template parameters, so compile each name once.
                     jobs.setdefault((kernel, arch), CompileJob(
                         str(ROOT / "generated" / spec / "kernels.py"), kernel, arch, "bf16", config.num_warps,
-                        config.num_stages, dict(HEAD_GROUP=1, DOT_PRECISION="tf32", CAUSAL=True, WINDOWED=False,
+                        config.num_stages, dict(HEAD_GROUP=1, DOT_PRECISION="tf32", ACC_DTYPE=tl.float32, CAUSAL=True, WINDOWED=False,
                                                 GROUP_MASK=0, BLOCK_M=config.block_m, BLOCK_N=config.block_n)))
     ordered = sorted(jobs.values(), key=lambda job: (job.kernel, job.arch))
     # The mask and grouping flags change the compiled code too: window + GQA, and the latent chunk masks.

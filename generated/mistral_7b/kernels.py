@@ -10,7 +10,15 @@ import torch
 import triton
 import triton.language as tl
 
-from mlagen.runtime.attention import LOG2E, check_operands, dot_precision, group_mask_args, last_dim_contiguous
+from mlagen.runtime.attention import (
+    LOG2E,
+    accumulator,
+    check_operands,
+    dot_precision,
+    group_mask_args,
+    last_dim_contiguous,
+    lse_dtype,
+)
 from mlagen.runtime.launch import default_backward_config, default_config
 from mlagen.runtime.ops import attention_op
 
@@ -90,8 +98,9 @@ def _probabilities(scores, lse, qk_scale, offs_m, offs_n, seqlen_q, seqlen_k, wi
 
 @triton.jit
 def _attention_bwd_delta(O, DO, DELTA, stride_o_b, stride_o_s, stride_o_h, stride_do_b, stride_do_s, stride_do_h,
-                         seqlen_q, heads_q, D_V: tl.constexpr, PAD_V: tl.constexpr, BLOCK_M: tl.constexpr):
-    # delta = rowsum(dO * O) [B, Hq, Sq] fp32: the softmax backward's correction term, once per row.
+                         seqlen_q, heads_q, D_V: tl.constexpr, PAD_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                         ACC_DTYPE: tl.constexpr):
+    # delta = rowsum(dO * O) [B, Hq, Sq]: the softmax backward's correction term, once per row.
     start_m = tl.program_id(0)
     off_bh = tl.program_id(1)
     off_b = off_bh // heads_q
@@ -103,7 +112,7 @@ def _attention_bwd_delta(O, DO, DELTA, stride_o_b, stride_o_s, stride_o_h, strid
                   mask=mask, other=0.0)
     d_out = tl.load(DO + off_b * stride_do_b + off_h * stride_do_h + offs_m[:, None] * stride_do_s + offs_v[None, :],
                     mask=mask, other=0.0)
-    delta = tl.sum(out.to(tl.float32) * d_out.to(tl.float32), 1)
+    delta = tl.sum(out.to(ACC_DTYPE) * d_out.to(ACC_DTYPE), 1)
     tl.store(DELTA + off_bh * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
@@ -115,7 +124,7 @@ def attention_fwd_qk128_v128(
     stride_v_b, stride_v_s, stride_v_h,
     stride_o_b, stride_o_s, stride_o_h,
     seqlen_q, seqlen_k, heads_q, qk_scale, window, q_group_size, k_group_size,
-    HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -141,9 +150,9 @@ def attention_fwd_qk128_v128(
     k_a_rows = K_A + off_b * stride_ka_b + off_kh * stride_ka_h
     v_rows = V + off_b * stride_v_b + off_kh * stride_v_h
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, PAD_V], tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
+    l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_M, PAD_V], ACC_DTYPE)
     lo, hi = _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                         CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -175,12 +184,12 @@ def attention_fwd_qk128_v128(
 
 
 def attention_fwd_qk128_v128_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, window=None, group_mask=None, config=None):
-    """Launch attention_fwd_qk128_v128; returns (out [B, Sq, Hq, 128], lse [B, Hq, Sq] fp32)."""
+    """Launch attention_fwd_qk128_v128; returns (out [B, Sq, Hq, 128], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
     dims = check_operands(q_a, q_b, k_a, k_b, v, expected=(128, 0, 128))
     q_a, q_b, k_a, k_b, v = (last_dim_contiguous(t) for t in (q_a, q_b, k_a, k_b, v))
     config = config or default_config(128, 128, q_a.device)
     out = torch.empty((dims.batch, dims.seqlen_q, dims.heads_q, 128), dtype=q_a.dtype, device=q_a.device)
-    lse = torch.empty((dims.batch, dims.heads_q, dims.seqlen_q), dtype=torch.float32, device=q_a.device)
+    lse = torch.empty((dims.batch, dims.heads_q, dims.seqlen_q), dtype=lse_dtype(q_a.dtype), device=q_a.device)
     mask_code, q_group_size, k_group_size = group_mask_args(group_mask)
     grid = (triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)
     attention_fwd_qk128_v128[grid](
@@ -188,6 +197,7 @@ def attention_fwd_qk128_v128_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, win
         *q_a.stride()[:3], *k_a.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         dims.seqlen_q, dims.seqlen_k, dims.heads_q, scale * LOG2E, window or 0, q_group_size, k_group_size,
         HEAD_GROUP=dims.heads_q // dims.heads_k, DOT_PRECISION=dot_precision(q_a.dtype),
+        ACC_DTYPE=accumulator(q_a.dtype),
         CAUSAL=causal, WINDOWED=window is not None, GROUP_MASK=mask_code,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
     )
@@ -204,7 +214,7 @@ def attention_fwd_qk128_v128_bwd_dkdv(
     stride_v_b, stride_v_s, stride_v_h,
     stride_do_b, stride_do_s, stride_do_h,
     seqlen_q, seqlen_k, heads_q, qk_scale, sm_scale, window, q_group_size, k_group_size,
-    HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -230,8 +240,8 @@ def attention_fwd_qk128_v128_bwd_dkdv(
                   mask=key_ok[:, None] & (offs_a[None, :] < D_A), other=0.0)
     values = tl.load(V + off_b * stride_v_b + off_kh * stride_v_h + offs_n[:, None] * stride_v_s + offs_v[None, :],
                      mask=key_ok[:, None] & (offs_v[None, :] < D_V), other=0.0)
-    dk_a = tl.zeros([BLOCK_N, PAD_A], tl.float32)
-    dv = tl.zeros([BLOCK_N, PAD_V], tl.float32)
+    dk_a = tl.zeros([BLOCK_N, PAD_A], ACC_DTYPE)
+    dv = tl.zeros([BLOCK_N, PAD_V], ACC_DTYPE)
 
     lo, hi = _query_range(start_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                           CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M, BLOCK_N)
@@ -272,7 +282,7 @@ def attention_fwd_qk128_v128_bwd_dq(
     stride_v_b, stride_v_s, stride_v_h,
     stride_do_b, stride_do_s, stride_do_h,
     seqlen_q, seqlen_k, heads_q, qk_scale, sm_scale, window, q_group_size, k_group_size,
-    HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -298,7 +308,7 @@ def attention_fwd_qk128_v128_bwd_dq(
                     mask=row_ok[:, None] & (offs_v[None, :] < D_V), other=0.0)
     lse = tl.load(LSE + off_bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + off_bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
-    dq_a = tl.zeros([BLOCK_M, PAD_A], tl.float32)
+    dq_a = tl.zeros([BLOCK_M, PAD_A], ACC_DTYPE)
     k_a_rows = K_A + off_b * stride_ka_b + off_kh * stride_ka_h
     v_rows = V + off_b * stride_v_b + off_kh * stride_v_h
 
@@ -337,7 +347,7 @@ def attention_fwd_qk128_v128_backward(grad_out, q_a, q_b, k_a, k_b, v, out, lse,
     delta = torch.empty_like(lse)
     _attention_bwd_delta[(triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], dims.seqlen_q, dims.heads_q,
-        D_V=128, PAD_V=128, BLOCK_M=config.block_m,
+        D_V=128, PAD_V=128, BLOCK_M=config.block_m, ACC_DTYPE=accumulator(q_a.dtype),
     )
     if grad_lse is not None:
         delta = delta - grad_lse  # d lse / d score = P, so an lse gradient shifts delta
@@ -348,7 +358,7 @@ def attention_fwd_qk128_v128_backward(grad_out, q_a, q_b, k_a, k_b, v, out, lse,
     scalars = (dims.seqlen_q, dims.seqlen_k, dims.heads_q, scale * LOG2E, scale, window or 0, q_group_size,
                k_group_size)
     flags = dict(HEAD_GROUP=dims.heads_q // dims.heads_k, DOT_PRECISION=dot_precision(q_a.dtype),
-                 CAUSAL=causal, WINDOWED=window is not None, GROUP_MASK=mask_code, BLOCK_M=config.block_m,
+                 ACC_DTYPE=accumulator(q_a.dtype), CAUSAL=causal, WINDOWED=window is not None, GROUP_MASK=mask_code, BLOCK_M=config.block_m,
                  BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages)
     operands = (q_a, k_a, v, grad_out, lse, delta)
     strides = (*q_a.stride()[:3], *k_a.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import triton.language as tl
 
 from mlagen.runtime import reference
 
@@ -91,6 +92,15 @@ def dot_precision(dtype: torch.dtype) -> str:
     """fp32 and fp64 inputs get exact products: tf32 (Triton's GPU default for fp32) would
     make an fp32 module 1e-3 accurate. 16-bit inputs ignore the setting."""
     return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+
+
+def accumulator(dtype: torch.dtype) -> tl.dtype:
+    """Softmax statistics and accumulators: fp32, or fp64 for fp64 inputs (gradcheck)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def group_mask_args(group_mask: reference.GroupMask | None) -> tuple[int, int, int]:

@@ -56,6 +56,9 @@ def position_ids_for(
     if position_ids.dim() == 1:
         position_ids = position_ids.expand(batch, -1)
     expect_shape("position_ids", position_ids, (batch, seqlen))
+    # The range check reads values, which a compiled graph cannot do without breaking; eager calls check.
+    if torch.compiler.is_compiling():
+        return position_ids
     if position_ids.numel() and (int(position_ids.min()) < 0 or int(position_ids.max()) >= max_position):
         raise ValueError(
             f"position_ids must lie in [0, {max_position}) (the spec's max_position), "

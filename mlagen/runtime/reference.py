@@ -16,9 +16,10 @@ GroupMask = tuple[str, int, int]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' RMSNorm: statistics in fp32, the weight applied in the input dtype."""
-    x32 = x.to(torch.float32)
-    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    """transformers' RMSNorm: statistics in fp32 (fp64 for an fp64 golden), the weight
+    applied in the input dtype."""
+    wide = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
 
 
