@@ -41,9 +41,10 @@ def _linear(p: dict[str, torch.Tensor], name: str, x: torch.Tensor) -> torch.Ten
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """DeepseekV3RMSNorm: variance in fp32, normalised value cast back, then weight * value."""
+    """DeepseekV3RMSNorm: variance in fp32, normalised value cast back, then weight * value.
+    An fp64 golden keeps fp64 (transformers would round it to fp32, which is no golden)."""
     input_dtype = x.dtype
-    x32 = x.to(torch.float32)
+    x32 = x.to(torch.float64 if input_dtype == torch.float64 else torch.float32)
     variance = x32.pow(2).mean(-1, keepdim=True)
     x32 = x32 * torch.rsqrt(variance + eps)
     return weight * x32.to(input_dtype)
