@@ -378,6 +378,7 @@ def attention_qk128_v128(q_a, q_b, k_a, k_b, v, *, scale, causal, window=None, g
     out, _ = attention_qk128_v128_op(q_a, q_b, k_a, k_b, v, scale, causal, window, *group_mask_args(group_mask))
     return out
 
+
 ATTENTION = {
     "attention_fwd_qk128_v128": attention_qk128_v128,
 }

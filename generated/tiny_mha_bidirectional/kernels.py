@@ -378,6 +378,7 @@ def attention_qk32_v32(q_a, q_b, k_a, k_b, v, *, scale, causal, window=None, gro
     out, _ = attention_qk32_v32_op(q_a, q_b, k_a, k_b, v, scale, causal, window, *group_mask_args(group_mask))
     return out
 
+
 ATTENTION = {
     "attention_fwd_qk32_v32": attention_qk32_v32,
 }

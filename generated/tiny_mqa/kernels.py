@@ -378,6 +378,7 @@ def attention_qk16_v16(q_a, q_b, k_a, k_b, v, *, scale, causal, window=None, gro
     out, _ = attention_qk16_v16_op(q_a, q_b, k_a, k_b, v, scale, causal, window, *group_mask_args(group_mask))
     return out
 
+
 ATTENTION = {
     "attention_fwd_qk16_v16": attention_qk16_v16,
 }

@@ -8,7 +8,7 @@ from pathlib import Path
 from mlagen.codegen.emit import render, stale_files, write_package
 from mlagen.ir import Graph, lower
 from mlagen.passes import run_pipeline
-from mlagen.spec import Spec
+from mlagen.spec import MlaSpec, Spec
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,9 +21,11 @@ class Generated:
 
 
 def compile_spec(spec: Spec) -> tuple[Graph, dict[str, str]]:
-    """The optimised graph and the rendered files of a spec, in memory."""
+    """The optimised prefill graph and the rendered files of a spec, in memory
+    (for mla, the absorbed decode graph is compiled and rendered too)."""
     graph = run_pipeline(lower(spec), "prefill")
-    return graph, render(spec, graph)
+    decode = run_pipeline(lower(spec, "decode"), "decode") if isinstance(spec, MlaSpec) else None
+    return graph, render(spec, graph, decode)
 
 
 def generate(spec: Spec, out_root: str | Path = "generated") -> Generated:

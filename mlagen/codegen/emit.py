@@ -65,6 +65,32 @@ class Variant:
         return f"softmax({score}) @ v[{self.d_v}]"
 
 
+@dataclass(frozen=True, slots=True)
+class DecodeVariant:
+    """The MLA decode kernels (append, split-KV decode, combine) for one latent/rope width."""
+
+    name: str
+    latent: int
+    rope: int
+    interleave: bool
+
+    @property
+    def pad_latent(self) -> int:
+        return padded(self.latent)
+
+    @property
+    def pad_rope(self) -> int:
+        return padded(self.rope)
+
+
+def decode_variant(graph: Graph) -> DecodeVariant:
+    (node,) = graph.of_kind(OpKind.ATTENTION)
+    (append,) = graph.of_kind(OpKind.CACHE_APPEND)
+    return DecodeVariant(
+        node.attr("kernel"), node.attr("d_a"), node.attr("d_b"), append.attr("layout") == "interleave"
+    )
+
+
 def variants(graph: Graph) -> list[Variant]:
     found: dict[str, Variant] = {}
     for node in graph.of_kind(OpKind.ATTENTION):
@@ -117,8 +143,9 @@ def _environment() -> jinja2.Environment:
     return env
 
 
-def render(spec: Spec, graph: Graph) -> dict[str, str]:
-    """File name -> content of the package for `spec` (nothing is written)."""
+def render(spec: Spec, graph: Graph, decode_graph: Graph | None = None) -> dict[str, str]:
+    """File name -> content of the package for `spec` (nothing is written). `decode_graph`
+    (mla) adds the paged latent cache, its kernels and the absorbed decode path."""
     env = _environment()
     summary, hf_class = _summary(spec)
     linear = next(node for node in graph.nodes if node.op is OpKind.LINEAR)
@@ -132,6 +159,8 @@ def render(spec: Spec, graph: Graph) -> dict[str, str]:
         "submodules": submodules(graph),
         "body": forward_body(graph),
         "first_weight": linear.attr("param"),
+        "decode": decode_variant(decode_graph) if decode_graph is not None else None,
+        "decode_body": forward_body(decode_graph) if decode_graph is not None else [],
     }
     return {
         name: env.get_template(f"{name}.jinja").render(context)

@@ -73,9 +73,27 @@ def submodules(graph: Graph) -> list[Submodule]:
     return result
 
 
-def _statement(node: Node) -> str | None:
+def _statement(node: Node, cache_source: str | None = None) -> str | None:
+    """One line of Python for `node`; in a decode graph `cache_source` names the append
+    whose paged cache the attention reads."""
     out, args = node.name, node.inputs
     op = node.op
+    if op is OpKind.CACHE_APPEND:
+        return (
+            f"{out} = decode.append({args[0]}, self.{node.attr('norm')}.weight, {node.attr('eps')!r}, cos, sin, "
+            f"cache, new_tokens)"
+        )
+    if op is OpKind.HEAD_MATMUL:
+        return (
+            f"{out} = head_matmul({args[0]}, self.{node.attr('param')}.weight, heads={node.attr('heads')}, "
+            f"rows_per_head={node.attr('rows_per_head')}, rows={node.attr('rows')!r}, "
+            f"transpose={node.attr('transpose')})"
+        )
+    if op is OpKind.ATTENTION and cache_source is not None:
+        return (
+            f"{out} = decode.attend({args[0]}, {args[1]}, {cache_source}, scale={node.attr('scale')!r}, "
+            f"causal={node.attr('causal')})"
+        )
     if op is OpKind.INPUT:
         return None
     if op is OpKind.PARAM:
@@ -113,9 +131,27 @@ def _statement(node: Node) -> str | None:
 
 
 def forward_body(graph: Graph) -> list[str]:
-    """The statements of `_forward(self, hidden_states, position_ids, attention)`."""
-    lines = ["batch, seqlen = hidden_states.shape[:2]"]
+    """The statements of `_forward(self, hidden_states, position_ids, attention)`, or for a
+    decode graph of `_decode_forward(self, hidden_states, position_ids, cache, new_tokens, decode)`."""
+    lines = ["batch, seqlen = hidden_states.shape[:2]"] if graph.mode != "decode" else []
     if graph.of_kind(OpKind.ROPE):
         lines.append("cos, sin = self.rotary_emb(position_ids, hidden_states.dtype)")
-    lines += [s for s in (_statement(node) for node in graph.nodes) if s is not None]
+    appends = graph.of_kind(OpKind.CACHE_APPEND)
+    cache_source = appends[0].name if appends else None
+    views = _cache_views(graph)
+    for node in graph.nodes:
+        if node.name not in views:
+            line = _statement(node, cache_source if node.op is OpKind.ATTENTION else None)
+            if line is not None:
+                lines.append(line)
     return lines
+
+
+def _cache_views(graph: Graph) -> set[str]:
+    """Slices and head splits of the paged cache: the kernels read the pages, so these are
+    never materialised (the attention that consumes them reads the cache itself)."""
+    views = {node.name for node in graph.of_kind(OpKind.CACHE_APPEND)}
+    for node in graph.nodes:
+        if node.op in (OpKind.SLICE, OpKind.SPLIT_HEADS) and node.inputs[0] in views:
+            views.add(node.name)
+    return views - {node.name for node in graph.of_kind(OpKind.CACHE_APPEND)}

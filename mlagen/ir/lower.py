@@ -22,8 +22,9 @@ DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 class _Builder:
-    def __init__(self, spec: Spec):
+    def __init__(self, spec: Spec, mode: str = "prefill"):
         self.spec = spec
+        self.mode = mode
         self.nodes: list[Node] = []
         self.dtype = DTYPE_NAMES[spec.dtype]
 
@@ -99,7 +100,7 @@ class _Builder:
 
     def graph(self, outputs: tuple[str, ...]) -> Graph:
         locations = tuple((name, self.spec.where(name)) for name, _ in self.spec.field_lines)
-        return Graph(self.spec.name, "prefill", tuple(self.nodes), outputs, locations)
+        return Graph(self.spec.name, self.mode, tuple(self.nodes), outputs, locations)
 
 
 def softmax_scale(qk_head_dim: int, rope: Rope | None) -> float:
@@ -112,18 +113,10 @@ def softmax_scale(qk_head_dim: int, rope: Rope | None) -> float:
     return scale
 
 
-def _lower_mla(spec: MlaSpec) -> Graph:
-    g = _Builder(spec)
-    H, dn, dr, dv, r = (
-        spec.heads,
-        spec.qk_nope_head_dim,
-        spec.qk_rope_head_dim,
-        spec.v_head_dim,
-        spec.kv_lora_rank,
-    )
+def _mla_query(g: _Builder, spec: MlaSpec, x: str, pos: str) -> tuple[str, str]:
+    """q_nope [B, S, H, dn] and the rotated q_pe [B, S, H, dr]."""
+    H, dn, dr = spec.heads, spec.qk_nope_head_dim, spec.qk_rope_head_dim
     dqk = dn + dr
-    x = g.input("hidden_states", (B, S, spec.d_model))
-    pos = g.input("position_ids", (B, S), integer=True)
     if spec.q_lora_rank is None:
         q = g.linear("q", x, "q_proj", spec.d_model, H * dqk, "heads, qk_nope_head_dim, qk_rope_head_dim")
     else:
@@ -136,8 +129,47 @@ def _lower_mla(spec: MlaSpec) -> Graph:
     q = g.add("q_heads", OpKind.SPLIT_HEADS, (q,), "heads", heads=H, head_dim=dqk)
     q_nope = g.add("q_nope", OpKind.SLICE, (q,), "qk_nope_head_dim", start=0, stop=dn)
     q_pe = g.add("q_pe", OpKind.SLICE, (q,), "qk_rope_head_dim", start=dn, stop=dqk)
-    q_pe = g.rope("q_pe_rot", q_pe, pos, spec.rope, dr, "qk_rope_head_dim")
+    return q_nope, g.rope("q_pe_rot", q_pe, pos, spec.rope, dr, "qk_rope_head_dim")
 
+
+def _mla_attention(g: _Builder, spec: MlaSpec, q_nope: str, q_pe: str, c_kv: str, k_pe: str) -> str:
+    """Expand the latent per head (kv_b_proj), attend, project out: the form transformers
+    writes, with K = concat(k_nope, k_pe expanded over heads)."""
+    H, dn, dr, dv, r = (
+        spec.heads,
+        spec.qk_nope_head_dim,
+        spec.qk_rope_head_dim,
+        spec.v_head_dim,
+        spec.kv_lora_rank,
+    )
+    kv = g.linear("kv", c_kv, "kv_b_proj", r, H * (dn + dv), "heads, qk_nope_head_dim, v_head_dim")
+    kv = g.add("kv_heads", OpKind.SPLIT_HEADS, (kv,), "heads", heads=H, head_dim=dn + dv)
+    k_nope = g.add("k_nope", OpKind.SLICE, (kv,), "qk_nope_head_dim", start=0, stop=dn)
+    v = g.add("v", OpKind.SLICE, (kv,), "v_head_dim", start=dn, stop=dn + dv)
+    query = g.add("query", OpKind.CONCAT, (q_nope, q_pe), "qk_nope_head_dim, qk_rope_head_dim")
+    k_pe_all = g.add("k_pe_all_heads", OpKind.EXPAND_HEADS, (k_pe,), "heads", heads=H)
+    key = g.add("key", OpKind.CONCAT, (k_nope, k_pe_all), "qk_nope_head_dim, qk_rope_head_dim")
+    o = g.add(
+        "attn",
+        OpKind.ATTENTION,
+        (query, key, v),
+        "heads, v_head_dim",
+        scale=softmax_scale(dn + dr, spec.rope),
+        causal=spec.causal,
+        window=None,
+        group_mask=None,
+    )
+    o = g.add("attn_merged", OpKind.MERGE_HEADS, (o,), "heads, v_head_dim")
+    out = g.linear("out", o, "o_proj", H * dv, spec.d_model, "d_model", bias=spec.attention_bias)
+    return g.add("output", OpKind.OUTPUT, (out,), "d_model")
+
+
+def _lower_mla(spec: MlaSpec) -> Graph:
+    g = _Builder(spec)
+    dr, r = spec.qk_rope_head_dim, spec.kv_lora_rank
+    x = g.input("hidden_states", (B, S, spec.d_model))
+    pos = g.input("position_ids", (B, S), integer=True)
+    q_nope, q_pe = _mla_query(g, spec, x, pos)
     kv_a = g.linear(
         "kv_a",
         x,
@@ -154,27 +186,55 @@ def _lower_mla(spec: MlaSpec) -> Graph:
     k_pe = g.add("k_pe_raw", OpKind.SLICE, (kv_a,), "qk_rope_head_dim", start=r, stop=r + dr)
     k_pe = g.add("k_pe_one_head", OpKind.SPLIT_HEADS, (k_pe,), "qk_rope_head_dim", heads=1, head_dim=dr)
     k_pe = g.rope("k_pe", k_pe, pos, spec.rope, dr, "qk_rope_head_dim")
-    kv = g.linear("kv", c_kv, "kv_b_proj", r, H * (dn + dv), "heads, qk_nope_head_dim, v_head_dim")
-    kv = g.add("kv_heads", OpKind.SPLIT_HEADS, (kv,), "heads", heads=H, head_dim=dn + dv)
-    k_nope = g.add("k_nope", OpKind.SLICE, (kv,), "qk_nope_head_dim", start=0, stop=dn)
-    v = g.add("v", OpKind.SLICE, (kv,), "v_head_dim", start=dn, stop=dn + dv)
+    return g.graph((_mla_attention(g, spec, q_nope, q_pe, c_kv, k_pe),))
 
-    query = g.add("query", OpKind.CONCAT, (q_nope, q_pe), "qk_nope_head_dim, qk_rope_head_dim")
-    k_pe_all = g.add("k_pe_all_heads", OpKind.EXPAND_HEADS, (k_pe,), "heads", heads=H)
-    key = g.add("key", OpKind.CONCAT, (k_nope, k_pe_all), "qk_nope_head_dim, qk_rope_head_dim")
-    o = g.add(
-        "attn",
-        OpKind.ATTENTION,
-        (query, key, v),
-        "heads, v_head_dim",
-        scale=softmax_scale(dqk, spec.rope),
-        causal=spec.causal,
-        window=None,
-        group_mask=None,
+
+def _lower_mla_decode(spec: MlaSpec) -> Graph:
+    """S new tokens against a paged cache of T tokens (the new ones included). The new
+    tokens' latent is normalised, roped and written to the cache; attention reads the
+    whole cached sequence. Written in the expanded form; the absorb pass rewrites it."""
+    g = _Builder(spec, mode="decode")
+    dr, r = spec.qk_rope_head_dim, spec.kv_lora_rank
+    x = g.input("hidden_states", (B, S, spec.d_model))
+    pos = g.input("position_ids", (B, S), integer=True)
+    q_nope, q_pe = _mla_query(g, spec, x, pos)
+    kv_a = g.linear(
+        "kv_a",
+        x,
+        "kv_a_proj_with_mqa",
+        spec.d_model,
+        r + dr,
+        "kv_lora_rank, qk_rope_head_dim",
+        bias=spec.attention_bias,
     )
-    o = g.add("attn_merged", OpKind.MERGE_HEADS, (o,), "heads, v_head_dim")
-    out = g.linear("out", o, "o_proj", H * dv, spec.d_model, "d_model", bias=spec.attention_bias)
-    return g.graph((g.add("output", OpKind.OUTPUT, (out,), "d_model"),))
+    scaling = spec.rope.scaling
+    cached = g.add(
+        "cached",
+        OpKind.CACHE_APPEND,
+        (kv_a, pos),
+        "kv_lora_rank, qk_rope_head_dim",
+        width=r + dr,
+        latent=r,
+        norm="kv_a_layernorm",
+        eps=spec.norm_eps,
+        layout=spec.rope.layout,
+        rope_dim=dr,
+        theta=spec.rope.theta,
+        yarn=None
+        if scaling is None
+        else (
+            scaling.factor,
+            scaling.original_max_position,
+            scaling.beta_fast,
+            scaling.beta_slow,
+            scaling.mscale,
+            scaling.mscale_all_dim,
+        ),
+    )
+    c_kv = g.add("c_kv", OpKind.SLICE, (cached,), "kv_lora_rank", start=0, stop=r)
+    k_pe = g.add("k_pe_cached", OpKind.SLICE, (cached,), "qk_rope_head_dim", start=r, stop=r + dr)
+    k_pe = g.add("k_pe", OpKind.SPLIT_HEADS, (k_pe,), "qk_rope_head_dim", heads=1, head_dim=dr)
+    return g.graph((_mla_attention(g, spec, q_nope, q_pe, c_kv, k_pe),))
 
 
 def _lower_gqa(spec: GqaSpec) -> Graph:
@@ -279,8 +339,15 @@ def _lower_latent(spec: LatentSpec) -> Graph:
     return g.graph((g.add("output", OpKind.OUTPUT, (out,), "d_model"),))
 
 
-def lower(spec: Spec) -> Graph:
-    """The prefill/training graph of a spec: hidden_states [B, S, d_model] -> [B, S, d_model]."""
+def lower(spec: Spec, mode: str = "prefill") -> Graph:
+    """The graph of a spec: hidden_states [B, S, d_model] -> [B, S, d_model].
+
+    mode "prefill": prefill and training, attention within the S tokens.
+    mode "decode" (mla): S new tokens against the paged latent cache of T tokens.
+    """
+    if mode == "decode":
+        assert isinstance(spec, MlaSpec), "decode graphs exist for mla specs"
+        return _lower_mla_decode(spec)
     if isinstance(spec, MlaSpec):
         return _lower_mla(spec)
     if isinstance(spec, GqaSpec):

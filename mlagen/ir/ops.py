@@ -34,6 +34,11 @@ class OpKind(enum.Enum):
     ATTENTION = "attention"  # softmax(q.k * scale + mask) @ v
     ADD = "add"
     GATE = "gate"  # x * sigmoid(g[h]) per head
+    CACHE_APPEND = (
+        "cache_append"  # normalise + rope new latents, write them to the paged cache; the result is
+    )
+    #                                the whole cached sequence [B, T, r + dr] (a view, never materialised)
+    HEAD_MATMUL = "head_matmul"  # x[..., h, :] @ W_h per head, W_h a slice of a linear's weight (absorption)
     OUTPUT = "output"
 
 

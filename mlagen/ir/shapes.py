@@ -12,7 +12,7 @@ from typing import Any
 
 import sympy
 
-from mlagen.ir.ops import Node, OpKind, format_shape
+from mlagen.ir.ops import Node, OpKind, T, format_shape
 
 Shape = tuple[sympy.Expr, ...]
 
@@ -137,6 +137,22 @@ def _gate(attrs: dict[str, Any], x: Node) -> Shape:
     return x.shape
 
 
+def _cache_append(attrs: dict[str, Any], x: Node, positions: Node) -> Shape:
+    _expect(
+        _same(x.shape[-1], attrs["width"]), f"cache rows are {attrs['width']} wide, input has {x.shape[-1]}"
+    )
+    return (x.shape[0], T, x.shape[-1])
+
+
+def _head_matmul(attrs: dict[str, Any], x: Node) -> Shape:
+    _expect(_same(x.shape[-2], attrs["heads"]), f"{attrs['heads']} heads expected, input has {x.shape[-2]}")
+    _expect(
+        _same(x.shape[-1], attrs["in_features"]),
+        f"per-head matmul takes {attrs['in_features']} features, input has {x.shape[-1]}",
+    )
+    return (*x.shape[:-1], sympy.Integer(attrs["out_features"]))
+
+
 def _output(attrs: dict[str, Any], x: Node) -> Shape:
     return x.shape
 
@@ -154,6 +170,8 @@ RULES: dict[OpKind, Callable[..., Shape]] = {
     OpKind.ATTENTION: _attention,
     OpKind.ADD: _add,
     OpKind.GATE: _gate,
+    OpKind.CACHE_APPEND: _cache_append,
+    OpKind.HEAD_MATMUL: _head_matmul,
     OpKind.OUTPUT: _output,
 }
 

@@ -13,7 +13,13 @@ from types import ModuleType
 
 from mlagen.errors import ShapeError
 from mlagen.ir import Graph, verify
-from mlagen.passes import eliminate_dead_nodes, hoist_linear_over_repeat, select_kernels, split_attention_dots
+from mlagen.passes import (
+    absorb_for_decode,
+    eliminate_dead_nodes,
+    hoist_linear_over_repeat,
+    select_kernels,
+    split_attention_dots,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,10 +33,13 @@ def _register(*modules: ModuleType) -> dict[str, Pass]:
     return {m.NAME: Pass(m.NAME, m.run, (m.__doc__ or "").strip().splitlines()[0]) for m in modules}
 
 
-PASSES = _register(split_attention_dots, hoist_linear_over_repeat, eliminate_dead_nodes, select_kernels)
+PASSES = _register(
+    split_attention_dots, hoist_linear_over_repeat, absorb_for_decode, eliminate_dead_nodes, select_kernels
+)
 
 PIPELINES: dict[str, tuple[str, ...]] = {
     "prefill": ("split_attention_dots", "hoist_linear_over_repeat", "eliminate_dead_nodes", "select_kernels"),
+    "decode": ("split_attention_dots", "absorb_for_decode", "eliminate_dead_nodes", "select_kernels"),
 }
 
 

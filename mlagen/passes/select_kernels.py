@@ -28,9 +28,23 @@ def attention_variant(graph: Graph, node: Node) -> dict[str, object]:
     }
 
 
+def decode_variant(graph: Graph, node: Node) -> dict[str, object]:
+    """Attention over the paged cache (absorbed MLA): a decode kernel named by its widths."""
+    q_latent, q_rope = (graph.node(name) for name in node.inputs[:2])
+    latent, rope = int(q_latent.shape[-1]), int(q_rope.shape[-1])
+    return {
+        "kernel": f"mla_decode_lat{latent}_rope{rope}",
+        "d_a": latent,
+        "d_b": rope,
+        "d_v": latent,
+        "head_group": int(q_latent.shape[2]),
+    }
+
+
 def run(graph: Graph) -> Graph:
+    choose = decode_variant if graph.mode == "decode" else attention_variant
     nodes = tuple(
-        node.with_attrs(**attention_variant(graph, node)) if node.op is OpKind.ATTENTION else node
+        node.with_attrs(**choose(graph, node)) if node.op is OpKind.ATTENTION else node
         for node in graph.nodes
     )
     return graph.with_nodes(nodes)

@@ -108,3 +108,37 @@ def group_mask_args(group_mask: reference.GroupMask | None) -> tuple[int, int, i
         return 0, 1, 1
     mode, q_group, k_group = group_mask
     return GROUP_MASK_CODES[mode], q_group, k_group
+
+
+def check_decode_operands(
+    q_latent: torch.Tensor, q_rope: torch.Tensor, cache, *, latent: int, rope: int
+) -> None:
+    for name, tensor, width in (("q_latent", q_latent, latent), ("q_rope", q_rope, rope)):
+        if not isinstance(tensor, torch.Tensor) or tensor.dim() != 4 or tensor.shape[-1] != width:
+            shape = list(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"{name} must be [B, Sq, heads, {width}], got {shape}")
+    if q_rope.shape[:3] != q_latent.shape[:3]:
+        raise ValueError(f"q_rope {list(q_rope.shape)} does not match q_latent {list(q_latent.shape)}")
+    if (cache.latent_dim, cache.rope_dim) != (latent, rope):
+        raise ValueError(
+            f"the cache holds latent {cache.latent_dim} + rope {cache.rope_dim} per token; this "
+            f"kernel reads {latent} + {rope}: the cache belongs to another spec"
+        )
+    if q_latent.shape[0] != cache.batch_size:
+        raise ValueError(
+            f"the input has batch {q_latent.shape[0]} but the cache holds {cache.batch_size} sequences"
+        )
+    if q_latent.device != cache.buffer.device or q_latent.dtype != cache.buffer.dtype:
+        raise ValueError(
+            f"queries are {q_latent.dtype} on {q_latent.device} but the cache is "
+            f"{cache.buffer.dtype} on {cache.buffer.device}; create the cache from this module"
+        )
+
+
+def split_count(batch: int, longest: int, device: torch.device) -> int:
+    """Split-KV factor: enough CTAs to fill the GPU when the batch is small and the cache
+    long (decode is bound by reading the cache); one split per 64 keys under the interpreter."""
+    if device.type != "cuda":
+        return max(1, min(8, -(-longest // 64)))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(-(-longest // 256), -(-2 * sms // max(batch, 1)), 64))

@@ -65,3 +65,35 @@ def position_ids_for(
             f"got [{int(position_ids.min())}, {int(position_ids.max())}]"
         )
     return position_ids
+
+
+def check_new_tokens(hidden_states: torch.Tensor, new_tokens, cache) -> tuple[int, ...]:
+    """How many of each row's S tokens are real (the rest is right padding)."""
+    batch, seqlen = hidden_states.shape[:2]
+    if batch != cache.batch_size:
+        raise ValueError(
+            f"hidden_states has batch {batch} but the cache holds {cache.batch_size} sequences; "
+            "create the cache with new_cache(batch_size=...) for this batch"
+        )
+    if new_tokens is None:
+        return (seqlen,) * batch
+    counts = tuple(
+        int(n) for n in (new_tokens.tolist() if isinstance(new_tokens, torch.Tensor) else new_tokens)
+    )
+    if len(counts) != batch or any(not 0 <= n <= seqlen for n in counts):
+        raise ValueError(
+            f"new_tokens must give, for each of the {batch} rows, a count in [0, {seqlen}]; got {counts}"
+        )
+    return counts
+
+
+def zero_padding(out: torch.Tensor, new_tokens: tuple[int, ...]) -> torch.Tensor:
+    """Zero the outputs of padding tokens (positions at or past each row's count)."""
+    seqlen = out.shape[1]
+    if all(n == seqlen for n in new_tokens):
+        return out
+    keep = (
+        torch.arange(seqlen, device=out.device)[None, :]
+        < torch.tensor(new_tokens, device=out.device)[:, None]
+    )
+    return out * keep[..., None].to(out.dtype)

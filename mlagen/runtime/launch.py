@@ -60,6 +60,13 @@ def default_backward_config(
     return BlockConfig(block_m=32, block_n=64, num_warps=8, num_stages=1)
 
 
+def default_decode_config(query_rows: int, device: torch.device) -> BlockConfig:
+    """block_m is the number of (token, head) rows per program, which share each cache page read."""
+    if device.type != "cuda":
+        return INTERPRETER_CONFIG
+    return BlockConfig(block_m=16 if query_rows <= 16 else 32, block_n=32, num_warps=4, num_stages=2)
+
+
 def is_interpreted(kernel: object) -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 

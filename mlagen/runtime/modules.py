@@ -50,3 +50,24 @@ class Rotary(nn.Module):
 def repeat_chunks(x: torch.Tensor, batch: int, chunks: int) -> torch.Tensor:
     """[M, D] -> [batch, chunks * M, D]: a view over batch (stride 0), a copy over chunks."""
     return x.repeat(chunks, 1).expand(batch, -1, -1)
+
+
+def head_matmul(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    heads: int,
+    rows_per_head: int,
+    rows: tuple[int, int],
+    transpose: bool,
+) -> torch.Tensor:
+    """Per-head product with a slice of a linear's weight (MLA weight absorption).
+
+    weight [heads * rows_per_head, latent] holds, per head, rows_per_head output rows of
+    the up-projection; W_h = its rows[0]:rows[1] ([n, latent]). transpose=False maps
+    x [..., heads, n] -> x @ W_h [..., heads, latent] (q_nope -> latent query);
+    transpose=True maps x [..., heads, latent] -> x @ W_h^T [..., heads, n] (latent -> v)."""
+    per_head = weight.view(heads, rows_per_head, -1)[:, rows[0] : rows[1]]
+    if transpose:
+        return torch.einsum("...hl,hnl->...hn", x, per_head)
+    return torch.einsum("...hn,hnl->...hl", x, per_head)

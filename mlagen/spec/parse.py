@@ -112,6 +112,7 @@ FAMILY_FIELDS: dict[str, tuple[FieldRule, ...]] = {
         FieldRule("norm_eps", float, required=False, default=1e-6, low=0.0, high=1.0),
         FieldRule("causal", bool, required=False, default=True),
         FieldRule("attention_bias", bool, required=False, default=False),
+        FieldRule("page_size", int, required=False, default=64, low=1, high=4096),
     ),
     "gqa": (
         FieldRule("kv_heads", int, low=1, high=1024),

@@ -86,6 +86,7 @@ class MlaSpec(SpecBase):
     rope: Rope
     norm_eps: float
     attention_bias: bool
+    page_size: int  # tokens per page of the paged latent cache
 
     @property
     def qk_head_dim(self) -> int:

@@ -1,0 +1,98 @@
+"""Weight absorption for MLA decode (DeepSeek-V2, section 2.1.2).
+
+    attention(q_nope, q_pe, k_nope = (c_kv @ W_UK_h), k_pe, v = (c_kv @ W_UV_h))
+ -> o_lat = attention(q_lat = q_nope @ W_UK_h^T, q_pe, c_kv, k_pe, c_kv);  o = o_lat @ W_UV_h
+
+q_nope . (c_kv W_UK_h) = (q_nope W_UK_h^T) . c_kv, and softmax(.) (c_kv W_UV_h) =
+(softmax(.) c_kv) W_UV_h, so decode attends straight over the cached latent, one
+shared KV head of width kv_lora_rank (+ the rope key), and never builds the
+per-head K and V of all T cached tokens: the graph keeps no [B, T, heads, dim].
+"""
+
+from __future__ import annotations
+
+from mlagen.ir.ops import Graph, Node, OpKind
+from mlagen.ir.shapes import infer
+
+NAME = "absorb_for_decode"
+
+
+def _expanded_part(graph: Graph, name: str) -> tuple[Node, Node, Node] | None:
+    """(slice, split_heads, linear) when `name` is a slice of a per-head split of a linear."""
+    part = graph.node(name)
+    if part.op is not OpKind.SLICE:
+        return None
+    heads = graph.node(part.inputs[0])
+    if heads.op is not OpKind.SPLIT_HEADS:
+        return None
+    linear = graph.node(heads.inputs[0])
+    if linear.op is not OpKind.LINEAR or linear.attr("bias"):
+        return None
+    return part, heads, linear
+
+
+def run(graph: Graph) -> Graph:
+    if graph.mode != "decode":
+        return graph
+    nodes: list[Node] = []
+    by_name = {node.name: node for node in graph.nodes}
+
+    def add(name: str, op: OpKind, inputs: tuple[str, ...], field: str, **attrs) -> str:
+        shape, dtype = infer(op, attrs, tuple(by_name[i] for i in inputs))
+        node = Node(name, op, inputs, shape, dtype, tuple(sorted(attrs.items())), field)
+        nodes.append(node)
+        by_name[name] = node
+        return name
+
+    for node in graph.nodes:
+        key = (
+            _expanded_part(graph, node.inputs[2])
+            if node.op is OpKind.ATTENTION and len(node.inputs) == 5
+            else None
+        )
+        value = _expanded_part(graph, node.inputs[4]) if key else None
+        if not (key and value and key[2].name == value[2].name):
+            nodes.append(node)
+            continue
+        q_nope, q_pe, _, k_pe, _ = node.inputs
+        (k_slice, heads, linear), (v_slice, _, _) = key, value
+        per_head, latent = heads.attr("head_dim"), linear.attr("in_features")
+        weight = dict(param=linear.attr("param"), heads=heads.attr("heads"), rows_per_head=per_head)
+        q_lat = add(
+            f"{node.name}_q_latent",
+            OpKind.HEAD_MATMUL,
+            (q_nope,),
+            k_slice.field,
+            **weight,
+            in_features=k_slice.attr("stop") - k_slice.attr("start"),
+            out_features=latent,
+            rows=(k_slice.attr("start"), k_slice.attr("stop")),
+            transpose=False,
+        )
+        c_kv = add(
+            f"{node.name}_latent_head",
+            OpKind.SPLIT_HEADS,
+            linear.inputs,
+            linear.field,
+            heads=1,
+            head_dim=latent,
+        )
+        o_lat = add(
+            f"{node.name}_latent",
+            OpKind.ATTENTION,
+            (q_lat, q_pe, c_kv, k_pe, c_kv),
+            node.field,
+            **dict(node.attrs),
+        )
+        add(
+            node.name,
+            OpKind.HEAD_MATMUL,
+            (o_lat,),
+            v_slice.field,
+            **weight,
+            in_features=latent,
+            out_features=v_slice.attr("stop") - v_slice.attr("start"),
+            rows=(v_slice.attr("start"), v_slice.attr("stop")),
+            transpose=True,
+        )
+    return graph.with_nodes(tuple(nodes))
