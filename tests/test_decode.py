@@ -1,0 +1,157 @@
+"""MLA inference: the absorbed decode IR, the paged latent cache, and prefill followed by
+decode matching the full causal forward at every position."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlagen.ir import S, T, lower
+from mlagen.ir.ops import OpKind
+from mlagen.passes import run_pipeline
+from mlagen.runtime.mla_decode import CachedTokens
+from mlagen.spec import load_spec
+from tests.helpers import SPECS, assert_close_to_golden, generated, max_error
+
+MLA_SPECS = ["tiny_mla", "tiny_mla_yarn"]
+SHIPPED_MLA = ["deepseek_v3", "deepseek_v2_lite", "kimi_k2"]
+
+
+def _module(name: str, dtype=torch.float32) -> torch.nn.Module:
+    torch.manual_seed(0)
+    module = generated(name).Attention(dtype=torch.float64)
+    with torch.no_grad():
+        for param in module.parameters():  # norm weights too, so they matter
+            param.copy_(torch.randn_like(param) / param.shape[-1] ** 0.5 + (1.0 if param.dim() == 1 else 0.0))
+    return module.to(dtype)
+
+
+@pytest.mark.parametrize("name", SHIPPED_MLA + MLA_SPECS)
+def test_decode_graph_never_expands_the_cache_per_head(name):
+    spec = load_spec(SPECS / f"{name}.yaml")
+    graph = run_pipeline(lower(spec, "decode"), "decode", verify_each=True)
+    for node in graph.nodes:
+        if T in node.shape:
+            assert len(node.shape) < 4 or node.shape[2] == 1, f"{node.name} {node.shape}: per-head over the cache"
+    assert not any(node.op is OpKind.LINEAR and T in node.shape for node in graph.nodes), "kv_b_proj over T"
+    (attention,) = graph.of_kind(OpKind.ATTENTION)
+    latent = spec.kv_lora_rank
+    assert attention.shape[-1] == latent and attention.attr("kernel") == f"mla_decode_lat{latent}_rope" \
+        f"{spec.qk_rope_head_dim}"
+    assert [n.attr("transpose") for n in graph.of_kind(OpKind.HEAD_MATMUL)] == [False, True]
+    assert graph.node("output").shape == (graph.node("hidden_states").shape[0], S, spec.d_model)
+
+
+@pytest.mark.parametrize("batch, prompt, step, page_size", [(1, 5, 1, 64), (3, 9, 1, 4), (2, 16, 3, 4), (4, 1, 2, 8)],
+                         ids=["batch1-one-token-steps", "batch3-pages-of-4", "speculative-3-tokens", "batch4-prompt1"])
+@pytest.mark.parametrize("name", MLA_SPECS)
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+def test_prefill_then_decode_equals_full_causal_forward(name, batch, prompt, step, page_size, path):
+    module = _module(name)
+    seqlen = prompt + 4 * step
+    x = torch.randn(batch, seqlen, module.o_proj.out_features)
+    full = module.reference_forward(x)
+    run = module.forward if path == "kernels" else module.reference_forward
+    cache = module.new_cache(batch, seqlen + 3, page_size=page_size)
+    outs = [run(x[:, :prompt], cache=cache)]
+    for start in range(prompt, seqlen, step):
+        outs.append(run(x[:, start : start + step], cache=cache))
+    assert cache.host_lengths() == [seqlen] * batch
+    assert max_error(torch.cat(outs, dim=1), full) < 2e-5
+
+
+def test_ragged_lengths_in_one_batch():
+    # Three sequences with prompts of 7, 3 and 12 tokens (right padding), then decode steps
+    # with one token each; every real position equals its own sequence's full forward.
+    module = _module("tiny_mla")
+    lengths = [7, 3, 12]
+    x = torch.randn(3, 16, 64)
+    cache = module.new_cache(3, 20, page_size=4)
+    prefill = module(x[:, :12], cache=cache, new_tokens=lengths)
+    assert cache.host_lengths() == lengths
+    assert torch.equal(prefill[1, 3:], torch.zeros_like(prefill[1, 3:])), "padding outputs are zero"
+    steps = [module(x[:, 12 + i : 13 + i], cache=cache) for i in range(3)]
+    for row, length in enumerate(lengths):
+        sequence = torch.cat([x[row, :length], x[row, 12:15]])[None]
+        expected = module.reference_forward(sequence)[0]
+        got = torch.cat([prefill[row, :length]] + [s[row] for s in steps])
+        assert max_error(got, expected) < 2e-5, f"sequence {row}"
+
+
+def test_split_kv_partials_merge_exactly():
+    # The decode kernel splits a long cache across programs; any split count gives the same result.
+    module = _module("tiny_mla_yarn")
+    kernels = generated("tiny_mla_yarn").kernels
+    decode = next(name for name in dir(kernels) if name.startswith("mla_decode_") and name.endswith("_launch")
+                  and "append" not in name)
+    cache = module.new_cache(2, 80, page_size=8)
+    x = torch.randn(2, 70, 64)
+    module(x, cache=cache)
+    q_latent = torch.randn(2, 3, 2, 32)
+    q_rope = torch.randn(2, 3, 2, 16)
+    cached = CachedTokens(cache, cache.lengths - 3, (3, 3))
+    reference = generated("tiny_mla_yarn").module.REFERENCE_DECODE.attend(q_latent, q_rope, cached, scale=0.2,
+                                                                            causal=True)
+    for splits in (1, 2, 3, 5):
+        out = getattr(kernels, decode)(q_latent, q_rope, cached, scale=0.2, causal=True, num_splits=splits)
+        assert max_error(out, reference) < 1e-5, f"{splits} splits"
+
+
+def test_decode_in_fp16_follows_the_error_rule():
+    module64 = _module("tiny_mla", torch.float64)
+    module16 = _module("tiny_mla", torch.float16)
+    x = torch.randn(2, 12, 64, dtype=torch.float64)
+
+    def run(module, dtype, kernels):
+        cache = module.new_cache(2, 16, page_size=4)
+        forward = module.forward if kernels else module.reference_forward
+        outs = [forward(x[:, :8].to(dtype), cache=cache)]
+        outs += [forward(x[:, t : t + 1].to(dtype), cache=cache) for t in range(8, 12)]
+        return torch.cat(outs, dim=1)
+
+    golden = run(module64, torch.float64, kernels=False)
+    assert_close_to_golden(run(module16, torch.float16, True), run(module16, torch.float16, False), golden,
+                           atol=2e-3, what="fp16 decode")
+
+
+def test_cache_allocates_appends_and_frees_pages():
+    module = _module("tiny_mla")
+    cache = module.new_cache(2, 10, page_size=4)
+    assert cache.buffer.shape == (2 * 3, 4, 32 + 8) and cache.bytes_per_token == 40 * 4
+    module(torch.randn(2, 6, 64), cache=cache, new_tokens=[6, 2])
+    assert cache.host_lengths() == [6, 2]
+    used = {int(p) for p in cache.page_table[0, :2]} | {int(cache.page_table[1, 0])}
+    assert len(used) == 3, "each sequence has its own pages"
+    cache.free([0])
+    assert cache.host_lengths() == [0, 2]
+    module(torch.randn(2, 1, 64), cache=cache, new_tokens=[1, 1])
+    assert cache.host_lengths() == [1, 3]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda m: (m.new_cache(2, 8), torch.randn(2, 9, 64)), "max_tokens=8"),
+        (lambda m: (m.new_cache(3, 8), torch.randn(2, 4, 64)), "cache holds 3 sequences"),
+        (lambda m: (m.new_cache(2, 64, page_size=4, num_pages=3), torch.randn(2, 8, 64)), "pages"),
+        (lambda m: (m.new_cache(2, 8), torch.randn(2, 4, 64)), None),
+    ],
+    ids=["cache-overflow", "batch-mismatch", "out-of-pages", "fits"],
+)
+def test_cache_misuse_raises_before_writing(make, message):
+    module = _module("tiny_mla")
+    cache, x = make(module)
+    before = cache.buffer.clone()
+    if message is None:
+        module(x, cache=cache)
+        return
+    with pytest.raises(ValueError, match=message):
+        module(x, cache=cache)
+    assert torch.equal(cache.buffer, before) and cache.host_lengths() == [0] * cache.batch_size
+
+
+def test_positions_beyond_the_rope_table_are_rejected():
+    module = _module("tiny_mla")
+    cache = module.new_cache(1, 8)
+    with pytest.raises(ValueError, match="max_position"):
+        module(torch.randn(1, 2, 64), torch.tensor([[510, 512]]), cache=cache)
