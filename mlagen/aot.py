@@ -26,6 +26,19 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 POINTER_DTYPES = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
+# Pointer args whose element type does not follow the kernel's dtype (statistics, partials, indices).
+FIXED_POINTERS = {
+    "LSE": "*fp32",
+    "DELTA": "*fp32",
+    "DK_B": "*fp32",
+    "O_PART": "*fp32",
+    "LSE_PART": "*fp32",
+    "PAGE_TABLE": "*i32",
+    "SEQ_LENS": "*i32",
+    "START": "*i32",
+    "NEW_TOKENS": "*i32",
+}
+FLOAT_ARGS = ("qk_scale", "sm_scale", "eps")
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,8 +50,6 @@ class CompileJob:
     num_warps: int
     num_stages: int
     constexprs: dict[str, Any] = field(default_factory=dict)
-    fp32_pointers: tuple[str, ...] = ("LSE", "DELTA", "DK_B")
-    float_args: tuple[str, ...] = ("qk_scale", "sm_scale")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,21 +71,17 @@ def _load_module(kernels_file: str | Path) -> ModuleType:
 
 
 def _signature(
-    kernel: Any,
-    dtype: str,
-    float_args: tuple[str, ...],
-    fp32_pointers: tuple[str, ...],
-    constexprs: dict[str, Any],
+    kernel: Any, dtype: str, constexprs: dict[str, Any]
 ) -> tuple[dict[str, str], dict[tuple[int, ...], Any]]:
     signature: dict[str, str] = {}
     for param in kernel.params:
         if param.is_constexpr:
             signature[param.name] = "constexpr"
-        elif param.name in fp32_pointers:
-            signature[param.name] = "*fp32"
+        elif param.name in FIXED_POINTERS:
+            signature[param.name] = FIXED_POINTERS[param.name]
         elif param.name.isupper():
             signature[param.name] = POINTER_DTYPES[dtype]
-        elif param.name in float_args:
+        elif param.name in FLOAT_ARGS:
             signature[param.name] = "fp32"
         else:
             signature[param.name] = "i32"
@@ -104,12 +111,10 @@ def compile_kernel(
     num_warps: int,
     num_stages: int,
     workdir: Path,
-    float_args: tuple[str, ...] = ("qk_scale",),
-    fp32_pointers: tuple[str, ...] = ("LSE",),
 ) -> CompiledKernel:
     """Compile for `sm_<arch>` without a GPU. Pointer args are the kernel's UPPERCASE
-    non-constexpr params (in `dtype`, except `fp32_pointers`), other args i32 or fp32."""
-    signature, constants = _signature(kernel, dtype, float_args, fp32_pointers, constexprs)
+    non-constexpr params (in `dtype`, except FIXED_POINTERS), others i32 (fp32: FLOAT_ARGS)."""
+    signature, constants = _signature(kernel, dtype, constexprs)
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
     compiled = triton.compile(
         source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}

@@ -141,6 +141,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_from_hf(args: argparse.Namespace) -> int:
+    from mlagen.spec.from_hf import convert_file, summary
+
+    result = convert_file(args.config, args.output, name=args.name, force=args.force)
+    print(f"{result.path}: {'wrote' if result.written else 'unchanged'}")
+    print(f"  {summary(result.spec)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlagen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     graph.add_argument("-o", "--output", help="DOT file (default: <spec name>.dot)")
     graph.add_argument("--lowered", action="store_true", help="the graph before passes")
     graph.set_defaults(run=cmd_graph)
+
+    from_hf = sub.add_parser("from-hf", help="write a spec for the attention in a Hugging Face config.json")
+    from_hf.add_argument("config", help="the model's config.json")
+    from_hf.add_argument("-o", "--output", required=True, help="spec file to write, e.g. specs/my_model.yaml")
+    from_hf.add_argument("--name", help="spec name (default: the output file's name)")
+    from_hf.add_argument("--force", action="store_true", help="replace an existing spec file that differs")
+    from_hf.set_defaults(run=cmd_from_hf)
     return parser
 
 

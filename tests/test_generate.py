@@ -247,8 +247,8 @@ def test_load_after_a_template_change_runs_the_new_code(tmp_path, monkeypatch):
     assert not hasattr(sys.modules[first.Attention.__module__], "TEMPLATE_VERSION")
     real_render = mlagen.codegen.render
 
-    def new_templates(spec, graph):
-        files = real_render(spec, graph)
+    def new_templates(spec, graph, decode_graph=None):
+        files = real_render(spec, graph, decode_graph)
         return {**files, "module.py": files["module.py"] + "TEMPLATE_VERSION = 2\n"}
 
     monkeypatch.setattr(mlagen.codegen, "render", new_templates)

@@ -11,7 +11,7 @@ import torch
 import triton.language as tl
 
 from mlagen.aot import CompileJob, compile_jobs
-from mlagen.runtime.launch import default_backward_config, default_config
+from mlagen.runtime.launch import default_backward_config, default_config, default_decode_config
 from tests.helpers import ROOT, SPECS, generated
 
 SHIPPED = sorted(p.stem for p in SPECS.glob("*.yaml") if not p.stem.startswith("tiny_"))
@@ -32,6 +32,20 @@ def _jobs() -> list[CompileJob]:
                         str(ROOT / "generated" / spec / "kernels.py"), kernel, arch, "bf16", config.num_warps,
                         config.num_stages, dict(HEAD_GROUP=1, DOT_PRECISION="tf32", ACC_DTYPE=tl.float32, CAUSAL=True, WINDOWED=False,
                                                 GROUP_MASK=0, BLOCK_M=config.block_m, BLOCK_N=config.block_n)))
+        kernels_file = str(ROOT / "generated" / spec / "kernels.py")
+        if hasattr(kernels, "DECODE"):  # mla: the cache append, split-KV decode and combine kernels
+            decode = kernels.DECODE.attention.__name__.removesuffix("_launch")
+            for arch, rows in ((90, 128), (80, 128), (90, 8)):  # many heads, and a TP rank's few
+                config = default_decode_config(rows, torch.device("cuda"))
+                flags = dict(CAUSAL=True, DOT_PRECISION="tf32", ACC_DTYPE=tl.float32, BLOCK_H=config.block_m,
+                             BLOCK_N=config.block_n)
+                for kernel, num_warps, constexprs in (
+                    (f"{decode}_append", 4, dict(PAGE=64)),
+                    (decode, config.num_warps, dict(PAGE=64, **flags)),
+                    (f"{decode}_combine", 4, dict(PAD_SPLITS=16)),
+                ):
+                    jobs.setdefault((kernel, arch, rows), CompileJob(kernels_file, kernel, arch, "bf16", num_warps,
+                                                                     config.num_stages, constexprs))
     ordered = sorted(jobs.values(), key=lambda job: (job.kernel, job.arch))
     # The mask and grouping flags change the compiled code too: window + GQA, and the latent chunk masks.
     base = next(job for job in ordered if job.arch == 90 and job.kernel == "attention_fwd_qk128_v128")

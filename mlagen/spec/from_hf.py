@@ -26,7 +26,6 @@ from mlagen.errors import MlagenError, SpecError
 from mlagen.spec.parse import parse_spec
 from mlagen.spec.schema import GqaSpec, MlaSpec, Spec
 
-SUPPORTED = ("deepseek_v2", "deepseek_v3", "kimi_k2", "llama", "mistral")
 REFUSED = {
     "qwen2": "Qwen2 gives q_proj, k_proj and v_proj a bias but o_proj none; mlagen's attention_bias "
     "covers all four projections",
@@ -116,7 +115,7 @@ class _Draft:
 
 # --- rope -----------------------------------------------------------------------------------------
 
-DEFAULT = "absent: transformers' default"
+_DEFAULT = "absent: transformers' default"
 
 
 def _rope(cfg: _Config, draft: _Draft, layout: str, layout_key: str, layout_note: str) -> None:
@@ -143,7 +142,7 @@ def _rope(cfg: _Config, draft: _Draft, layout: str, layout_key: str, layout_note
     if "rope_theta" in params:
         draft.set("rope.theta", cfg.float("rope_theta", table=params, prefix=prefix), prefix + "rope_theta")
     else:
-        theta_note = "" if "rope_theta" in cfg.data else DEFAULT
+        theta_note = "" if "rope_theta" in cfg.data else _DEFAULT
         draft.set("rope.theta", cfg.float("rope_theta", 10000.0), "rope_theta", theta_note)
     draft.set("rope.layout", layout, layout_key, layout_note)
 
@@ -177,7 +176,7 @@ def _rope(cfg: _Config, draft: _Draft, layout: str, layout_key: str, layout_note
         if params.get(name):
             draft.set(f"rope.scaling.{name}", cfg.float(name, table=params, prefix=prefix), prefix + name)
         else:
-            draft.set(f"rope.scaling.{name}", default, prefix + name, DEFAULT)
+            draft.set(f"rope.scaling.{name}", default, prefix + name, _DEFAULT)
     mscale_all_dim = 0.0
     if params.get("mscale_all_dim") is not None:
         mscale_all_dim = cfg.float("mscale_all_dim", table=params, prefix=prefix)
@@ -210,7 +209,7 @@ def _common(cfg: _Config, draft: _Draft, max_position_default: int) -> tuple[int
     draft.set("d_model", d_model, "hidden_size")
     draft.set("heads", heads, "num_attention_heads")
     max_position = cfg.int("max_position_embeddings", max_position_default)
-    note = "" if "max_position_embeddings" in cfg.data else DEFAULT
+    note = "" if "max_position_embeddings" in cfg.data else _DEFAULT
     draft.set("max_position", max_position, "max_position_embeddings", note)
     return d_model, heads
 
@@ -222,7 +221,7 @@ def _dtype(cfg: _Config, draft: _Draft) -> None:
         draft.set("dtype", "bf16", "torch_dtype", "absent: mlagen's default")
         return
     value = cfg.data[key]
-    if value not in DTYPES:
+    if not isinstance(value, str) or value not in DTYPES:
         raise cfg.error(key, f"{value!r} is not one of {', '.join(DTYPES)} (mlagen runs bf16, fp16 or fp32)")
     draft.set("dtype", DTYPES[value], key)
 
@@ -278,8 +277,8 @@ def _gqa(cfg: _Config, draft: _Draft, model_type: str) -> None:
             "head_dim", f"missing, and hidden_size={d_model} is not a multiple of num_attention_heads={heads}"
         )
     else:
-        draft.set("head_dim", d_model // heads, "hidden_size", "/ num_attention_heads (no head_dim)")
-    _rope(cfg, draft, "half", "model_type", f"{model_type} rotates halves (rotate_half)")
+        draft.set("head_dim", d_model // heads, "hidden_size", "divided by num_attention_heads; no head_dim")
+    _rope(cfg, draft, "half", "model_type", f"{model_type} rotates halves: rotate_half")
     if mistral:
         window = cfg.int("sliding_window", 4096, nullable=True)
         note = "" if "sliding_window" in cfg.data else "absent: transformers' default 4096"
@@ -325,16 +324,16 @@ def _render(draft: _Draft, name: str, source: str, model_type: str) -> str:
         f"description: {_scalar(f'{model_type} attention from {_printable(source)}')}",
     ]
     open_tables: list[str] = []
-    for path, value, key, note in draft.fields:
-        *tables, key = path.split(".")
+    for path, value, config_key, note in draft.fields:
+        *tables, spec_key = path.split(".")
         depth = 0
         while depth < len(tables) and depth < len(open_tables) and tables[depth] == open_tables[depth]:
             depth += 1
         for level in range(depth, len(tables)):
             lines.append(f"{'  ' * level}{tables[level]}:")
         open_tables = tables
-        text = f"{'  ' * len(tables)}{key}: {_scalar(value)}"
-        comment = f"{key} ({note})" if note else key
+        text = f"{'  ' * len(tables)}{spec_key}: {_scalar(value)}"
+        comment = f"{config_key} ({note})" if note else config_key
         lines.append(f"{text:<40}# {_printable(comment)}")
     return "\n".join(lines) + "\n"
 
@@ -344,11 +343,13 @@ def _convert(config: Any, name: str, source: str) -> tuple[str, Spec]:
         raise SpecError(f"a config.json holds a JSON object, got {_kind(config)}", source=source)
     cfg = _Config(config, source)
     model_type = cfg.get("model_type")
+    if not isinstance(model_type, str):
+        raise cfg.error("model_type", f"must be a string, got {_kind(model_type)}")
     if model_type in REFUSED:
         raise cfg.error("model_type", f"{model_type!r} is not supported: {REFUSED[model_type]}")
     if model_type not in CONVERTERS:
         raise cfg.error(
-            "model_type", f"{model_type!r} is not supported; mlagen converts {', '.join(SUPPORTED)}"
+            "model_type", f"{model_type!r} is not supported; mlagen converts {', '.join(CONVERTERS)}"
         )
     draft = _Draft()
     CONVERTERS[model_type](cfg, draft, model_type)
@@ -420,6 +421,22 @@ def load_hf_config(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _atomic_write(path: Path, text: str) -> None:
+    """Readers see the old file or the new one, never half of one (as codegen writes packages)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp's file is private; match a plain write
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 @dataclass(frozen=True, slots=True)
 class Conversion:
     spec: Spec
@@ -453,16 +470,8 @@ def convert_file(
         raise MlagenError(f"{out} exists and differs from the conversion; pass --force to replace it")
     if not out.parent.is_dir():
         raise MlagenError(f"cannot write {out}: directory {out.parent} does not exist")
-    tmp = None
     try:
-        with tempfile.NamedTemporaryFile(
-            "w", encoding="utf-8", dir=out.parent, prefix=f".{out.name}.", suffix=".tmp", delete=False
-        ) as handle:
-            tmp = handle.name
-            handle.write(text)
-        os.replace(tmp, out)
+        _atomic_write(out, text)
     except OSError as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
         raise MlagenError(f"cannot write {out}: {exc.strerror}") from None
     return Conversion(spec, out, written=True)
