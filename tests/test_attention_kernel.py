@@ -164,3 +164,14 @@ def test_bad_operands_raise_clear_errors(mutate, message):
     mutate(operands)
     with pytest.raises(ValueError, match=message):
         entry(*operands, scale=0.25, causal=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", [Case("long-causal-gqa", heads_q=2, heads_k=1, seqlen_q=300, seqlen_k=300),
+                                  Case("long-mla-window", package="tiny_mla", heads_q=2, heads_k=2, seqlen_q=300,
+                                       seqlen_k=300, window=40)],
+                         ids=["long-causal-gqa", "long-mla-window"])
+def test_long_sequences_spanning_many_blocks(case, dtype):
+    # 300 tokens are 19 query blocks and 19 key blocks under the interpreter's 16-wide tiles.
+    out, eager, golden, _, _ = _run(case, dtype)
+    assert_close_to_golden(out, eager, golden, atol=ATOL[dtype], what=f"{case.id} {dtype}")
