@@ -8,6 +8,7 @@ into the form the kernels want. Shapes come from ir.shapes, never by hand.
 from __future__ import annotations
 
 import math
+from dataclasses import astuple
 from typing import Any
 
 import sympy
@@ -83,17 +84,8 @@ class _Builder:
     def rope(self, name: str, x: str, positions: str, rope: Rope, dim: int, field: str) -> str:
         scaling = rope.scaling
         yarn = (
-            None
-            if scaling is None
-            else (
-                scaling.factor,
-                scaling.original_max_position,
-                scaling.beta_fast,
-                scaling.beta_slow,
-                scaling.mscale,
-                scaling.mscale_all_dim,
-            )
-        )
+            None if scaling is None else astuple(scaling)
+        )  # (factor, original_max_position, betas, mscales)
         return self.add(
             name, OpKind.ROPE, (x, positions), field, dim=dim, theta=rope.theta, layout=rope.layout, yarn=yarn
         )
@@ -132,6 +124,23 @@ def _mla_query(g: _Builder, spec: MlaSpec, x: str, pos: str) -> tuple[str, str]:
     return q_nope, g.rope("q_pe_rot", q_pe, pos, spec.rope, dr, "qk_rope_head_dim")
 
 
+def _mla_inputs(g: _Builder, spec: MlaSpec) -> tuple[str, str, str, str]:
+    """The forward() inputs, the query parts and kv_a = [latent | rope key] of the new tokens."""
+    x = g.input("hidden_states", (B, S, spec.d_model))
+    pos = g.input("position_ids", (B, S), integer=True)
+    q_nope, q_pe = _mla_query(g, spec, x, pos)
+    kv_a = g.linear(
+        "kv_a",
+        x,
+        "kv_a_proj_with_mqa",
+        spec.d_model,
+        spec.kv_lora_rank + spec.qk_rope_head_dim,
+        "kv_lora_rank, qk_rope_head_dim",
+        bias=spec.attention_bias,
+    )
+    return pos, q_nope, q_pe, kv_a
+
+
 def _mla_attention(g: _Builder, spec: MlaSpec, q_nope: str, q_pe: str, c_kv: str, k_pe: str) -> str:
     """Expand the latent per head (kv_b_proj), attend, project out: the form transformers
     writes, with K = concat(k_nope, k_pe expanded over heads)."""
@@ -167,18 +176,7 @@ def _mla_attention(g: _Builder, spec: MlaSpec, q_nope: str, q_pe: str, c_kv: str
 def _lower_mla(spec: MlaSpec) -> Graph:
     g = _Builder(spec)
     dr, r = spec.qk_rope_head_dim, spec.kv_lora_rank
-    x = g.input("hidden_states", (B, S, spec.d_model))
-    pos = g.input("position_ids", (B, S), integer=True)
-    q_nope, q_pe = _mla_query(g, spec, x, pos)
-    kv_a = g.linear(
-        "kv_a",
-        x,
-        "kv_a_proj_with_mqa",
-        spec.d_model,
-        r + dr,
-        "kv_lora_rank, qk_rope_head_dim",
-        bias=spec.attention_bias,
-    )
+    pos, q_nope, q_pe, kv_a = _mla_inputs(g, spec)
     c_kv = g.add("c_kv_raw", OpKind.SLICE, (kv_a,), "kv_lora_rank", start=0, stop=r)
     c_kv = g.add(
         "c_kv", OpKind.RMS_NORM, (c_kv,), "kv_lora_rank", param="kv_a_layernorm", dim=r, eps=spec.norm_eps
@@ -195,19 +193,8 @@ def _lower_mla_decode(spec: MlaSpec) -> Graph:
     whole cached sequence. Written in the expanded form; the absorb pass rewrites it."""
     g = _Builder(spec, mode="decode")
     dr, r = spec.qk_rope_head_dim, spec.kv_lora_rank
-    x = g.input("hidden_states", (B, S, spec.d_model))
-    pos = g.input("position_ids", (B, S), integer=True)
-    q_nope, q_pe = _mla_query(g, spec, x, pos)
-    kv_a = g.linear(
-        "kv_a",
-        x,
-        "kv_a_proj_with_mqa",
-        spec.d_model,
-        r + dr,
-        "kv_lora_rank, qk_rope_head_dim",
-        bias=spec.attention_bias,
-    )
-    scaling = spec.rope.scaling
+    pos, q_nope, q_pe, kv_a = _mla_inputs(g, spec)
+    # The cache rows take the same RoPE as the prefill's k_pe (cos/sin of the module's rotary table).
     cached = g.add(
         "cached",
         OpKind.CACHE_APPEND,
@@ -218,18 +205,6 @@ def _lower_mla_decode(spec: MlaSpec) -> Graph:
         norm="kv_a_layernorm",
         eps=spec.norm_eps,
         layout=spec.rope.layout,
-        rope_dim=dr,
-        theta=spec.rope.theta,
-        yarn=None
-        if scaling is None
-        else (
-            scaling.factor,
-            scaling.original_max_position,
-            scaling.beta_fast,
-            scaling.beta_slow,
-            scaling.mscale,
-            scaling.mscale_all_dim,
-        ),
     )
     c_kv = g.add("c_kv", OpKind.SLICE, (cached,), "kv_lora_rank", start=0, stop=r)
     k_pe = g.add("k_pe_cached", OpKind.SLICE, (cached,), "qk_rope_head_dim", start=r, stop=r + dr)
