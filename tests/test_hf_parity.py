@@ -174,6 +174,18 @@ def transformers_attention(config, hidden: torch.Tensor, positions: torch.Tensor
     return layer, out
 
 
+def mlagen_attention(config, layer, name: str, tmp_path) -> torch.nn.Module:
+    """config -> spec (from-hf) -> generated module holding `layer`'s weights."""
+    config_json = json.loads(config.to_json_string())
+    spec_file = tmp_path / f"{name}.yaml"
+    spec_file.write_text(yaml_from_hf_config(config_json, name, source=f"{name}/config.json"))
+    package = mlagen.load(spec_file, out_root=tmp_path / "generated")
+    assert package.SPEC["dtype"] == "fp32"
+    ours = package.Attention()
+    ours.load_state_dict(layer.state_dict(), strict=True)
+    return ours
+
+
 def check_parity(config, name: str, tmp_path) -> float:
     hidden, positions = inputs()
     layer, expected = transformers_attention(config, hidden, positions)
@@ -187,13 +199,7 @@ def check_parity(config, name: str, tmp_path) -> float:
             "this transformers' DeepseekV2Attention leaves out yarn's mscale_all_dim softmax factor "
             "(fixed by huggingface/transformers#47435); DeepSeek's own code and mlagen apply it"
         )
-    config_json = json.loads(config.to_json_string())
-    spec_file = tmp_path / f"{name}.yaml"
-    spec_file.write_text(yaml_from_hf_config(config_json, name, source=f"{name}/config.json"))
-    package = mlagen.load(spec_file, out_root=tmp_path / "generated")
-    assert package.SPEC["dtype"] == "fp32"
-    ours = package.Attention()
-    ours.load_state_dict(layer.state_dict(), strict=True)
+    ours = mlagen_attention(config, layer, name, tmp_path)
     with torch.no_grad():
         kernel = ours(hidden, positions)
         reference = ours.reference_forward(hidden, positions)
@@ -231,3 +237,35 @@ def test_mla_prefill_matches_transformers(case, tmp_path):
 def test_gqa_prefill_matches_transformers(case, tmp_path):
     name = case.replace("-", "_")
     _worst[case] = check_parity(gqa_config(GQA_CASES[case]), name, tmp_path)
+
+
+DECODE_CASES = [case for case in MLA_CASES if MLA_CASES[case].get("model") != "v2"]
+
+
+@pytest.mark.parametrize("case", DECODE_CASES, ids=DECODE_CASES)
+def test_mla_decode_matches_transformers(case, tmp_path):
+    """Prefill 16 tokens, then decode one token at a time: transformers with its expanded
+    DynamicCache against mlagen's absorbed decode over the paged latent cache (pages of 4)."""
+    config = mla_config(MLA_CASES[case])
+    hidden, positions = inputs()
+    layer, _ = transformers_attention(config, hidden, positions)
+    rotary = hf_v3.DeepseekV3RotaryEmbedding(config)
+    ours = mlagen_attention(config, layer, case.replace("-", "_"), tmp_path)
+    hf_cache = transformers.DynamicCache(config=config)
+    cache = ours.new_cache(BATCH, SEQ, page_size=4)
+    prompt = 16
+    worst = 0.0
+    with torch.no_grad():
+        steps = [(0, prompt)] + [(t, t + 1) for t in range(prompt, SEQ)]
+        for start, stop in steps:
+            x, pos = hidden[:, start:stop], positions[:, start:stop]
+            mask = causal_mask(config, x, pos) if start == 0 else None  # one new token sees every cached key
+            expected, _ = layer(x, position_embeddings=rotary(x, pos), attention_mask=mask,
+                                past_key_values=hf_cache)
+            got = ours(x, pos, cache=cache)
+            scale = expected.abs().max().item()
+            error = (got - expected).abs().max().item()
+            assert error <= RTOL * scale, f"{case} tokens {start}:{stop}: {error:.3g} (scale {scale:.3g})"
+            worst = max(worst, error / scale)
+    assert cache.host_lengths() == [SEQ] * BATCH
+    _worst[f"{case} (decode)"] = worst
