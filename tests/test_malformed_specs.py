@@ -138,3 +138,18 @@ def test_resource_exhaustion_case_is_rejected_quickly(path):
     assert proc.returncode == 0 and out.startswith("SPECERROR "), (
         f"{path.name}: rc={proc.returncode} stdout={out[-500:]!r} stderr={proc.stderr[-1500:]!r}")
     check_message(path, out[len("SPECERROR "):], expect)
+
+
+def test_cli_rejects_the_whole_corpus_with_exit_2_and_writes_nothing(tmp_path, capsys):
+    # `generate` validates every named spec before writing any package, so a bad spec
+    # next to a good one leaves the output directory untouched.
+    from mlagen.cli import main
+
+    good = str(Path(__file__).resolve().parent.parent / "specs" / "tiny_gqa.yaml")
+    out = tmp_path / "generated"
+    for path in CASES:
+        for command in (["check", str(path)], ["generate", good, str(path), "--out", str(out)]):
+            assert main(command) == 2, f"{path.stem}: {command[0]}"
+            err = capsys.readouterr().err.strip()
+            assert err.startswith("mlagen: error: ") and "\n" not in err and "Traceback" not in err, err
+    assert not out.exists()

@@ -80,7 +80,7 @@ class Attention(nn.Module):
         return self._forward(hidden_states, position_ids, REFERENCE_ATTENTION)
 
     def _cached_forward(self, hidden_states, position_ids, cache, new_tokens, reference_only):
-        new_tokens = check_new_tokens(hidden_states, new_tokens, cache)
+        new_tokens = check_new_tokens(hidden_states, new_tokens, cache, LATENT_DIM, ROPE_DIM)
         if position_ids is None:
             position_ids = cache.lengths[:, None].long() + torch.arange(hidden_states.shape[1], device=cache.lengths.device)
         hidden_states, position_ids = self._check_inputs(hidden_states, position_ids)

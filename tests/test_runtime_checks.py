@@ -1,0 +1,38 @@
+"""Boundary checks of the generated modules that other tests do not reach: devices and
+strided inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import generated, max_error
+
+
+def test_input_on_another_device_is_rejected_before_any_launch():
+    attn = generated("tiny_gqa").Attention()
+    with pytest.raises(ValueError, match="is on meta but the module is on cpu"):
+        attn(torch.empty(1, 4, 64, device="meta"))
+
+
+@pytest.mark.parametrize("name", ["tiny_mla", "tiny_gqa", "tiny_hybrid"])
+def test_strided_hidden_states_give_the_same_output(name):
+    attn = generated(name).Attention()
+    storage = torch.randn(9, 2, 64)
+    strided = storage.transpose(0, 1)  # [2, 9, 64], not contiguous
+    assert not strided.is_contiguous()
+    assert max_error(attn(strided), attn(strided.contiguous())) < 1e-6
+
+
+@pytest.mark.parametrize("prefilled", [False, True], ids=["empty-cache", "filled-cache"])
+def test_cache_of_another_spec_or_dtype_is_rejected(prefilled):
+    attn = generated("tiny_mla").Attention()
+    foreign = generated("tiny_mla_yarn").Attention().new_cache(1, 16)
+    wrong_dtype = attn.new_cache(1, 16)
+    wrong_dtype.buffer = wrong_dtype.buffer.half()
+    if prefilled:
+        generated("tiny_mla_yarn").Attention()(torch.randn(1, 3, 64), cache=foreign)
+    with pytest.raises(ValueError, match="another spec"):
+        attn(torch.randn(1, 2, 64), cache=foreign)
+    with pytest.raises(ValueError, match="create the cache with new_cache"):
+        attn(torch.randn(1, 2, 64), cache=wrong_dtype)
