@@ -3,14 +3,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Where this workplace keeps the CPU wheel of torch; named explicitly so that a shell
+# without the machine's pip settings (PIP_FIND_LINKS) still finds it.
+TORCH_WHEELS ?= /opt/wheels
+TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-*),--find-links $(TORCH_WHEELS))
 
-.PHONY: setup demo test lint format generate
+.PHONY: setup demo test lint format generate bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU wheel on local disk. A bare `torch` requirement would pull a CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q $(TORCH_SOURCE) torch==2.13.0
+	$(PY) -m pip install -q $(TORCH_SOURCE) -e '.[test]'
+	$(PY) -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__)"
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -32,3 +37,14 @@ format: setup
 
 generate: setup
 	$(PY) -m mlagen generate --all
+
+# Benchmarks against torch SDPA, FlexAttention and the reference (JSON in benchmarks/), then the
+# plots and BENCHMARKS.md. Without a GPU these are smoke runs (tiny shapes under the interpreter,
+# not performance numbers); on a GPU run `make bench BENCH_FLAGS=` for the real ones.
+BENCH_FLAGS ?= --smoke
+bench: setup
+	$(PY) -m mlagen bench specs/deepseek_v3.yaml --mode prefill $(BENCH_FLAGS)
+	$(PY) -m mlagen bench specs/deepseek_v3.yaml --mode train $(BENCH_FLAGS)
+	$(PY) -m mlagen bench specs/deepseek_v3.yaml --mode decode $(BENCH_FLAGS)
+	$(PY) -m mlagen bench specs/llama3_8b.yaml --mode prefill $(BENCH_FLAGS)
+	$(PY) -m mlagen bench --plot --report

@@ -92,7 +92,8 @@ def test_compile_fullgraph_and_export_without_graph_breaks(name):
     compiled_out.backward(torch.ones_like(x))
     for param_name, param in module.named_parameters():
         scale = eager_grads[param_name].abs().max().item()
-        assert max_error(param.grad, eager_grads[param_name]) <= 1e-6 * scale, param_name
+        # compiled graphs may reorder fp32 sums: agree to ~100 ulps of the largest gradient
+        assert max_error(param.grad, eager_grads[param_name]) <= 1e-5 * scale, param_name
     exported = torch.export.export(module, (x, positions))
     assert max_error(exported.module()(x, positions), eager_out) < 1e-6
     assert any("mlagen." in str(node.target) for node in exported.graph.nodes), "the kernel is one custom op"
