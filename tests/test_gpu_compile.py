@@ -1,6 +1,7 @@
 """Every shipped spec's kernels compile ahead of time for sm_90 and sm_80 with
-their default block config, without spilling registers. No GPU needed: Triton
-compiles for a GPUTarget and cuobjdump reads the cubin."""
+their default block config, without spilling registers, and their attention
+kernels run on tensor cores (HGMMA / HMMA in the SASS; bf16 inputs). No GPU
+needed: Triton compiles for a GPUTarget and cuobjdump reads the cubin."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def _jobs() -> list[CompileJob]:
 
 
 @pytest.mark.slow
-def test_default_forward_and_backward_configs_compile_for_sm90_and_sm80_without_spills():
+def test_default_forward_and_backward_configs_compile_for_sm90_and_sm80_without_spills_on_tensor_cores():
     jobs = _jobs()
     results = compile_jobs(jobs)
     assert {r.arch for r in results} == set(ARCHS)
@@ -64,3 +65,5 @@ def test_default_forward_and_backward_configs_compile_for_sm90_and_sm80_without_
         assert compiled.spill_bytes == 0, what
         assert 0 < compiled.registers <= 255, what
         assert compiled.shared_bytes <= (227 if job.arch == 90 else 163) * 1024, what
+        if not job.kernel.endswith(("_append", "_combine")):  # the cache write and the merge have no matmul
+            assert compiled.tensor_core_ops > 0, what

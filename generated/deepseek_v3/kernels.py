@@ -24,6 +24,7 @@ from mlagen.runtime.attention import (
 from mlagen.runtime.launch import default_backward_config, default_config, default_decode_config
 from mlagen.runtime.mla_decode import DecodeOps
 from mlagen.runtime.ops import attention_op
+from mlagen.runtime.tuning_cache import attention_key, decode_key, tuned_config
 
 
 @triton.jit
@@ -204,10 +205,12 @@ def attention_fwd_qk128_rope64_v128_launch(q_a, q_b, k_a, k_b, v, *, scale, caus
     dims = check_operands(q_a, q_b, k_a, k_b, v, expected=(128, 64, 128))
     q_a, q_b, k_a, k_b, v = (last_dim_contiguous(t) for t in (q_a, q_b, k_a, k_b, v))
     k_b = k_b.expand(-1, -1, dims.heads_k, -1)  # a shared key head becomes head stride 0: read once, no copy
-    config = config or default_config(192, 128, q_a.device)
+    mask_code, q_group_size, k_group_size = group_mask_args(group_mask)
+    if config is None:
+        shape = attention_key(dims, causal=causal, windowed=window is not None, mask_code=mask_code)
+        config = tuned_config((attention_fwd_qk128_rope64_v128,), shape, q_a) or default_config(192, 128, q_a.device)
     out = torch.empty((dims.batch, dims.seqlen_q, dims.heads_q, 128), dtype=q_a.dtype, device=q_a.device)
     lse = torch.empty((dims.batch, dims.heads_q, dims.seqlen_q), dtype=lse_dtype(q_a.dtype), device=q_a.device)
-    mask_code, q_group_size, k_group_size = group_mask_args(group_mask)
     grid = (triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)
     attention_fwd_qk128_rope64_v128[grid](
         q_a, q_b, k_a, k_b, v, out, lse,
@@ -389,7 +392,11 @@ def attention_fwd_qk128_rope64_v128_backward(grad_out, q_a, q_b, k_a, k_b, v, ou
     dims = check_operands(q_a, q_b, k_a, k_b, v, expected=(128, 64, 128))
     q_a, q_b, k_a, k_b, v, out, grad_out = (
         last_dim_contiguous(t) for t in (q_a, q_b, k_a, k_b, v, out, grad_out))
-    config = config or default_backward_config(192, 128, q_a.device)
+    mask_code, q_group_size, k_group_size = group_mask_args(group_mask)
+    if config is None:
+        shape = attention_key(dims, causal=causal, windowed=window is not None, mask_code=mask_code)
+        config = (tuned_config((attention_fwd_qk128_rope64_v128_bwd_dkdv, attention_fwd_qk128_rope64_v128_bwd_dq), shape, q_a)
+                  or default_backward_config(192, 128, q_a.device))
     delta = torch.empty_like(lse)
     _attention_bwd_delta[(triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], dims.seqlen_q, dims.heads_q,
@@ -405,7 +412,6 @@ def attention_fwd_qk128_rope64_v128_backward(grad_out, q_a, q_b, k_a, k_b, v, ou
     k_b = k_b.expand(-1, -1, dims.heads_k, -1)
     dk_b_per_head = torch.empty((dims.batch, dims.seqlen_k, dims.heads_k, 64), dtype=lse.dtype,
                                 device=k_b.device)
-    mask_code, q_group_size, k_group_size = group_mask_args(group_mask)
     scalars = (dims.seqlen_q, dims.seqlen_k, dims.heads_q, scale * LOG2E, scale, window or 0, q_group_size,
                k_group_size)
     flags = dict(HEAD_GROUP=dims.heads_q // dims.heads_k, DOT_PRECISION=dot_precision(q_a.dtype),
@@ -598,9 +604,11 @@ def mla_decode_lat512_rope64_launch(q_latent, q_rope, cached, *, scale, causal, 
     check_decode_operands(q_latent, q_rope, cache, latent=512, rope=64)
     q_latent, q_rope = last_dim_contiguous(q_latent), last_dim_contiguous(q_rope)
     batch, seqlen_q, heads, _ = q_latent.shape
-    config = config or default_decode_config(heads * seqlen_q, q_latent.device)
     longest = max(cache.host_lengths())
-    num_splits = num_splits or split_count(batch, longest, q_latent.device)
+    if config is None:
+        shape = decode_key(batch, seqlen_q, heads, longest, causal=causal)
+        config = tuned_config((mla_decode_lat512_rope64,), shape, q_latent) or default_decode_config(heads * seqlen_q, q_latent.device)
+    num_splits = num_splits or config.num_splits or split_count(batch, longest, q_latent.device)
     keys_per_split = max(config.block_n, -(-longest // num_splits))
     keys_per_split = -(-keys_per_split // config.block_n) * config.block_n
     num_splits = max(1, -(-longest // keys_per_split))

@@ -21,6 +21,7 @@ from mlagen.runtime.attention import (
 )
 from mlagen.runtime.launch import default_backward_config, default_config
 from mlagen.runtime.ops import attention_op
+from mlagen.runtime.tuning_cache import attention_key, tuned_config
 
 
 @triton.jit
@@ -187,10 +188,12 @@ def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, windo
     """Launch attention_fwd_qk16_v16; returns (out [B, Sq, Hq, 16], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
     dims = check_operands(q_a, q_b, k_a, k_b, v, expected=(16, 0, 16))
     q_a, q_b, k_a, k_b, v = (last_dim_contiguous(t) for t in (q_a, q_b, k_a, k_b, v))
-    config = config or default_config(16, 16, q_a.device)
+    mask_code, q_group_size, k_group_size = group_mask_args(group_mask)
+    if config is None:
+        shape = attention_key(dims, causal=causal, windowed=window is not None, mask_code=mask_code)
+        config = tuned_config((attention_fwd_qk16_v16,), shape, q_a) or default_config(16, 16, q_a.device)
     out = torch.empty((dims.batch, dims.seqlen_q, dims.heads_q, 16), dtype=q_a.dtype, device=q_a.device)
     lse = torch.empty((dims.batch, dims.heads_q, dims.seqlen_q), dtype=lse_dtype(q_a.dtype), device=q_a.device)
-    mask_code, q_group_size, k_group_size = group_mask_args(group_mask)
     grid = (triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)
     attention_fwd_qk16_v16[grid](
         q_a, k_a, v, out, lse,
@@ -343,7 +346,11 @@ def attention_fwd_qk16_v16_backward(grad_out, q_a, q_b, k_a, k_b, v, out, lse, g
     dims = check_operands(q_a, q_b, k_a, k_b, v, expected=(16, 0, 16))
     q_a, q_b, k_a, k_b, v, out, grad_out = (
         last_dim_contiguous(t) for t in (q_a, q_b, k_a, k_b, v, out, grad_out))
-    config = config or default_backward_config(16, 16, q_a.device)
+    mask_code, q_group_size, k_group_size = group_mask_args(group_mask)
+    if config is None:
+        shape = attention_key(dims, causal=causal, windowed=window is not None, mask_code=mask_code)
+        config = (tuned_config((attention_fwd_qk16_v16_bwd_dkdv, attention_fwd_qk16_v16_bwd_dq), shape, q_a)
+                  or default_backward_config(16, 16, q_a.device))
     delta = torch.empty_like(lse)
     _attention_bwd_delta[(triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], dims.seqlen_q, dims.heads_q,
@@ -354,7 +361,6 @@ def attention_fwd_qk16_v16_backward(grad_out, q_a, q_b, k_a, k_b, v, out, lse, g
     dq_a = torch.empty(q_a.shape, dtype=q_a.dtype, device=q_a.device)  # dense, as the kernels write them
     dk_a = torch.empty(k_a.shape, dtype=k_a.dtype, device=k_a.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    mask_code, q_group_size, k_group_size = group_mask_args(group_mask)
     scalars = (dims.seqlen_q, dims.seqlen_k, dims.heads_q, scale * LOG2E, scale, window or 0, q_group_size,
                k_group_size)
     flags = dict(HEAD_GROUP=dims.heads_q // dims.heads_k, DOT_PRECISION=dot_precision(q_a.dtype),

@@ -1,0 +1,1034 @@
+"""Autotuning: candidate configs from the IR and the kernel templates, static pruning by
+ahead-of-time compilation, a static ranking model, and timing on a GPU.
+
+    spec --IR--> attention uses (dims, heads, masks) --> launchers (forward, backward, decode)
+      --> candidates: every BLOCK_* constexpr of the launcher's kernels (read from the
+          generated source) x num_warps x num_stages, tiles powers of two bounded by the
+          shape and by a register estimate from the head dims
+      --> AOT compile for sm_80 / sm_90: drop spills, shared memory over the limit, failures
+      --> rank statically (tune --static), or time with triton.testing.do_bench (tune)
+      --> winners into the per-user cache (mlagen.runtime.tuning_cache)
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import math
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import sympy
+import torch
+
+from mlagen.aot import CompiledKernel, CompileJob, compile_jobs
+from mlagen.errors import MlagenError
+from mlagen.ir import lower
+from mlagen.ir.ops import B, Graph, OpKind, S, T
+from mlagen.passes import run_pipeline
+from mlagen.runtime import tuning_cache
+from mlagen.runtime.attention import (
+    GROUP_MASK_CODES,
+    AttentionDims,
+    accumulator,
+    dot_precision,
+    padded,
+)
+from mlagen.runtime.launch import (
+    BlockConfig,
+    default_backward_config,
+    default_config,
+    default_decode_config,
+)
+from mlagen.runtime.paged_cache import PagedLatentCache
+from mlagen.spec import MlaSpec, Spec
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+PAGE = inspect.signature(PagedLatentCache).parameters["page_size"].default
+
+
+# --- the hardware model -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Arch:
+    sm: int
+    gpu: str  # the GPU whose numbers these are
+    sms: int
+    smem_per_block: int  # the most shared memory one CTA may use
+    smem_per_sm: int
+    regs_per_sm: int = 65536
+    max_warps: int = 64
+    max_ctas: int = 32
+    tensor_core: str = "HMMA"
+
+
+ARCHS = {
+    90: Arch(90, "H100 SXM", 132, 227 * 1024, 228 * 1024, tensor_core="HGMMA"),
+    80: Arch(80, "A100", 108, 163 * 1024, 164 * 1024, tensor_core="HMMA"),
+}
+
+
+def parse_arch(text: str | int) -> int:
+    value = str(text).removeprefix("sm_")
+    if not value.isdigit() or int(value) not in ARCHS:
+        raise MlagenError(f"--arch {text}: choose one of {', '.join(f'sm_{a}' for a in ARCHS)}")
+    return int(value)
+
+
+def occupancy(compiled: CompiledKernel, arch: Arch) -> int:
+    """Resident warps per SM allowed by registers (allocated per warp in units of 256) and
+    shared memory (plus 1 KB the driver reserves per CTA)."""
+    if compiled.error or not compiled.num_warps:
+        return 0
+    regs_per_warp = math.ceil(max(compiled.registers, 1) * 32 / 256) * 256
+    ctas = min(
+        arch.regs_per_sm // regs_per_warp // compiled.num_warps,
+        arch.smem_per_sm // (compiled.shared_bytes + 1024),
+        arch.max_ctas,
+        arch.max_warps // compiled.num_warps,
+    )
+    return max(ctas, 0) * compiled.num_warps
+
+
+# --- what the IR says ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionUse:
+    """One ATTENTION node of the spec's IR and the kernel variant that runs it."""
+
+    node: str
+    mode: str  # "prefill" or "decode"
+    kernel: str  # variant name, e.g. attention_fwd_qk128_rope64_v128 or mla_decode_lat512_rope64
+    d_a: int
+    d_b: int
+    d_v: int
+    heads_q: int
+    heads_k: int
+    heads_kb: int  # heads of the second key part: 1 when shared (MLA's k_pe), 0 when absent
+    seq_q: sympy.Expr  # query length over B, S (decode: S new tokens)
+    seq_k: sympy.Expr  # key length (decode: T cached tokens)
+    causal: bool
+    window: int | None
+    group_mask: tuple | None
+    scale: float
+    dtype: str
+
+    @property
+    def head_group(self) -> int:
+        return self.heads_q // self.heads_k
+
+    def lengths(self, shape: Shape) -> tuple[int, int]:
+        values = {
+            B: shape.batch,
+            S: shape.new_tokens if self.mode == "decode" else shape.seq_len,
+            T: shape.seq_len,
+        }
+        return int(self.seq_q.subs(values)), int(self.seq_k.subs(values))
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    batch: int
+    seq_len: int  # prefill: tokens; decode: cached tokens
+    new_tokens: int = 1  # decode: query tokens per sequence
+
+    def __str__(self) -> str:
+        return f"batch {self.batch}, seq {self.seq_len}"
+
+
+def _uses(graph: Graph, dtype: str) -> list[AttentionUse]:
+    uses = []
+    for node in graph.nodes:
+        if node.op is not OpKind.ATTENTION:
+            continue
+        operands = [graph.node(name).shape for name in node.inputs]
+        q, k = operands[0], operands[2 if len(operands) == 5 else 1]
+        kb_heads = int(operands[3][2]) if len(operands) == 5 else 0
+        uses.append(
+            AttentionUse(
+                node.name,
+                graph.mode,
+                node.attr("kernel"),
+                node.attr("d_a"),
+                node.attr("d_b"),
+                node.attr("d_v"),
+                int(q[2]),
+                int(k[2]),
+                kb_heads,
+                q[1],
+                k[1],
+                bool(node.attr("causal")),
+                node.attr("window"),
+                node.attr("group_mask"),
+                float(node.attr("scale")),
+                dtype,
+            )
+        )
+    return uses
+
+
+def attention_uses(spec: Spec, dtype: str | None = None) -> list[AttentionUse]:
+    """The attention nodes of the prefill graph and, for mla, the decode graph."""
+    dtype = dtype or spec.dtype
+    uses = _uses(run_pipeline(lower(spec), "prefill"), dtype)
+    if isinstance(spec, MlaSpec):
+        uses += _uses(run_pipeline(lower(spec, "decode"), "decode"), dtype)
+    return uses
+
+
+@dataclass(frozen=True, slots=True)
+class Launcher:
+    """A generated launcher and the kernels that share its BlockConfig: the unit of tuning."""
+
+    use: AttentionUse
+    role: str  # "forward", "backward" or "decode"
+    kernels: tuple[str, ...]  # in the order the launcher passes them to tuned_config()
+    entry: str  # the launcher function in kernels.py
+    helpers: tuple[str, ...] = ()  # kernels it also launches, with fixed settings
+
+    @property
+    def label(self) -> str:
+        return f"{self.use.kernel} {self.role} ({self.use.node})"
+
+
+def launchers(use: AttentionUse) -> list[Launcher]:
+    if use.mode == "decode":
+        return [
+            Launcher(
+                use,
+                "decode",
+                (use.kernel,),
+                f"{use.kernel}_launch",
+                (f"{use.kernel}_append", f"{use.kernel}_combine"),
+            )
+        ]
+    return [
+        Launcher(use, "forward", (use.kernel,), f"{use.kernel}_launch"),
+        Launcher(
+            use,
+            "backward",
+            (f"{use.kernel}_bwd_dkdv", f"{use.kernel}_bwd_dq"),
+            f"{use.kernel}_backward",
+            ("_attention_bwd_delta",),
+        ),
+    ]
+
+
+def all_launchers(spec: Spec, dtype: str | None = None) -> list[Launcher]:
+    return [launcher for use in attention_uses(spec, dtype) for launcher in launchers(use)]
+
+
+def default_for(launcher: Launcher, shape: Shape, arch: int) -> BlockConfig:
+    """The launcher's static default on `arch` (what runs when the cache has no entry)."""
+    use, cuda = launcher.use, torch.device("cuda")
+    if launcher.role == "decode":
+        return default_decode_config(use.heads_q * use.lengths(shape)[0], cuda)
+    choose = default_config if launcher.role == "forward" else default_backward_config
+    return choose(use.d_a + use.d_b, use.d_v, cuda, arch=arch)
+
+
+def shape_key(launcher: Launcher, shape: Shape) -> str:
+    """The cache's shape bucket, computed as the launcher computes it from its tensors."""
+    use = launcher.use
+    seq_q, seq_k = use.lengths(shape)
+    if launcher.role == "decode":
+        return tuning_cache.decode_key(shape.batch, seq_q, use.heads_q, seq_k, causal=use.causal)
+    dims = AttentionDims(shape.batch, seq_q, seq_k, use.heads_q, use.heads_k, use.d_a, use.d_b, use.d_v)
+    mask = GROUP_MASK_CODES[use.group_mask[0] if use.group_mask else None]
+    return tuning_cache.attention_key(
+        dims, causal=use.causal, windowed=use.window is not None, mask_code=mask
+    )
+
+
+# --- what the template says ---------------------------------------------------------------------
+
+
+def jit_constexprs(source: str) -> dict[str, tuple[str, ...]]:
+    """The constexpr parameters of every @triton.jit function in a kernels.py source."""
+    found = {}
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef) and any("jit" in ast.unparse(d) for d in node.decorator_list):
+            found[node.name] = tuple(
+                arg.arg
+                for arg in node.args.args
+                if arg.annotation is not None and "constexpr" in ast.unparse(arg.annotation)
+            )
+    return found
+
+
+# Which BlockConfig field a tile constexpr takes: launchers pass BLOCK_M=config.block_m
+# (BLOCK_H for the decode kernel's rows of (token, head)) and BLOCK_N=config.block_n.
+TILE_FIELDS = {"BLOCK_M": "block_m", "BLOCK_H": "block_m", "BLOCK_N": "block_n"}
+WARPS = (4, 8)
+STAGES = (1, 2, 3, 4)
+MIN_TILE = 16  # the tensor-core K / M step
+MAX_TILE = 128
+# Registers per thread by the estimate below past which a config is not worth compiling: calibrated
+# on ANCHORS.md's probes (MLA decode 64 heads x 64 keys on 8 warps: 216, spills; 32 x 32: 104, fits).
+REGISTER_ESTIMATE_LIMIT = 192
+
+
+def tile_bounds(launcher: Launcher, constexprs: dict[str, tuple[str, ...]], shape: Shape) -> dict[str, int]:
+    """The largest useful value of each tunable tile constexpr: no wider than the rows or
+    keys a program can have at this shape (decode: the sequence's (token, head) rows)."""
+    use = launcher.use
+    seq_q, seq_k = use.lengths(shape)
+    rows = seq_q * use.heads_q if launcher.role == "decode" else seq_q
+    limits = {"BLOCK_M": rows, "BLOCK_H": rows, "BLOCK_N": seq_k}
+    bounds: dict[str, int] = {}
+    for kernel in launcher.kernels:
+        for name in constexprs[kernel]:
+            if not name.startswith("BLOCK_"):
+                continue
+            if name not in TILE_FIELDS:
+                raise MlagenError(
+                    f"{kernel} has a tile constexpr {name} that autotune does not know; "
+                    f"add it to mlagen.autotune.TILE_FIELDS"
+                )
+            bounds[name] = max(MIN_TILE, min(MAX_TILE, tuning_cache.bucket(limits[name])))
+    return bounds
+
+
+def register_estimate(launcher: Launcher, config: BlockConfig) -> float:
+    """32-bit registers per thread for the tiles a program keeps live, from the head dims:
+    fp32 accumulators and score tiles, and the operand tiles it holds across the loop
+    (16-bit values two to a register). A cheap bound before compiling anything."""
+    use = launcher.use
+    pad_qk = padded(use.d_a) + padded(use.d_b)
+    pad_v = padded(use.d_v)
+    packed = DTYPE_BYTES[use.dtype] / 4
+    m, n = config.block_m, config.block_n
+    if launcher.role == "backward":
+        dkdv = n * (pad_qk + pad_v) * (packed + 1) + 2 * m * n  # K, V and dK, dV; P and dP
+        dq = m * (pad_qk + pad_v) * packed + m * pad_qk + 2 * m * n  # Q, dO and dQ; P and dP
+        values = max(dkdv, dq)
+    else:  # forward and decode: Q held, O accumulated, one score tile
+        values = m * pad_qk * packed + m * pad_v + m * n
+    return values / (32 * config.num_warps)
+
+
+def candidates(launcher: Launcher, constexprs: dict[str, tuple[str, ...]], shape: Shape) -> list[BlockConfig]:
+    """Every config of the launcher's tunable constexprs, warps and stages that the shape
+    and the register estimate allow (powers of two from 16 up to the bound)."""
+    bounds = tile_bounds(launcher, constexprs, shape)
+    fields: dict[str, list[int]] = {"block_m": [MIN_TILE], "block_n": [MIN_TILE]}
+    for name, bound in bounds.items():
+        fields[TILE_FIELDS[name]] = [1 << p for p in range(MIN_TILE.bit_length() - 1, bound.bit_length())]
+    found = []
+    for m in fields["block_m"]:
+        for n in fields["block_n"]:
+            for warps in WARPS:
+                for stages in STAGES:
+                    config = BlockConfig(m, n, warps, stages)
+                    if register_estimate(launcher, config) <= REGISTER_ESTIMATE_LIMIT:
+                        found.append(config)
+    return found
+
+
+def split_candidates(longest: int, block_n: int) -> list[int]:
+    """Split-KV factors for the decode kernel: powers of two while every split keeps a tile of keys."""
+    most = min(64, max(1, math.ceil(longest / block_n)))
+    return [1 << p for p in range(most.bit_length()) if 1 << p <= most]
+
+
+# --- compiling ----------------------------------------------------------------------------------
+
+
+def constexpr_values(launcher: Launcher, config: BlockConfig, shape: Shape, arch: Arch) -> dict[str, Any]:
+    """Every constexpr a launcher may pass, as it computes them (see the templates' launchers)."""
+    use = launcher.use
+    dtype = DTYPES[use.dtype]
+    seq_q, seq_k = use.lengths(shape)
+    return {
+        "HEAD_GROUP": use.head_group,
+        "DOT_PRECISION": dot_precision(dtype),
+        "ACC_DTYPE": accumulator(dtype),
+        "CAUSAL": use.causal,
+        "WINDOWED": use.window is not None,
+        "GROUP_MASK": GROUP_MASK_CODES[use.group_mask[0] if use.group_mask else None],
+        "BLOCK_M": config.block_m,
+        "BLOCK_H": config.block_m,
+        "BLOCK_N": config.block_n,
+        "PAGE": PAGE,
+        "D_V": use.d_v,
+        "PAD_V": padded(use.d_v),
+        "PAD_SPLITS": 1 << (decode_splits(config, shape.batch, seq_k, arch) - 1).bit_length(),
+    }
+
+
+def decode_splits(config: BlockConfig, batch: int, longest: int, arch: Arch) -> int:
+    """The split count the decode launcher uses (runtime.attention.split_count on `arch`'s
+    SM count, rounded to whole key tiles as the launcher rounds it)."""
+    splits = config.num_splits or max(1, min(-(-longest // 256), -(-2 * arch.sms // max(batch, 1)), 64))
+    per_split = -(-max(config.block_n, -(-longest // splits)) // config.block_n) * config.block_n
+    return max(1, -(-longest // per_split))
+
+
+# Launch options of the kernels a launcher starts without a config (Triton's defaults).
+HELPER_WARPS, HELPER_STAGES = 4, 3
+
+
+def compile_job(
+    kernels_file: str,
+    kernel: str,
+    constexprs: dict[str, tuple[str, ...]],
+    values: dict[str, Any],
+    arch: int,
+    dtype: str,
+    num_warps: int,
+    num_stages: int,
+) -> CompileJob:
+    missing = [name for name in constexprs[kernel] if name not in values]
+    if missing:
+        raise MlagenError(
+            f"{kernel} has constexprs {missing} that autotune cannot set; "
+            "add them to mlagen.autotune.constexpr_values"
+        )
+    return CompileJob(
+        kernels_file,
+        kernel,
+        arch,
+        dtype,
+        num_warps,
+        num_stages,
+        {name: values[name] for name in constexprs[kernel]},
+    )
+
+
+def launcher_jobs(
+    kernels_file: str,
+    launcher: Launcher,
+    constexprs: dict[str, tuple[str, ...]],
+    config: BlockConfig,
+    shape: Shape,
+    arch: int,
+) -> list[CompileJob]:
+    values = constexpr_values(launcher, config, shape, ARCHS[arch])
+    return [
+        compile_job(
+            kernels_file,
+            kernel,
+            constexprs,
+            values,
+            arch,
+            launcher.use.dtype,
+            config.num_warps,
+            config.num_stages,
+        )
+        for kernel in launcher.kernels
+    ]
+
+
+def helper_jobs(
+    kernels_file: str,
+    launcher: Launcher,
+    constexprs: dict[str, tuple[str, ...]],
+    config: BlockConfig,
+    shape: Shape,
+    arch: int,
+) -> list[CompileJob]:
+    values = constexpr_values(launcher, config, shape, ARCHS[arch])
+    return [
+        compile_job(
+            kernels_file, kernel, constexprs, values, arch, launcher.use.dtype, HELPER_WARPS, HELPER_STAGES
+        )
+        for kernel in launcher.helpers
+    ]
+
+
+def job_key(job: CompileJob) -> tuple:
+    """What makes two compile jobs the same compilation (CompileJob holds a dict: unhashable)."""
+    return (
+        job.kernels_file,
+        job.kernel,
+        job.arch,
+        job.dtype,
+        job.num_warps,
+        job.num_stages,
+        tuple(sorted((name, repr(value)) for name, value in job.constexprs.items())),
+    )
+
+
+def compile_all(
+    jobs: list[CompileJob], workers: int | None = None, desc: str = "compiling"
+) -> dict[tuple, CompiledKernel]:
+    """Compile each distinct job once, in spawned workers; results by job_key(); failures
+    come back with `error` set."""
+    unique = list({job_key(job): job for job in jobs}.values())
+    results = compile_jobs(
+        unique,
+        workers or os.cpu_count() or 2,
+        keep_going=True,
+        progress=lambda items, total: progress(items, total, desc),
+    )
+    return {job_key(job): result for job, result in zip(unique, results)}
+
+
+# --- static pruning and ranking -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Ranked:
+    config: BlockConfig
+    compiled: tuple[CompiledKernel, ...]
+    score: float
+    reason: str = ""  # why it was dropped; empty for survivors
+
+    @property
+    def registers(self) -> int:
+        return max(c.registers for c in self.compiled)
+
+    @property
+    def spill_bytes(self) -> int:
+        return max(c.spill_bytes for c in self.compiled)
+
+    @property
+    def shared_bytes(self) -> int:
+        return max(c.shared_bytes for c in self.compiled)
+
+    @property
+    def tensor_core_ops(self) -> int:
+        return min(c.tensor_core_ops for c in self.compiled)
+
+
+def prune_reason(compiled: tuple[CompiledKernel, ...], arch: Arch) -> str:
+    """Why a config cannot run well on `arch`, or "" when every kernel of it fits."""
+    for kernel in compiled:
+        if kernel.error:
+            return f"{kernel.name}: compile failed ({kernel.error})"
+        if kernel.spill_bytes:
+            return f"{kernel.name}: spills {kernel.spill_bytes} B"
+        if kernel.shared_bytes > arch.smem_per_block:
+            return f"{kernel.name}: {kernel.shared_bytes / 1024:.0f} KB shared > {arch.smem_per_block // 1024} KB"
+    return ""
+
+
+# Resident warps per SM past which more buy little: attention loops are pipelined (num_stages),
+# so one 8-warp CTA or two 4-warp CTAs per SM keep the tensor cores fed.
+OCCUPANCY_TARGET = 8
+
+
+def static_score(config: BlockConfig, compiled: tuple[CompiledKernel, ...], arch: Arch) -> float:
+    """The static model: tile reuse (bytes loaded per FLOP fall as 2mn/(m+n) grows) times
+    how well occupancy hides latency, and a heavy penalty without tensor cores."""
+    m, n = config.block_m, config.block_n
+    reuse = 2 * m * n / (m + n)
+    warps = min(occupancy(c, arch) for c in compiled)
+    tensor_cores = 1.0 if all(c.tensor_core_ops for c in compiled) else 0.25
+    return reuse * min(1.0, warps / OCCUPANCY_TARGET) * tensor_cores
+
+
+def rank(
+    configs: list[BlockConfig],
+    compiled: dict[BlockConfig, tuple[CompiledKernel, ...]],
+    arch: Arch,
+    prefer: BlockConfig | None = None,
+) -> tuple[list[Ranked], list[Ranked]]:
+    """(survivors best first, dropped with their reasons). The model cannot tell configs of
+    equal score apart, so ties go to `prefer` (the default, kept spill-free by tests), then to
+    deeper pipelines, fewer registers and fewer warps."""
+    survivors, dropped = [], []
+    for config in configs:
+        kernels = compiled[config]
+        reason = prune_reason(kernels, arch)
+        if reason:
+            dropped.append(Ranked(config, kernels, 0.0, reason))
+        else:
+            survivors.append(Ranked(config, kernels, static_score(config, kernels, arch)))
+    survivors.sort(
+        key=lambda r: (
+            -r.score,
+            r.config != prefer,
+            -r.config.num_stages,
+            r.registers,
+            r.config.num_warps,
+            -r.config.block_m,
+            -r.config.block_n,
+        )
+    )
+    return survivors, dropped
+
+
+# --- progress ------------------------------------------------------------------------------------
+
+
+def progress(items: Iterable, total: int, desc: str) -> Iterator:
+    """A progress bar on stderr: tqdm or rich when installed, else a line per tenth."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        pass
+    else:
+        yield from tqdm(items, total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True)
+        return
+    try:
+        from rich.progress import track
+    except ImportError:
+        pass
+    else:
+        yield from track(items, total=total, description=desc, transient=True, console=None)
+        return
+    step = max(1, total // 10)
+    for done, item in enumerate(items, 1):
+        yield item
+        if done % step == 0 or done == total:
+            print(f"{desc}: {done}/{total}", file=sys.stderr, flush=True)
+
+
+# --- tuning --------------------------------------------------------------------------------------
+
+
+Timer = Callable[[Callable[[], Any]], float]
+
+
+def do_bench_timer(fn: Callable[[], Any]) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+@dataclass(frozen=True, slots=True)
+class Timed:
+    config: BlockConfig
+    ms: float
+    error: str = ""
+
+
+def time_candidates(
+    configs: Iterable[BlockConfig], make_call: Callable[[BlockConfig], Callable[[], Any]], timer: Timer
+) -> list[Timed]:
+    """Time each config; one that fails to build, launch or time scores infinity."""
+    timed = []
+    for config in configs:
+        try:
+            ms = float(timer(make_call(config)))
+            error = "" if math.isfinite(ms) and ms > 0 else f"timer gave {ms}"
+        except Exception as exc:  # a config that cannot run loses; the run goes on
+            ms, error = math.inf, f"{type(exc).__name__}: {str(exc).strip()[:200]}"
+        timed.append(Timed(config, ms if not error else math.inf, error))
+    return timed
+
+
+@dataclass(frozen=True, slots=True)
+class TuneResult:
+    launcher: Launcher
+    shape: Shape
+    key: str
+    winner: Timed | None
+    timed: tuple[Timed, ...]
+    default: BlockConfig | None = None  # the static default, when it was among the timed
+
+    @property
+    def default_ms(self) -> float:
+        return min((t.ms for t in self.timed if t.config == self.default), default=math.inf)
+
+
+def _inputs(launcher: Launcher, shape: Shape, device: torch.device) -> dict[str, Any]:
+    use = launcher.use
+    dtype = DTYPES[use.dtype]
+    seq_q, seq_k = use.lengths(shape)
+
+    def rand(*dims: int) -> torch.Tensor:
+        return torch.randn(*dims, dtype=dtype, device=device)
+
+    if launcher.role == "decode":
+        cache = PagedLatentCache(
+            shape.batch, seq_k, latent_dim=use.d_a, rope_dim=use.d_b, dtype=dtype, device=device
+        )
+        cache.reserve([seq_k] * shape.batch)
+        cache.commit([seq_k] * shape.batch)
+        cache.buffer.normal_()
+        return {
+            "q_latent": rand(shape.batch, seq_q, use.heads_q, use.d_a),
+            "q_rope": rand(shape.batch, seq_q, use.heads_q, use.d_b),
+            "cache": cache,
+            "start": torch.full((shape.batch,), seq_k - seq_q, dtype=torch.int32, device=device),
+        }
+    return {
+        "q_a": rand(shape.batch, seq_q, use.heads_q, use.d_a),
+        "q_b": rand(shape.batch, seq_q, use.heads_q, use.d_b) if use.d_b else None,
+        "k_a": rand(shape.batch, seq_k, use.heads_k, use.d_a),
+        "k_b": rand(shape.batch, seq_k, use.heads_kb, use.d_b) if use.d_b else None,
+        "v": rand(shape.batch, seq_k, use.heads_k, use.d_v),
+    }
+
+
+def call_maker(kernels: Any, launcher: Launcher, shape: Shape, device: torch.device) -> Callable:
+    """make_call(config) -> a no-argument call of the launcher at `shape` with that config."""
+    from mlagen.runtime.mla_decode import CachedTokens
+
+    use = launcher.use
+    entry = getattr(kernels, launcher.entry)
+    tensors = _inputs(launcher, shape, device)
+    if launcher.role == "decode":
+        cached = CachedTokens(tensors["cache"], tensors["start"], (shape.new_tokens,) * shape.batch)
+        return lambda config: (
+            lambda: entry(
+                tensors["q_latent"],
+                tensors["q_rope"],
+                cached,
+                scale=use.scale,
+                causal=use.causal,
+                num_splits=config.num_splits,
+                config=config,
+            )
+        )
+    operands = (tensors["q_a"], tensors["q_b"], tensors["k_a"], tensors["k_b"], tensors["v"])
+    flags = dict(scale=use.scale, causal=use.causal, window=use.window, group_mask=use.group_mask)
+    if launcher.role == "forward":
+        return lambda config: lambda: entry(*operands, **flags, config=config)
+    forward = getattr(kernels, f"{use.kernel}_launch")
+    state: dict[str, Any] = {}
+
+    def make(config: BlockConfig) -> Callable[[], Any]:
+        if not state:
+            out, lse = forward(*operands, **flags)
+            state.update(out=out, lse=lse, grad=torch.randn_like(out))
+        return lambda: entry(state["grad"], *operands, state["out"], state["lse"], **flags, config=config)
+
+    return make
+
+
+def tune_launcher(
+    kernels: Any,
+    launcher: Launcher,
+    shape: Shape,
+    configs: list[BlockConfig],
+    *,
+    device: torch.device,
+    timer: Timer,
+    bar: Callable[[Iterable, int], Iterable] | None = None,
+    default: BlockConfig | None = None,
+) -> TuneResult:
+    """Time the configs; for decode also sweep the split-KV factor around the winner."""
+    make_call = call_maker(kernels, launcher, shape, device)
+    order = bar(configs, len(configs)) if bar else configs
+    timed = time_candidates(order, make_call, timer)
+    best = min(timed, key=lambda t: t.ms, default=None)
+    if launcher.role == "decode" and best is not None and math.isfinite(best.ms):
+        seq_k = launcher.use.lengths(shape)[1]
+        splits = [replace(best.config, num_splits=s) for s in split_candidates(seq_k, best.config.block_n)]
+        timed += time_candidates(splits, make_call, timer)
+    best = min(timed, key=lambda t: t.ms, default=None)
+    winner = best if best is not None and math.isfinite(best.ms) else None
+    return TuneResult(launcher, shape, shape_key(launcher, shape), winner, tuple(timed), default)
+
+
+def kernel_objects(kernels: Any, launcher: Launcher) -> tuple:
+    return tuple(getattr(kernels, name) for name in launcher.kernels)
+
+
+def load_kernels_file(path: str | Path) -> Any:
+    from mlagen.aot import _load_module
+
+    return _load_module(str(path))
+
+
+def survivors_for(
+    kernels_file: str,
+    plans: list[tuple[Launcher, Shape, list[BlockConfig]]],
+    arch: int,
+    constexprs: dict[str, tuple[str, ...]],
+    workers: int | None = None,
+) -> list[tuple[list[Ranked], list[Ranked]]]:
+    """AOT-compile every candidate of every plan (each distinct compile once) and rank them;
+    a plan's first config is its default (see _with_default)."""
+    jobs = {
+        (id(plan), config): launcher_jobs(kernels_file, plan[0], constexprs, config, plan[1], arch)
+        for plan in plans
+        for config in plan[2]
+    }
+    compiled = compile_all(
+        [job for group in jobs.values() for job in group], workers, f"compiling for sm_{arch}"
+    )
+    ranked = []
+    for plan in plans:
+        by_config = {
+            config: tuple(compiled[job_key(job)] for job in jobs[(id(plan), config)]) for config in plan[2]
+        }
+        ranked.append(rank(plan[2], by_config, ARCHS[arch], prefer=plan[2][0]))
+    return ranked
+
+
+def log_choice(kernels: tuple, key: str, dtype: str, where: str, text: str) -> None:
+    """The MLAGEN_AUTOTUNE_LOG line of a choice, worded as the run-time lookup words its own."""
+    if tuning_cache.log_enabled():
+        name = tuning_cache.dtype_name(DTYPES[dtype])
+        print(f"mlagen autotune: {kernels[0].__name__} [{key}, {name}] on {where}: {text}", file=sys.stderr)
+
+
+# --- the commands --------------------------------------------------------------------------------
+
+
+def render_kernels(spec: Spec, directory: Path) -> Path:
+    """Write the spec's kernels.py (exactly what `mlagen generate` writes) under `directory`."""
+    from mlagen.codegen import compile_spec
+
+    _, files = compile_spec(spec)
+    path = directory / spec.name / "kernels.py"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(files["kernels.py"], encoding="utf-8")
+    return path
+
+
+def _with_default(configs: list[BlockConfig], default: BlockConfig) -> list[BlockConfig]:
+    """The default first, so a ranking or timing always says where it stands."""
+    return [default] + [c for c in configs if c != default]
+
+
+@dataclass(frozen=True, slots=True)
+class StaticRanking:
+    launcher: Launcher
+    shape: Shape
+    key: str
+    default: BlockConfig
+    survivors: list[Ranked]
+    dropped: list[Ranked]
+
+
+def static_tune(
+    spec: Spec,
+    shapes: list[Shape],
+    arch: int,
+    *,
+    dtype: str | None = None,
+    workers: int | None = None,
+    write: bool = False,
+) -> list[StaticRanking]:
+    """Rank every launcher's candidates by the static model for `arch`, without a GPU;
+    with write=True store the winners in the cache for "sm_<arch>"."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="mlagen-tune-") as tmp:
+        kernels_file = render_kernels(spec, Path(tmp))
+        constexprs = jit_constexprs(kernels_file.read_text(encoding="utf-8"))
+        plans = []
+        for launcher in all_launchers(spec, dtype):
+            for shape in shapes:
+                default = default_for(launcher, shape, arch)
+                plans.append(
+                    (launcher, shape, _with_default(candidates(launcher, constexprs, shape), default))
+                )
+        ranked = survivors_for(str(kernels_file), plans, arch, constexprs, workers)
+        rankings = [
+            StaticRanking(launcher, shape, shape_key(launcher, shape), configs[0], survivors, dropped)
+            for (launcher, shape, configs), (survivors, dropped) in zip(plans, ranked)
+        ]
+        if write:
+            module = load_kernels_file(kernels_file)
+            entries = {}
+            for r in rankings:
+                if r.survivors:
+                    objects = kernel_objects(module, r.launcher)
+                    key, entry = tuning_cache.new_entry(
+                        objects,
+                        r.key,
+                        DTYPES[r.launcher.use.dtype],
+                        f"sm_{arch}",
+                        arch,
+                        r.survivors[0].config,
+                        ms=None,
+                        method="static",
+                    )
+                    entries[key] = entry
+                    log_choice(
+                        objects,
+                        r.key,
+                        r.launcher.use.dtype,
+                        f"sm_{arch}",
+                        f"static winner {tuning_cache.describe(r.survivors[0].config)}",
+                    )
+            tuning_cache.store(entries)
+    return rankings
+
+
+Select = Callable[[Launcher, Shape, list[BlockConfig]], list[BlockConfig]]
+
+
+def tune_spec(
+    spec_path: str | Path,
+    shapes: list[Shape],
+    *,
+    out_root: str | Path = "generated",
+    device: torch.device | None = None,
+    timer: Timer = do_bench_timer,
+    select: Select | None = None,
+    workers: int | None = None,
+) -> list[TuneResult]:
+    """Time every launcher's candidates that survive static pruning for this GPU and store
+    each winner in the cache (after each launcher, so an interrupted run keeps what it found).
+    `timer` and `select` (in place of the AOT pruning) are for tests."""
+    import mlagen
+    from mlagen.spec import load_spec
+
+    spec = load_spec(spec_path)
+    device = device or torch.device("cuda")
+    identity = tuning_cache.gpu_identity(device)
+    if identity is None:
+        raise MlagenError(f"tuning times kernels on a CUDA device, not {device}")
+    gpu, arch = identity
+    kernels = mlagen.load(spec_path, out_root).kernels
+    constexprs = jit_constexprs(Path(kernels.__file__).read_text(encoding="utf-8"))
+    plans = []
+    for launcher in all_launchers(spec):
+        for shape in shapes:
+            default = default_for(launcher, shape, arch)
+            plans.append((launcher, shape, _with_default(candidates(launcher, constexprs, shape), default)))
+    if select is not None:
+        plans = [(launcher, shape, select(launcher, shape, configs)) for launcher, shape, configs in plans]
+    elif arch in ARCHS:
+        ranked = survivors_for(kernels.__file__, plans, arch, constexprs, workers)
+        plans = [
+            (launcher, shape, [r.config for r in survivors])
+            for (launcher, shape, _), (survivors, _) in zip(plans, ranked)
+        ]
+    else:
+        print(
+            f"mlagen: no hardware limits known for sm_{arch}; timing every candidate without static pruning",
+            file=sys.stderr,
+        )
+    results = []
+    for launcher, shape, configs in plans:
+        desc = f"{launcher.use.kernel} {launcher.role}, {shape}"
+        result = tune_launcher(
+            kernels,
+            launcher,
+            shape,
+            configs,
+            device=device,
+            timer=timer,
+            bar=lambda items, total, desc=desc: progress(items, total, desc),
+            default=default_for(launcher, shape, arch),
+        )
+        results.append(result)
+        objects = kernel_objects(kernels, launcher)
+        if result.winner is None:
+            log_choice(
+                objects, result.key, launcher.use.dtype, gpu, "every candidate failed; keeping the default"
+            )
+            continue
+        log_choice(
+            objects,
+            result.key,
+            launcher.use.dtype,
+            gpu,
+            f"{tuning_cache.describe(result.winner.config)} {result.winner.ms:.4f} ms "
+            f"(best of {len(result.timed)})",
+        )
+        key, entry = tuning_cache.new_entry(
+            objects,
+            result.key,
+            DTYPES[launcher.use.dtype],
+            gpu,
+            arch,
+            result.winner.config,
+            ms=result.winner.ms,
+            method="timed",
+        )
+        tuning_cache.store({key: entry})
+    return results
+
+
+# --- reports -------------------------------------------------------------------------------------
+
+
+def _row(cells: list[str], widths: list[int]) -> str:
+    return "  ".join(cell.ljust(width) for cell, width in zip(cells, widths)).rstrip()
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    return [_row(header, widths)] + [_row([str(c) for c in r], widths) for r in rows]
+
+
+def mma_text(compiled: tuple[CompiledKernel, ...] | CompiledKernel) -> str:
+    kernels = compiled if isinstance(compiled, tuple) else (compiled,)
+    counts: dict[str, int] = {}
+    for kernel in kernels:
+        for opcode, count in kernel.mma:
+            counts[opcode] = counts.get(opcode, 0) + count
+    return " + ".join(f"{count} {opcode}" for opcode, count in sorted(counts.items())) or "0"
+
+
+def format_static(rankings: list[StaticRanking], arch: int, top: int = 5) -> list[str]:
+    limits = ARCHS[arch]
+    lines = [
+        f"static ranking for sm_{arch} ({limits.gpu} limits: {limits.smem_per_block // 1024} KB shared per "
+        f"block, {limits.regs_per_sm // 1024}K registers per SM); score = tile reuse x occupancy, "
+        "tensor cores required"
+    ]
+    for r in rankings:
+        reasons: dict[str, int] = {}
+        for d in r.dropped:
+            kind = "spill" if "spills" in d.reason else "shared memory" if "shared" in d.reason else "failed"
+            reasons[kind] = reasons.get(kind, 0) + 1
+        dropped = ", ".join(f"{n} {kind}" for kind, n in reasons.items()) or "none"
+        lines += [
+            "",
+            f"{r.launcher.label}, {r.shape} [{r.key}]: {len(r.survivors) + len(r.dropped)} candidates, "
+            f"{len(r.survivors)} fit (dropped: {dropped})",
+        ]
+        rows = []
+        for place, s in enumerate(r.survivors[:top], 1):
+            occ = min(occupancy(c, limits) for c in s.compiled)
+            rows.append(
+                [
+                    str(place),
+                    tuning_cache.describe(s.config),
+                    str(s.registers),
+                    str(s.spill_bytes),
+                    f"{s.shared_bytes / 1024:.1f}",
+                    mma_text(s.compiled),
+                    str(occ),
+                    f"{s.score:.1f}",
+                    "default" if s.config == r.default else "",
+                ]
+            )
+        if r.default not in [s.config for s in r.survivors[:top]]:
+            place = next((i for i, s in enumerate(r.survivors, 1) if s.config == r.default), None)
+            why = next((d.reason for d in r.dropped if d.config == r.default), "")
+            rows.append(
+                [
+                    "-",
+                    tuning_cache.describe(r.default),
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    f"default: rank {place}" if place else f"default: dropped ({why})",
+                ]
+            )
+        lines += [
+            "  " + line
+            for line in table(
+                ["rank", "config", "regs", "spill", "smem KB", "tensor-core ops", "warps/SM", "score", ""],
+                rows,
+            )
+        ]
+    return lines
+
+
+def format_tuned(results: list[TuneResult]) -> list[str]:
+    rows = []
+    for r in results:
+        failed = sum(1 for t in r.timed if not math.isfinite(t.ms))
+        rows.append(
+            [
+                r.launcher.label,
+                str(r.shape),
+                tuning_cache.describe(r.winner.config) if r.winner else "none",
+                f"{r.winner.ms:.4f}" if r.winner else "inf",
+                f"{r.default_ms:.4f}" if math.isfinite(r.default_ms) else "-",
+                f"{len(r.timed)} ({failed} failed)",
+            ]
+        )
+    return table(["launcher", "shape", "winner", "ms", "default ms", "timed"], rows)

@@ -1,0 +1,256 @@
+"""The per-user autotuning cache that `mlagen tune` writes and the generated launchers read.
+
+One JSON file, $MLAGEN_CACHE_DIR/tuning.json (default ~/.cache/mlagen/tuning.json):
+
+    {"format": 1, "entries": {KEY: {"kernel": ..., "config": {"block_m": ..., ...}, "ms": ..., ...}}}
+
+KEY = kernel source hash | shape bucket | dtype | GPU | Triton version, so an entry
+never outlives the kernel text, the Triton that compiled it or the GPU it was timed
+on. Shapes are bucketed to powers of two (batch, sequence lengths, heads) and keep
+the flags that change the compiled code (head group, causal, window, group mask).
+
+The file is read once per process; a launch costs one dict lookup after its first
+call. A corrupt or foreign file is reported in one warning and ignored. Writers
+merge under a file lock and replace the file atomically, so tuning processes that
+run at once lose nothing and a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+import sys
+import tempfile
+import textwrap
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import triton
+
+from mlagen.runtime.launch import BlockConfig
+
+FORMAT = 1
+LOG_ENV = "MLAGEN_AUTOTUNE_LOG"
+
+_entries: dict[str, BlockConfig] | None = None
+_resolved: dict[tuple, BlockConfig | None] = {}
+_hashes: dict[tuple, str] = {}
+_gpus: dict[int, tuple[str, int]] = {}
+
+
+def cache_path() -> Path:
+    root = os.environ.get("MLAGEN_CACHE_DIR")
+    if root:
+        return Path(root) / "tuning.json"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mlagen" / "tuning.json"
+
+
+def bucket(n: int) -> int:
+    """The power of two at or above n: shapes in one bucket share a tuned config."""
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def attention_key(dims: Any, *, causal: bool, windowed: bool, mask_code: int) -> str:
+    """Shape bucket of an attention (forward or backward) launch; `dims` is an AttentionDims."""
+    return (
+        f"b{bucket(dims.batch)}.q{bucket(dims.seqlen_q)}.k{bucket(dims.seqlen_k)}.h{bucket(dims.heads_q)}"
+        f".g{dims.heads_q // dims.heads_k}.c{int(causal)}.w{int(windowed)}.m{mask_code}"
+    )
+
+
+def decode_key(batch: int, seqlen_q: int, heads: int, longest: int, *, causal: bool) -> str:
+    """Shape bucket of an absorbed-decode launch: sequences, new tokens, heads, cached tokens."""
+    return f"b{bucket(batch)}.q{bucket(seqlen_q)}.h{bucket(heads)}.t{bucket(longest)}.c{int(causal)}"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def source_hash(kernels: tuple) -> str:
+    """Hash of the kernels' Python source (JIT or interpreted functions alike)."""
+    if kernels not in _hashes:
+        text = "\n".join(textwrap.dedent(inspect.getsource(kernel.fn)) for kernel in kernels)
+        _hashes[kernels] = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return _hashes[kernels]
+
+
+def entry_key(source: str, shape: str, dtype: str, gpu: str, triton_version: str | None = None) -> str:
+    return "|".join((source, shape, dtype, gpu, triton_version or triton.__version__))
+
+
+def gpu_identity(device: torch.device) -> tuple[str, int] | None:
+    """(GPU name, arch such as 90) of a CUDA device, None for other devices (which never
+    look the cache up: the interpreter keeps its small config)."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _gpus:
+        major, minor = torch.cuda.get_device_capability(index)
+        _gpus[index] = (torch.cuda.get_device_name(index), 10 * major + minor)
+    return _gpus[index]
+
+
+def log_enabled() -> bool:
+    return os.environ.get(LOG_ENV, "") not in ("", "0")
+
+
+def describe(config: BlockConfig) -> str:
+    text = f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
+    return text + (f" splits {config.num_splits}" if config.num_splits else "")
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def read_file(path: Path) -> tuple[dict[str, dict], str | None]:
+    """(entries, problem): a missing file has no entries and no problem; a corrupt or
+    foreign one has no entries and a one-line problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}, None
+    except OSError as exc:
+        return {}, f"cannot read it ({exc.strerror})"
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return {}, f"corrupt JSON at line {exc.lineno}"
+    if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
+        return {}, "corrupt: no 'entries' table"
+    if data.get("format") != FORMAT:
+        return {}, f"stale: format {data.get('format')!r}, this mlagen reads format {FORMAT}"
+    entries = data["entries"]
+    for key, entry in entries.items():
+        try:
+            _config(entry)
+        except (TypeError, ValueError, KeyError):
+            return {}, f"corrupt entry {key!r}"
+    return entries, None
+
+
+def _config(entry: dict) -> BlockConfig:
+    fields = entry["config"]
+    config = BlockConfig(
+        **{name: fields[name] for name in ("block_m", "block_n", "num_warps", "num_stages")},
+        num_splits=fields.get("num_splits"),
+    )
+    values = [config.block_m, config.block_n, config.num_warps, config.num_stages, config.num_splits or 1]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(fields)
+    if any(
+        v & (v - 1) for v in (config.block_m, config.block_n, config.num_warps)
+    ):  # tl.arange needs powers of two
+        raise ValueError(fields)
+    return config
+
+
+def entries() -> dict[str, BlockConfig]:
+    """The cache's configs by key, read once per process."""
+    global _entries
+    if _entries is None:
+        path = cache_path()
+        raw, problem = read_file(path)
+        if problem:
+            warnings.warn(f"mlagen: ignoring the tuning cache {path}: {problem}", stacklevel=2)
+        _entries = {key: _config(entry) for key, entry in raw.items()}
+    return _entries
+
+
+def reset() -> None:
+    """Forget what this process read (after the cache file or MLAGEN_CACHE_DIR changed)."""
+    global _entries
+    _entries = None
+    _resolved.clear()
+
+
+def tuned_config(kernels: tuple, shape: str, like: torch.Tensor) -> BlockConfig | None:
+    """The cached config for `kernels` at this shape bucket, like's dtype and GPU; None
+    when there is none (the launcher then takes the static default)."""
+    memo = (kernels, shape, like.dtype, like.device)
+    if memo in _resolved:
+        return _resolved[memo]
+    gpu = gpu_identity(like.device)
+    config = None
+    if gpu is not None:
+        name, arch = gpu
+        source = source_hash(kernels)
+        # A timed entry for this GPU first, then a static ranking (`tune --static --write`) for its arch.
+        for where in (name, f"sm_{arch}"):
+            config = entries().get(entry_key(source, shape, dtype_name(like.dtype), where))
+            if config is not None:
+                break
+        if log_enabled():
+            choice = (
+                f"tuned {describe(config)} (from {where})" if config else "no tuned entry, static default"
+            )
+            print(
+                f"mlagen autotune: {kernels[0].__name__} [{shape}, {dtype_name(like.dtype)}] on {name}: "
+                f"{choice}",
+                file=sys.stderr,
+            )
+    _resolved[memo] = config
+    return config
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def new_entry(
+    kernels: tuple,
+    shape: str,
+    dtype: torch.dtype,
+    gpu: str,
+    arch: int,
+    config: BlockConfig,
+    *,
+    ms: float | None,
+    method: str,
+) -> tuple[str, dict]:
+    """(key, entry) for store(); `gpu` is the device name, or "sm_90" for a static ranking."""
+    source = source_hash(kernels)
+    entry = {
+        "kernel": kernels[0].__name__,
+        "source_hash": source,
+        "shape": shape,
+        "dtype": dtype_name(dtype),
+        "gpu": gpu,
+        "arch": arch,
+        "triton": triton.__version__,
+        "config": asdict(config),
+        "ms": ms,
+        "method": method,
+    }
+    return entry_key(source, shape, dtype_name(dtype), gpu), entry
+
+
+def store(new: dict[str, dict], path: Path | None = None) -> Path:
+    """Merge `new` into the cache file: under its lock, re-read what other processes wrote,
+    then replace the file atomically (a temp file in the same directory + os.replace)."""
+    from filelock import FileLock
+
+    path = path or cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=60):
+        current, problem = read_file(path)
+        if problem:
+            print(f"mlagen: replacing the tuning cache {path}: {problem}", file=sys.stderr)
+        merged = {**current, **new}
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump({"format": FORMAT, "entries": merged}, out, indent=1, sort_keys=True)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, path)
+        except BaseException:
+            Path(temp).unlink(missing_ok=True)
+            raise
+    reset()
+    return path
