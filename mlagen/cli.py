@@ -150,6 +150,93 @@ def cmd_from_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mlagen.bench import BenchRequest, run_bench, write_plots, write_report
+    from mlagen.bench.report import results_table
+
+    if not (args.spec or args.plot or args.report):
+        raise MlagenError("name a spec to benchmark, or use --plot / --report on the JSON files in --out")
+    if args.spec:
+        request = BenchRequest(
+            args.spec,
+            args.mode,
+            lengths=tuple(args.seq_lens or ()),
+            batch=args.batch,
+            smoke=args.smoke,
+            out=args.out,
+            dtype=args.dtype,
+            device=args.device,
+            generated=args.generated,
+        )
+        run = run_bench(request)
+        print("\n".join(results_table(run.data)))
+        print(f"wrote {run.path}")
+    if args.plot:
+        for path in write_plots(args.out):
+            print(f"wrote {path}")
+    if args.report:
+        print(f"wrote {write_report(args.out, args.report_file)}")
+    return 0
+
+
+def _positive(values: list[int], flag: str) -> list[int]:
+    if any(v < 1 for v in values):
+        raise MlagenError(f"{flag} {' '.join(map(str, values))}: every value must be >= 1")
+    return values
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from mlagen.autotune import Shape, parse_arch
+    from mlagen.inspect_kernels import format_inspect, inspect_spec
+    from mlagen.spec import load_spec
+
+    spec = load_spec(args.spec)
+    arch = parse_arch(args.arch)
+    shape = Shape(*_positive([args.batch, args.seq_len], "--batch/--seq-len"))
+    rows = inspect_spec(spec, arch, shape, dtype=args.dtype, workers=args.workers)
+    print("\n".join(format_inspect(spec, arch, shape, rows, args.dtype)))
+    return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import torch
+
+    from mlagen import autotune
+    from mlagen.runtime.tuning_cache import cache_path
+    from mlagen.spec import load_spec
+
+    shapes = [
+        autotune.Shape(batch, seq_len)
+        for seq_len in _positive(args.seq_lens, "--seq-lens")
+        for batch in _positive(args.batch, "--batch")
+    ]
+    if args.static:
+        arch = autotune.parse_arch(args.arch)
+        rankings = autotune.static_tune(
+            load_spec(args.spec), shapes, arch, workers=args.workers, write=args.write
+        )
+        print("\n".join(autotune.format_static(rankings, arch, args.top)))
+        if args.write:
+            print(f"\nwrote the static winners for sm_{arch} to {cache_path()}")
+        return 0
+    if not torch.cuda.is_available():
+        raise MlagenError(
+            "tune times kernels on a CUDA GPU and torch sees none; "
+            "`mlagen tune SPEC --static --arch sm_90` ranks the candidates without one"
+        )
+    results = autotune.tune_spec(args.spec, shapes, out_root=args.out, workers=args.workers)
+    print("\n".join(autotune.format_tuned(results)))
+    print(f"\nwinners stored in {cache_path()}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from mlagen.doctor import report
+
+    print("\n".join(report()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mlagen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +279,54 @@ def build_parser() -> argparse.ArgumentParser:
     from_hf.add_argument("--name", help="spec name (default: the output file's name)")
     from_hf.add_argument("--force", action="store_true", help="replace an existing spec file that differs")
     from_hf.set_defaults(run=cmd_from_hf)
+
+    bench = sub.add_parser(
+        "bench", help="check and time the kernels against torch SDPA, FlexAttention and the reference"
+    )
+    bench.add_argument("spec", nargs="?", help="spec file (.yaml); leave out with --plot / --report")
+    bench.add_argument("--mode", choices=("prefill", "train", "decode"), default="prefill")
+    bench.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths (decode: cache lengths)")
+    bench.add_argument("--batch", type=int, help="default: 16k tokens / seq len; decode 64; smoke 2")
+    bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: the spec's; fp32 on CPU")
+    bench.add_argument("--device", help="cuda (default when available) or cpu (with --smoke)")
+    bench.add_argument("--smoke", action="store_true", help="test-sized shapes; on CPU under the interpreter")
+    bench.add_argument("--out", default="benchmarks", help="folder of the JSON files and plots")
+    bench.add_argument("--generated", default="generated", help="output root of the generated packages")
+    bench.add_argument("--plot", action="store_true", help="write PNG plots from the JSON files in --out")
+    bench.add_argument("--report", action="store_true", help="write BENCHMARKS.md from the JSON files")
+    bench.add_argument("--report-file", default="BENCHMARKS.md", help="where --report writes")
+    bench.set_defaults(run=cmd_bench)
+
+    inspect = sub.add_parser(
+        "inspect",
+        help="compile a spec's kernels for sm_80/sm_90 (no GPU): registers, spills, tensor cores, FLOPs",
+    )
+    inspect.add_argument("spec")
+    inspect.add_argument("--arch", default="sm_90", help="sm_90 (default) or sm_80")
+    inspect.add_argument(
+        "--seq-len", type=int, default=4096, help="tokens (decode: cached tokens); default 4096"
+    )
+    inspect.add_argument("--batch", type=int, default=1)
+    inspect.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: the spec's")
+    inspect.add_argument("--workers", type=int, help="compile processes (default: CPU count)")
+    inspect.set_defaults(run=cmd_inspect)
+
+    tune = sub.add_parser(
+        "tune", help="time candidate configs on this GPU and cache the winners (or --static)"
+    )
+    tune.add_argument("spec")
+    tune.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096], help="default: 1024 4096")
+    tune.add_argument("--batch", type=int, nargs="+", default=[1], help="default: 1")
+    tune.add_argument("--static", action="store_true", help="no GPU: rank candidates by the static model")
+    tune.add_argument("--arch", default="sm_90", help="with --static: sm_90 (default) or sm_80")
+    tune.add_argument("--write", action="store_true", help="with --static: store the winners in the cache")
+    tune.add_argument("--top", type=int, default=5, help="with --static: candidates shown per launcher")
+    tune.add_argument("--workers", type=int, help="compile processes (default: CPU count)")
+    tune.add_argument("--out", default="generated", help="output root (default: generated)")
+    tune.set_defaults(run=cmd_tune)
+
+    doctor = sub.add_parser("doctor", help="versions, GPU, interpreter mode and the tuning cache")
+    doctor.set_defaults(run=cmd_doctor)
     return parser
 
 

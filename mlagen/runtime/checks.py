@@ -67,16 +67,21 @@ def position_ids_for(
     return position_ids
 
 
-def check_new_tokens(hidden_states: torch.Tensor, new_tokens, cache, latent_dim: int,
-                     rope_dim: int) -> tuple[int, ...]:
+def check_new_tokens(
+    hidden_states: torch.Tensor, new_tokens, cache, latent_dim: int, rope_dim: int
+) -> tuple[int, ...]:
     """Check the cache fits this module; return how many of each row's S tokens are real
     (the rest is right padding)."""
     if (cache.latent_dim, cache.rope_dim) != (latent_dim, rope_dim):
-        raise ValueError(f"the cache holds latent {cache.latent_dim} + rope {cache.rope_dim} per token but this "
-                         f"module writes {latent_dim} + {rope_dim}: the cache belongs to another spec")
+        raise ValueError(
+            f"the cache holds latent {cache.latent_dim} + rope {cache.rope_dim} per token but this "
+            f"module writes {latent_dim} + {rope_dim}: the cache belongs to another spec"
+        )
     if cache.buffer.dtype != hidden_states.dtype or cache.buffer.device != hidden_states.device:
-        raise ValueError(f"the cache is {cache.buffer.dtype} on {cache.buffer.device} but the input is "
-                         f"{hidden_states.dtype} on {hidden_states.device}; create the cache with new_cache()")
+        raise ValueError(
+            f"the cache is {cache.buffer.dtype} on {cache.buffer.device} but the input is "
+            f"{hidden_states.dtype} on {hidden_states.device}; create the cache with new_cache()"
+        )
     batch, seqlen = hidden_states.shape[:2]
     if batch != cache.batch_size:
         raise ValueError(

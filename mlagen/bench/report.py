@@ -1,0 +1,192 @@
+"""`mlagen bench --report`: BENCHMARKS.md written from the JSON runs, so no table is
+ever typed by hand; also the result table `mlagen bench` prints after a run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from mlagen.bench.runner import SCHEMA
+from mlagen.errors import MlagenError
+
+CONVENTIONS = """\
+- FLOPs, by the conventions the peers' published numbers use (ANCHORS.md): attention forward
+  2 * B * H * Sq * Sk_avg * (Dqk + Dv) (4 * B * H * Sq * Sk * D when Dqk = Dv), Sk_avg halved by a
+  causal mask and cut by a sliding window; training = forward + backward = 3.5 x forward. The whole
+  module adds 2 FLOPs per projection weight per token (x 3 in training).
+- Absorbed MLA decode (FlashMLA's benchmark): flops = 2 * Sq * Hq * sum(Sk) * (Dqk + Dv) with
+  Dqk = latent + rope, Dv = latent; bytes = elem * (sum(Sk) * Dqk + B * Sq * Hq * Dqk + B * Sq * Hq * Dv).
+  sum(Sk) sums over the batch, so no further factor B (ANCHORS.md writes one, which double-counts the batch).
+  The non-absorbed path is counted with its own per-head cache bytes, so compare decode contenders by time.
+- Bytes of prefill: every operand read once and the output written once (x 3 in training);
+  of the module: weights once plus input and output (a lower bound).
+- Roofline fraction = max(bytes / HBM bandwidth, flops / dense bf16 peak) / time, for known GPUs only
+  (H100 SXM 3.35 TB/s and 989 TF, H200 4.8 TB/s and 989 TF, ...); none for unknown GPUs or fp32.
+- Timing: triton.testing.do_bench, median, L2 flushed before every timed run (fresh L2 for decode);
+  CPU smoke runs: time.perf_counter, median of a couple of runs.
+- Every contender is checked before it is timed: max |out - fp64 golden| <= 2 x the eager
+  reference's error + atol (outputs, and in training every input gradient). A wrong contender is
+  reported as wrong and not timed; one that cannot run here as unavailable, with the reason."""
+
+
+def load_runs(directory: str | Path) -> list[dict]:
+    """Every benchmark JSON file in `directory` (other JSON files are ignored)."""
+    runs = []
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise MlagenError(f"{path}: cannot read it as JSON ({exc})") from None
+        if isinstance(data, dict) and data.get("schema") == SCHEMA:
+            data["_file"] = path
+            runs.append(data)
+    return runs
+
+
+def _number(value, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _percent(value) -> str:
+    return "–" if value is None else f"{100 * value:.1f}%"
+
+
+def _error(record: dict) -> str:
+    if record.get("max_error") is None:
+        return "–"
+    return f"{record['max_error']:.2g} (≤ {record['tolerance']:.2g})"
+
+
+def results_table(run: dict) -> list[str]:
+    length = "cache len" if run["mode"] == "decode" else "seq len"
+    lines = [
+        f"| contender | batch | {length} | status | time (ms) | TF/s | GB/s | roofline | max error (tolerance) |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---|",
+    ]
+    for r in run["results"]:
+        status = "**WRONG**" if r["status"] == "wrong" else r["status"]
+        lines.append(
+            f"| {r['contender']} | {r['batch']} | {r['seq_len']} | {status} | {_number(r['time_ms'], '.3f')} "
+            f"| {_number(r['tflops'], '.3g')} | {_number(r['gbps'], '.3g')} | {_percent(r['roofline_fraction'])} "
+            f"| {_error(r)} |"
+        )
+    return lines
+
+
+def _reasons(run: dict) -> list[str]:
+    """One line per (contender, reason): the table stays narrow, the reason is said once."""
+    seen: dict[tuple[str, str], list[str]] = {}
+    for r in run["results"]:
+        if r["status"] != "ok" and r.get("reason"):
+            seen.setdefault((r["contender"], r["reason"]), []).append(f"{r['batch']}x{r['seq_len']}")
+    total = len({(r["batch"], r["seq_len"]) for r in run["results"]})
+    lines = []
+    for (name, reason), shapes in seen.items():
+        where = "every shape" if len(shapes) == total else ", ".join(shapes)
+        lines.append(f"- `{name}` ({where}): {reason.replace('|', '/')}")
+    return lines
+
+
+def _versions(run: dict) -> str:
+    v = run["versions"]
+    text = f"mlagen {v['mlagen']}, torch {v['torch']}, triton {v['triton']}, Python {v['python']}"
+    return text + (f", CUDA {v['cuda']}" if v.get("cuda") else "")
+
+
+def _device(run: dict) -> str:
+    d = run["device"]
+    text = d["name"]
+    if d.get("capability"):
+        text += f" (sm_{d['capability'].replace('.', '')})"
+    roofline = d.get("roofline")
+    if roofline:
+        text += f"; roofline as {roofline['gpu']}: {roofline['bandwidth_gbps']:.0f} GB/s"
+    return text
+
+
+def _run_section(run: dict, report_dir: Path) -> list[str]:
+    title = f"### {run['spec']} · {run['mode']} · {run['dtype']}"
+    if run["benched_spec"] != run["spec"]:
+        title += f" (shapes of {run['benched_spec']})"
+    timing = run["timing"]
+    lines = [title, ""]
+    if run.get("note"):
+        lines += [f"> **{run['note']}**", ""]
+    lines += [
+        f"- date: {run['date']}",
+        f"- device: {_device(run)}",
+        f"- versions: {_versions(run)}",
+        f"- timing: {timing['method']}, {timing['statistic']}, warmup {timing['warmup']:g} / rep "
+        f"{timing['rep']:g} {timing['unit']}",
+        f"- command: `{run['command']}`",
+        f"- file: `{Path(os.path.relpath(run['_file'], report_dir)).as_posix()}`",
+        "",
+        *results_table(run),
+        "",
+    ]
+    reasons = _reasons(run)
+    if reasons:
+        lines += ["Not timed:", "", *reasons, ""]
+    plot = Path(run["_file"]).with_suffix(".png")
+    if plot.is_file():
+        lines += [f"![{run['spec']} {run['mode']}]({Path(os.path.relpath(plot, report_dir)).as_posix()})", ""]
+    return lines
+
+
+def render_report(runs: list[dict], report_dir: Path) -> str:
+    gpu = [r for r in runs if r["device"]["type"] == "cuda" and not r["smoke"]]
+    smoke = [r for r in runs if r not in gpu]
+    contenders: dict[str, dict[str, str]] = {}  # the same name means different things per mode
+    for run in runs:
+        key = "decode" if run["mode"] == "decode" else "prefill and train"
+        contenders.setdefault(key, {}).update(run["contenders"])
+    lines = [
+        "# Benchmarks",
+        "",
+        "<!-- Written by `mlagen bench --report` from benchmarks/*.json; do not edit by hand:"
+        " re-run the benchmarks and the report. -->",
+        "",
+    ]
+    if not gpu:
+        lines += [
+            "> **GPU numbers are pending a GPU session.** Every run below is a CPU smoke run: test-sized",
+            "> shapes under the Triton interpreter, which checks the benchmark harness end to end (every",
+            "> contender checked against the fp64 golden, FLOPs, bytes, JSON, report). Their times are **not**",
+            "> performance numbers. On a GPU: `make bench BENCH_FLAGS=` (or `mlagen bench SPEC --mode MODE`).",
+            "",
+        ]
+    lines += ["## How the numbers are made", "", CONVENTIONS, ""]
+    for key in sorted(contenders, reverse=True):
+        lines += [f"Contenders, {key}:", ""]
+        lines += [f"- `{name}`: {text}" for name, text in contenders[key].items()]
+        lines.append("")
+    lines += ["## GPU runs", ""]
+    if gpu:
+        for run in gpu:
+            lines += _run_section(run, report_dir)
+    else:
+        lines += ["None yet.", ""]
+    if smoke:
+        lines += ["## CPU smoke runs: NOT performance numbers", ""]
+        for run in smoke:
+            lines += _run_section(run, report_dir)
+    rooflines = sorted({p for run in runs for p in Path(run["_file"]).parent.glob("roofline_*.png")})
+    if rooflines:
+        lines += ["## Roofline plots", ""]
+        lines += [f"![{p.stem}]({Path(os.path.relpath(p, report_dir)).as_posix()})" for p in rooflines]
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def write_report(directory: str | Path, path: str | Path = "BENCHMARKS.md") -> Path:
+    runs = load_runs(directory)
+    if not runs:
+        raise MlagenError(f"no benchmark JSON files in {directory}; run `mlagen bench SPEC --mode ...` first")
+    path = Path(path)
+    text = render_report(runs, path.resolve().parent)
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise MlagenError(f"cannot write {path}: {exc.strerror}") from None
+    return path
