@@ -52,10 +52,6 @@ class Variant:
         return padded(self.d_v)
 
     @property
-    def function(self) -> str:
-        return "".join(part.title() for part in self.name.split("_")) + "Function"
-
-    @property
     def entry(self) -> str:
         return self.name.replace("attention_fwd", "attention", 1)
 
