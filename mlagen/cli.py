@@ -32,7 +32,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from mlagen.codegen import check_generated, generate
     from mlagen.spec import load_spec
 
-    specs = [load_spec(path) for path in _specs(args.specs, args.all)]  # validate all before writing any
+    # `--check` alone checks every shipped spec: the question is "is generated/ stale?".
+    every = args.all or (args.check and not args.specs)
+    specs = [load_spec(path) for path in _specs(args.specs, every)]  # validate all before writing any
     if args.check:
         stale = {spec.name: check_generated(spec, args.out) for spec in specs}
         stale = {name: files for name, files in stale.items() if files}
@@ -246,7 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--all", action="store_true", help="every spec in specs/")
     gen.add_argument("--out", default="generated", help="output root (default: generated)")
     gen.add_argument(
-        "--check", action="store_true", help="write nothing; exit 1 if regeneration would change files"
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if regeneration would change files (every spec when none is named)",
     )
     gen.set_defaults(run=cmd_generate)
 
