@@ -155,3 +155,15 @@ def test_positions_beyond_the_rope_table_are_rejected():
     cache = module.new_cache(1, 8)
     with pytest.raises(ValueError, match="max_position"):
         module(torch.randn(1, 2, 64), torch.tensor([[510, 512]]), cache=cache)
+
+
+def test_generation_example_matches_recomputation():
+    import importlib.util
+
+    from tests.helpers import ROOT
+
+    spec = importlib.util.spec_from_file_location("generate_tiny_mla", ROOT / "examples" / "generate_tiny_mla.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    cached, recomputed, _ = example.generate(steps=6)
+    assert torch.equal(cached, recomputed)
