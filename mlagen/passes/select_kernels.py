@@ -15,7 +15,7 @@ NAME = "select_kernels"
 def attention_variant(graph: Graph, node: Node) -> dict[str, object]:
     operands = [graph.node(name) for name in node.inputs]
     split = len(operands) == 5
-    q_a, k_a, v = (operands[0], operands[2], operands[4]) if split else operands
+    q_a, v = operands[0], operands[-1]
     d_a, d_v = int(q_a.shape[-1]), int(v.shape[-1])
     d_b = int(operands[1].shape[-1]) if split else 0
     second = f"_rope{d_b}" if split else ""
@@ -24,7 +24,6 @@ def attention_variant(graph: Graph, node: Node) -> dict[str, object]:
         "d_a": d_a,
         "d_b": d_b,
         "d_v": d_v,
-        "head_group": int(q_a.shape[2]) // int(k_a.shape[2]),
     }
 
 
@@ -37,7 +36,6 @@ def decode_variant(graph: Graph, node: Node) -> dict[str, object]:
         "d_a": latent,
         "d_b": rope,
         "d_v": latent,
-        "head_group": int(q_latent.shape[2]),
     }
 
 

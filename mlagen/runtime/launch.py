@@ -28,6 +28,12 @@ class BlockConfig:
 INTERPRETER_CONFIG = BlockConfig(block_m=16, block_n=16, num_warps=1, num_stages=1)
 
 
+def device_arch(device: torch.device) -> int:
+    """Compute capability as one number (90 for sm_90)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def default_config(
     head_dim_qk: int, head_dim_v: int, device: torch.device, arch: int | None = None
 ) -> BlockConfig:
@@ -36,9 +42,7 @@ def default_config(
     `mlagen tune` replaces it per GPU. `arch` defaults to the device's."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
-    if arch is None:
-        major, minor = torch.cuda.get_device_capability(device)
-        arch = 10 * major + minor
+    arch = arch or device_arch(device)
     if arch >= 90 or head_dim_qk + head_dim_v > 256:
         # 8 warps split the 128-row tile: 212 registers for d=128 on sm_90, 255 for MLA's 192+128.
         return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3 if arch >= 90 else 2)
@@ -54,9 +58,7 @@ def default_backward_config(
     smaller than the forward's; spill-free on sm_80 and sm_90 (tests/test_gpu_compile.py)."""
     if device.type != "cuda":
         return INTERPRETER_CONFIG
-    if arch is None:
-        major, minor = torch.cuda.get_device_capability(device)
-        arch = 10 * major + minor
+    arch = arch or device_arch(device)
     if head_dim_qk + head_dim_v > 256 and arch < 90:
         # MLA's dK/dV tile (192 + 128 wide, plus the fp32 rope-key partial) spills at 64 keys on sm_80.
         return BlockConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)

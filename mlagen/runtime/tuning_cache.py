@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import triton
 
-from mlagen.runtime.launch import BlockConfig
+from mlagen.runtime.launch import BlockConfig, device_arch
 
 FORMAT = 1
 LOG_ENV = "MLAGEN_AUTOTUNE_LOG"
@@ -92,8 +92,7 @@ def gpu_identity(device: torch.device) -> tuple[str, int] | None:
         return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _gpus:
-        major, minor = torch.cuda.get_device_capability(index)
-        _gpus[index] = (torch.cuda.get_device_name(index), 10 * major + minor)
+        _gpus[index] = (torch.cuda.get_device_name(index), device_arch(torch.device("cuda", index)))
     return _gpus[index]
 
 
