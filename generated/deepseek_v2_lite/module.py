@@ -81,9 +81,7 @@ class Attention(nn.Module):
 
     def _cached_forward(self, hidden_states, position_ids, cache, new_tokens, reference_only):
         new_tokens = check_new_tokens(hidden_states, new_tokens, cache, LATENT_DIM, ROPE_DIM)
-        if position_ids is None:
-            position_ids = cache.lengths[:, None].long() + torch.arange(hidden_states.shape[1], device=cache.lengths.device)
-        hidden_states, position_ids = self._check_inputs(hidden_states, position_ids)
+        hidden_states, position_ids = self._check_inputs(hidden_states, position_ids, cache.host_lengths())
         on_kernels = not reference_only and use_kernels(hidden_states, kernels.KERNELS[0])
         decode = kernels.DECODE if on_kernels else REFERENCE_DECODE
         if cache.is_empty:
@@ -111,12 +109,12 @@ class Attention(nn.Module):
         out = self.o_proj(attn_merged)
         return out
 
-    def _check_inputs(self, hidden_states, position_ids):
+    def _check_inputs(self, hidden_states, position_ids, start=None):
         weight = self.q_proj.weight
         expect_tensor("hidden_states", hidden_states, ndim=3, dtype=weight.dtype, device=weight.device)
         if hidden_states.shape[-1] != D_MODEL:
             raise ValueError(f"hidden_states must be [batch, seq, {D_MODEL}], got {list(hidden_states.shape)}")
-        return hidden_states, position_ids_for(hidden_states, position_ids, MAX_POSITION)
+        return hidden_states, position_ids_for(hidden_states, position_ids, MAX_POSITION, start)
 
     def _forward(self, hidden_states, position_ids, attention):
         batch, seqlen = hidden_states.shape[:2]

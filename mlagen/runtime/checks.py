@@ -42,14 +42,26 @@ def expect_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | None]
 
 
 def position_ids_for(
-    hidden_states: torch.Tensor, position_ids: torch.Tensor | None, max_position: int
+    hidden_states: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    max_position: int,
+    start: list[int] | None = None,
 ) -> torch.Tensor:
-    """Default positions 0..S-1, or the caller's [B, S] integer positions, range-checked."""
+    """Default positions start[b] + 0..S-1 (start: each row's cached length, default 0),
+    or the caller's [B, S] integer positions, range-checked. Defaults are checked on
+    the host, so a decode step does not wait on the GPU for the check."""
     batch, seqlen = hidden_states.shape[:2]
     if position_ids is None:
-        if seqlen > max_position:
-            raise ValueError(f"sequence length {seqlen} exceeds max_position={max_position} of the spec")
-        return torch.arange(seqlen, device=hidden_states.device).expand(batch, seqlen)
+        first = start or [0] * batch
+        if max(first) + seqlen > max_position:
+            cached = f" after {max(first)} cached tokens" if max(first) else ""
+            raise ValueError(
+                f"sequence length {seqlen}{cached} exceeds max_position={max_position} of the spec"
+            )
+        steps = torch.arange(seqlen, device=hidden_states.device)
+        if start is None:
+            return steps.expand(batch, seqlen)
+        return torch.tensor(first, device=hidden_states.device)[:, None] + steps
     expect_tensor("position_ids", position_ids, device=hidden_states.device)
     if position_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"position_ids must be int64 or int32, got {position_ids.dtype}")
