@@ -2,6 +2,9 @@
 
 attn_module = mlagen.load("specs/deepseek_v3.yaml")   # generates if needed, then imports
 attn = attn_module.Attention()
+
+mlagen.patch(model)      # a transformers model's attention layers -> generated modules
+mlagen.unpatch(model)    # and back
 """
 
 from __future__ import annotations
@@ -11,16 +14,21 @@ import importlib.util
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mlagen.spec import Spec
 
 __version__ = "0.1.0"
 
 
-def load(spec_path: str | Path, out_root: str | Path = "generated") -> ModuleType:
-    """Generate `out_root/<name>/` for the spec (only if stale) and import it."""
+def load(spec: str | Path | Spec, out_root: str | Path = "generated") -> ModuleType:
+    """Generate `out_root/<name>/` for the spec (a YAML path or a parsed Spec; only if
+    stale) and import it."""
     from mlagen.codegen import generate
     from mlagen.spec import load_spec
 
-    result = generate(load_spec(spec_path), out_root)
+    result = generate(spec if not isinstance(spec, (str, Path)) else load_spec(spec), out_root)
     package_dir = result.package_dir.resolve()
     where = hashlib.sha256(str(package_dir).encode()).hexdigest()[:12]
     module_name = f"mlagen_generated_{result.spec.name}_{where}"
@@ -43,4 +51,19 @@ def load(spec_path: str | Path, out_root: str | Path = "generated") -> ModuleTyp
     return module
 
 
-__all__ = ["__version__", "load"]
+def patch(model, **options):
+    """Replace every attention layer of a transformers model with a generated module;
+    see mlagen.hf.patch."""
+    from mlagen.hf import patch as patch_model
+
+    return patch_model(model, **options)
+
+
+def unpatch(model):
+    """Restore the attention layers `patch` replaced; see mlagen.hf.unpatch."""
+    from mlagen.hf import unpatch as unpatch_model
+
+    return unpatch_model(model)
+
+
+__all__ = ["__version__", "load", "patch", "unpatch"]

@@ -32,8 +32,14 @@ class Rotary(nn.Module):
 
     def __init__(self, dim: int, theta: float, yarn: YarnParams | None, device: torch.device | None = None):
         super().__init__()
+        self.dim, self.theta, self.yarn = dim, theta, yarn
         inv_freq, self.attention_factor = inverse_frequencies(dim, theta, yarn)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def materialize(self, device: torch.device | str) -> None:
+        """Recompute the frequencies on `device`: a module built on the meta device (to share
+        another model's parameters without allocating its own) has none."""
+        self.inv_freq = inverse_frequencies(self.dim, self.theta, self.yarn)[0].to(device)
 
     def _apply(self, fn, recurse=True):
         # .half() / .to(dtype) would round the frequencies (and so every angle) to the

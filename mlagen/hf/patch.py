@@ -1,0 +1,255 @@
+"""mlagen.patch / mlagen.unpatch: swap a transformers model's attention layers for
+generated modules that share the layers' parameter tensors.
+
+The spec comes from `model.config` through the from-hf path (so every refusal there,
+with its config key, applies here), kernels are generated once per distinct config
+into the mlagen cache directory and reused, and each `self_attn` becomes an instance
+of a subclass of the generated Attention class (attention.py) whose parameters ARE the
+original layer's Parameter objects: no copy, no extra memory, unchanged state dicts.
+
+Patching also
+- registers an attention implementation "mlagen" whose mask is the 2-D padding mask
+  of the new tokens (None without padding), so transformers never materialises a
+  [B, 1, S, S] mask the kernels would not read;
+- makes generate() create an MlagenCache when the caller gives no cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from types import MethodType
+
+import torch
+from torch import nn
+
+from mlagen.errors import MlagenError
+from mlagen.hf.attention import TransformersAttention
+from mlagen.hf.cache import MlagenCache
+from mlagen.spec.from_hf import spec_from_hf_config, yaml_from_hf_config
+
+ATTN_IMPLEMENTATION = "mlagen"
+_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
+_ORIGINAL = "_mlagen_original_attention"
+_STATE = "_mlagen_patch_state"
+
+
+def default_out_root() -> Path:
+    """Where patch() generates kernels: $MLAGEN_CACHE_DIR/generated, else ~/.cache/mlagen/generated."""
+    root = os.environ.get("MLAGEN_CACHE_DIR") or Path.home() / ".cache" / "mlagen"
+    return Path(root) / "generated"
+
+
+@dataclass(frozen=True, slots=True)
+class PatchReport:
+    layers: int
+    layer_class: str
+    spec_name: str
+    family: str
+    package_dir: Path
+    cache_bytes_per_token: int  # over all patched layers
+    transformers_cache_bytes_per_token: int | None  # the unpatched model's DynamicCache, measured
+
+    def __str__(self) -> str:
+        before = (
+            f"{self.transformers_cache_bytes_per_token:,} B"
+            if self.transformers_cache_bytes_per_token is not None
+            else "not measured"
+        )
+        return (
+            f"mlagen.patch: {self.layers} {self.layer_class} layers -> {self.family} module "
+            f"{self.spec_name} ({self.package_dir}); cache {self.cache_bytes_per_token:,} B per token "
+            f"(transformers' DynamicCache: {before})"
+        )
+
+
+def patch(model: nn.Module, *, out_root: str | Path | None = None, verbose: bool = True) -> PatchReport:
+    """Replace every attention layer of a transformers causal LM (DeepSeek-V2/V3, Kimi K2,
+    Llama, Mistral) with the generated module for its config; print one line saying what
+    was replaced (verbose) and return it as a PatchReport."""
+    if getattr(model, _STATE, None) is not None:
+        raise ValueError("the model is already patched by mlagen; call mlagen.unpatch(model) first")
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        raise ValueError(
+            f"mlagen.patch takes a transformers model with a .config, got {type(model).__name__}"
+        )
+    slots = _attention_slots(model)
+    if not slots:
+        raise ValueError(f"found no `self_attn` attention layers in {type(model).__name__}")
+    originals = [parent.self_attn for parent in slots]
+    weight = next(originals[0].parameters())
+    spec = _spec_for(config, weight.dtype)
+    import mlagen
+
+    package = mlagen.load(spec, out_root if out_root is not None else default_out_root())
+    layer_class = type(f"Mlagen{type(originals[0]).__name__}", (TransformersAttention, package.Attention), {})
+    before = _transformers_cache_bytes(model, originals)
+    replacements = [_replacement(layer_class, original) for original in originals]
+    for parent, replacement in zip(slots, replacements):
+        parent.self_attn = replacement
+    _register_attention_implementation()
+    previous = config._attn_implementation
+    _set_attn_implementation(model, ATTN_IMPLEMENTATION)
+    object.__setattr__(model, _STATE, previous)
+    model._prepare_cache_for_generation = MethodType(_prepare_mlagen_cache, model)
+    report = PatchReport(
+        layers=len(replacements),
+        layer_class=type(originals[0]).__name__,
+        spec_name=spec.name,
+        family=spec.family,
+        package_dir=Path(package.__file__).parent,
+        cache_bytes_per_token=sum(
+            layer.new_cache_layer(1, 1, None, None).bytes_per_token() for layer in replacements
+        ),
+        transformers_cache_bytes_per_token=before,
+    )
+    if verbose:
+        print(report)
+    return report
+
+
+def unpatch(model: nn.Module) -> int:
+    """Put back the attention layers patch() replaced; returns how many."""
+    if getattr(model, _STATE, None) is None:
+        raise ValueError("the model is not patched by mlagen")
+    restored = 0
+    for parent in _attention_slots(model):
+        layer = parent.self_attn
+        if isinstance(layer, TransformersAttention):
+            parent.self_attn = getattr(layer, _ORIGINAL)
+            restored += 1
+    _set_attn_implementation(model, getattr(model, _STATE))
+    object.__delattr__(model, _STATE)
+    del model._prepare_cache_for_generation
+    return restored
+
+
+def patched_attention_layers(model: nn.Module) -> list[TransformersAttention]:
+    """The patched layers in layer_idx order (the index the cache uses)."""
+    layers = [m for m in model.modules() if isinstance(m, TransformersAttention)]
+    return sorted(layers, key=lambda layer: layer.layer_idx)
+
+
+def _attention_slots(model: nn.Module) -> list[nn.Module]:
+    """Decoder layers: the modules with a `self_attn` child."""
+    return [module for module in model.modules() if isinstance(getattr(module, "self_attn", None), nn.Module)]
+
+
+def _spec_for(config, dtype: torch.dtype):
+    data = config.to_dict()
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"mlagen runs bf16, fp16 or fp32 models; this one is {dtype}")
+    data["dtype"] = _DTYPE_NAMES[dtype]  # the weights' dtype, whatever config.json said
+    source = f"{type(config).__name__} of the model"
+    # One package per distinct attention config: named by its spec text, reused across calls.
+    try:
+        digest = hashlib.sha256(yaml_from_hf_config(data, "probe", source).encode()).hexdigest()[:10]
+        return spec_from_hf_config(data, f"hf_{data.get('model_type', 'model')}_{digest}", source)
+    except MlagenError as exc:
+        raise ValueError(f"mlagen cannot patch this model: {exc}") from None
+
+
+def _replacement(layer_class: type, original: nn.Module) -> TransformersAttention:
+    """A generated layer built on the meta device whose parameters are then set to the
+    original layer's Parameter objects (shared, not copied)."""
+    weight = next(original.parameters())
+    layer = layer_class(dtype=weight.dtype, device="meta")
+    theirs = dict(original.named_parameters())
+    ours = dict(layer.named_parameters())
+    missing = sorted(set(ours) - set(theirs))
+    unused = sorted(set(theirs) - set(ours))
+    if missing or unused:
+        raise ValueError(
+            f"{type(original).__name__} has parameters {sorted(theirs)} but the generated module expects "
+            f"{sorted(ours)} (missing {missing}, unused {unused}); the config does not describe this layer"
+        )
+    for name, parameter in theirs.items():
+        if parameter.shape != ours[name].shape:
+            raise ValueError(
+                f"{type(original).__name__}.{name} is {list(parameter.shape)} but the spec gives "
+                f"{list(ours[name].shape)}; the config does not describe this layer"
+            )
+        owner_name, _, leaf = name.rpartition(".")
+        setattr(layer.get_submodule(owner_name), leaf, parameter)
+    layer.rotary_emb.materialize(weight.device)
+    layer.layer_idx = original.layer_idx
+    object.__setattr__(layer, _ORIGINAL, original)  # not a child: parameters stay listed once
+    return layer
+
+
+def _transformers_cache_bytes(model: nn.Module, originals: list[nn.Module]) -> int | None:
+    """Bytes per token transformers' own DynamicCache stores for these layers, measured by
+    running the first layer on one token (versions differ: 4.x caches MLA's expanded K/V,
+    5.x the latent). None when the model does not expose what the layer needs."""
+    from transformers.cache_utils import DynamicCache
+
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if rotary is None:
+        return None
+    layer = originals[0]
+    weight = next(layer.parameters())
+    hidden = torch.zeros(1, 1, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
+    positions = torch.zeros(1, 1, dtype=torch.long, device=weight.device)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        layer(
+            hidden_states=hidden,
+            position_embeddings=rotary(hidden, positions),
+            attention_mask=None,
+            past_key_values=cache,
+            position_ids=positions,
+        )
+    stored = cache.layers[layer.layer_idx]
+    per_layer = sum(t.numel() * t.element_size() for t in (stored.keys, stored.values))
+    return per_layer * len(originals)
+
+
+def _new_token_padding_mask(batch_size, q_length=None, kv_length=None, attention_mask=None, **kwargs):
+    """The mask transformers hands mlagen layers: which of the q_length new tokens are
+    real ([B, q_length] bool), or None when all are."""
+    if attention_mask is None:
+        return None
+    new_tokens = attention_mask[:, -q_length:]
+    return None if bool(new_tokens.all()) else new_tokens
+
+
+def _attention_not_used(*args, **kwargs):
+    raise RuntimeError("attn_implementation='mlagen' is only for layers patched by mlagen.patch")
+
+
+def _register_attention_implementation() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, _attention_not_used)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _new_token_padding_mask)
+
+
+def _set_attn_implementation(model: nn.Module, implementation: str) -> None:
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            config._attn_implementation = implementation
+
+
+def _prepare_mlagen_cache(
+    self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+):
+    """generate()'s cache set-up on a patched model: an MlagenCache unless the caller gave
+    a cache or asked for none."""
+    if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+        return type(self)._prepare_cache_for_generation(
+            self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+        )
+    if generation_config.num_beams > 1:
+        raise ValueError("mlagen-patched models generate with greedy or sampling search; set num_beams=1")
+    if generation_config.cache_implementation not in (None, "dynamic"):
+        raise ValueError(
+            f"cache_implementation={generation_config.cache_implementation!r} is not available on an "
+            "mlagen-patched model, which keeps its own MlagenCache; leave it unset"
+        )
+    rows = max(generation_config.num_return_sequences or 1, 1) * batch_size
+    model_kwargs["past_key_values"] = MlagenCache(self, rows, max_cache_length)

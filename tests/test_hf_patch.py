@@ -1,0 +1,223 @@
+"""mlagen.patch on whole transformers models: tiny random DeepSeek-V3/V2, Llama and
+Mistral causal LMs, fp32 on CPU with the kernels under the Triton interpreter.
+
+The unpatched model is the oracle: greedy generate() must give the same tokens (and
+logits to fp32 noise) for batch 1 and a left-padded batch of 3, with the patched MLA
+layers decoding from the compressed paged cache, not transformers' cache.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import mlagen
+
+transformers = pytest.importorskip("transformers")
+from mlagen.hf import MlagenCache  # noqa: E402
+from mlagen.runtime.paged_cache import PagedLatentCache  # noqa: E402
+
+VOCAB = 97
+LOGIT_RTOL = 1e-4  # of the largest logit: fp32 sums in another order
+
+
+@pytest.fixture(autouse=True)
+def _generated_in_tmp(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("MLAGEN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mlagen-cache"))
+
+
+def tiny_model(kind: str, layers: int = 2, **overrides):
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        dtype="float32",
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
+    mla = dict(
+        num_key_value_heads=4,
+        q_lora_rank=32,
+        kv_lora_rank=32,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=16,
+        moe_intermediate_size=32,
+        first_k_dense_replace=layers,
+    )
+    if kind == "deepseek_v3":
+        config = transformers.DeepseekV3Config(**common, **mla, rope_interleave=True, **overrides)
+        model = transformers.DeepseekV3ForCausalLM(config)
+    elif kind == "deepseek_v2":
+        config = transformers.DeepseekV2Config(**common, **mla, **overrides)
+        model = transformers.DeepseekV2ForCausalLM(config)
+    elif kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**common, num_key_value_heads=2, **overrides))
+    elif kind == "mistral":
+        config = transformers.MistralConfig(**common, num_key_value_heads=2, sliding_window=5, **overrides)
+        model = transformers.MistralForCausalLM(config)
+    else:
+        raise AssertionError(kind)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # weights that make attention matter: unit-scale projections, uneven norms
+        for name, param in sorted(model.named_parameters()):
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(1 + 0.3 * noise if name.endswith("norm.weight") else noise / param.shape[-1] ** 0.5)
+    return model.eval()
+
+
+def prompts(batch: int, seqlen: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompts: row b has 2b padding tokens."""
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (batch, seqlen), generator=gen)
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        mask[row, : 2 * row] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def greedy(model, ids, mask, steps: int = 6):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
+                          return_dict_in_generate=True, output_logits=True)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kind", ["deepseek_v3", "deepseek_v2", "llama", "mistral"])
+def test_generate_matches_unpatched(kind, batch):
+    model = tiny_model(kind)
+    ids, mask = prompts(batch)
+    expected = greedy(model, ids, mask)
+    mlagen.patch(model, verbose=False)
+    got = greedy(model, ids, mask)
+    assert torch.equal(got.sequences, expected.sequences)
+    scale = max(logits.abs().max().item() for logits in expected.logits)
+    error = max((a - b).abs().max().item() for a, b in zip(got.logits, expected.logits))
+    assert error <= LOGIT_RTOL * scale, f"logits differ by {error:.3g} (scale {scale:.3g})"
+    cache = got.past_key_values
+    assert isinstance(cache, MlagenCache)
+    real = mask.sum(1).tolist()
+    if kind.startswith("deepseek"):
+        for layer in cache.layers:  # only the real tokens, as latent + rope key rows, in pages
+            storage = layer.storage()
+            assert isinstance(storage, PagedLatentCache)
+            assert storage.width == 32 + 8
+            assert storage.host_lengths() == [n + 5 for n in real]  # the last token is not cached yet
+    else:
+        assert all(layer.lengths == [n + 5 for n in real] for layer in cache.layers)
+
+
+def test_patch_shares_parameters_and_unpatch_restores(capsys):
+    model = tiny_model("deepseek_v3")
+    before = {name: (param, param.data_ptr()) for name, param in model.named_parameters()}
+    keys = list(model.state_dict())
+    originals = [layer.self_attn for layer in model.model.layers]
+    report = mlagen.patch(model)
+    line = capsys.readouterr().out.strip()
+    assert line == str(report) and "\n" not in line
+    assert "2 DeepseekV3Attention layers" in line
+    after = dict(model.named_parameters())
+    assert list(model.state_dict()) == keys
+    assert all(after[name] is param and param.data_ptr() == ptr for name, (param, ptr) in before.items())
+    assert type(model.model.layers[0].self_attn).__name__ == "MlagenDeepseekV3Attention"
+    assert model.config._attn_implementation == "mlagen"
+    assert mlagen.unpatch(model) == 2
+    assert [layer.self_attn for layer in model.model.layers] == originals
+    assert model.config._attn_implementation != "mlagen"
+    assert "_prepare_cache_for_generation" not in vars(model)
+    with pytest.raises(ValueError, match="not patched"):
+        mlagen.unpatch(model)
+
+
+def test_cache_bytes_reported_against_transformers():
+    model = tiny_model("deepseek_v3", layers=3)
+    report = mlagen.patch(model, verbose=False)
+    # latent 32 + rope key 8 per token and layer, fp32
+    assert report.cache_bytes_per_token == 3 * (32 + 8) * 4
+    cache = transformers.DynamicCache(config=model.config)
+    mlagen.unpatch(model)
+    with torch.no_grad():
+        model(torch.ones(1, 5, dtype=torch.long), past_key_values=cache, use_cache=True)
+    stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    assert report.transformers_cache_bytes_per_token == stored // 5
+
+
+def test_forward_with_cache_matches_transformers_step_by_step():
+    """The model's forward with an explicit MlagenCache: a padded prefill, then chunks of 1 and 2 tokens."""
+    model = tiny_model("deepseek_v3")
+    ids, mask = prompts(3)
+    extra = torch.randint(1, VOCAB, (3, 3), generator=torch.Generator().manual_seed(2))
+    chunks = [(ids, mask), (extra[:, :1], None), (extra[:, 1:], None)]
+
+    def run(cache):
+        logits, full_mask = [], torch.zeros(3, 0, dtype=torch.long)
+        for chunk, chunk_mask in chunks:
+            chunk_mask = torch.ones_like(chunk) if chunk_mask is None else chunk_mask
+            full_mask = torch.cat([full_mask, chunk_mask], dim=1)
+            positions = (full_mask.cumsum(1) - 1).clamp(min=0)[:, -chunk.shape[1] :]
+            with torch.no_grad():
+                out = model(chunk, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                            use_cache=True)
+            logits.append(out.logits * full_mask[:, -chunk.shape[1] :, None])
+        return logits
+
+    expected = run(transformers.DynamicCache(config=model.config))
+    mlagen.patch(model, verbose=False)
+    got = run(MlagenCache(model, batch_size=3, max_tokens=16, page_size=4))
+    scale = max(t.abs().max().item() for t in expected)
+    for a, b in zip(got, expected):
+        assert (a - b).abs().max().item() <= LOGIT_RTOL * scale
+
+
+def test_training_gradients_match_unpatched():
+    model = tiny_model("deepseek_v3")
+    ids = torch.randint(1, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+
+    def gradients():
+        model.zero_grad()
+        model(ids, labels=ids, use_cache=False).loss.backward()
+        return {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+    model.train()
+    expected = gradients()
+    mlagen.patch(model, verbose=False)
+    got = gradients()
+    assert got.keys() == expected.keys()
+    for name in expected:
+        scale = expected[name].abs().max().item()
+        assert (got[name] - expected[name]).abs().max().item() <= 1e-4 * scale + 1e-7, name
+
+
+def test_reusing_a_transformers_cache_fails_clearly():
+    model = tiny_model("llama")
+    mlagen.patch(model, verbose=False)
+    ids = torch.randint(1, VOCAB, (1, 4))
+    with torch.no_grad():
+        out = model(ids)  # transformers makes a DynamicCache; the patched layers leave it alone
+        with pytest.raises(ValueError, match="was not filled by the mlagen-patched layers"):
+            model(ids[:, :1], past_key_values=out.past_key_values)
+
+
+def test_refusals_are_one_line():
+    model = tiny_model("llama")
+    mlagen.patch(model, verbose=False)
+    with pytest.raises(ValueError, match="already patched"):
+        mlagen.patch(model)
+    with pytest.raises(ValueError, match="num_beams=1"):
+        ids, mask = prompts(1)
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, num_beams=2, do_sample=False)
+    qwen = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                 num_attention_heads=4, num_key_value_heads=2)
+    )
+    with pytest.raises(ValueError, match="cannot patch this model.*qwen2") as info:
+        mlagen.patch(qwen)
+    assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="takes a transformers model"):
+        mlagen.patch(torch.nn.Linear(2, 2))
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB))
+    with pytest.raises(ValueError, match="no `self_attn`"):
+        mlagen.patch(gpt2)
