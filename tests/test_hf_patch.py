@@ -221,3 +221,20 @@ def test_refusals_are_one_line():
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=VOCAB))
     with pytest.raises(ValueError, match="no `self_attn`"):
         mlagen.patch(gpt2)
+
+
+def test_decode_benchmark_harness(tmp_path):
+    """`python -m mlagen.bench.hf_decode --smoke`: every contender runs and is recorded."""
+    import json
+
+    from mlagen.bench import hf_decode
+
+    out = tmp_path / "hf_decode.json"
+    hf_decode.main(["--smoke", "--layers", "2", "--batch", "1", "3", "--context", "8", "--steps", "2",
+                    "--warmup", "1", "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert [(r["contender"], r["batch"]) for r in results] == [
+        (contender, batch) for contender in hf_decode.CONTENDERS for batch in (1, 3)
+    ]
+    assert all(r["tokens_per_s"] > 0 for r in results)
+    assert {r["cache_bytes_per_token"] for r in results} == {2 * (32 + 8) * 4}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mlagen.runtime import launch
 from tests.helpers import generated, max_error
 
 
@@ -36,3 +37,20 @@ def test_cache_of_another_spec_or_dtype_is_rejected(prefilled):
         attn(torch.randn(1, 2, 64), cache=foreign)
     with pytest.raises(ValueError, match="create the cache with new_cache"):
         attn(torch.randn(1, 2, 64), cache=wrong_dtype)
+
+
+@pytest.mark.parametrize("name", ["tiny_gqa", "tiny_mla"])
+def test_bf16_on_cpu_takes_the_reference_path(name, monkeypatch):
+    """The interpreter's tl.dot multiplies bf16 bits (Triton issue 11584): bf16 modules on CPU
+    must run the plain-torch path (with a warning) rather than return garbage."""
+    monkeypatch.setattr(launch, "_warned", set())  # warn_once: a fresh slate for this test
+    attn = generated(name).Attention(dtype=torch.bfloat16)
+    hidden = torch.randn(1, 6, 64, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="11584"):
+        out = attn(hidden)
+    assert torch.equal(out, attn.reference_forward(hidden))
+    if name == "tiny_mla":
+        cache = attn.new_cache(1, 8)
+        attn(hidden[:, :5], cache=cache)
+        step = attn(hidden[:, 5:], cache=cache)
+        assert max_error(step, out[:, 5:]) <= 0.05 * out.abs().max().item()

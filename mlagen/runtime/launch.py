@@ -101,6 +101,14 @@ def use_kernels(tensor: torch.Tensor, kernel: object) -> bool:
             )
         return True
     if tensor.device.type == "cpu" and is_interpreted(kernel):
+        if tensor.dtype == torch.bfloat16:
+            # The interpreter's tl.dot multiplies bf16 operands' raw bits (Triton issue 11584):
+            # the kernels would return garbage, so bf16 on CPU takes the reference path.
+            warn_once(
+                "mlagen: the Triton interpreter cannot multiply bf16 (Triton issue 11584); "
+                "running the plain-torch reference path for bf16 on CPU (use fp32 or fp16 to run the kernels)"
+            )
+            return False
         return True
     warn_once(
         f"mlagen: no Triton kernels for {tensor.device.type} tensors without TRITON_INTERPRET=1; "
