@@ -238,3 +238,15 @@ def test_decode_benchmark_harness(tmp_path):
     ]
     assert all(r["tokens_per_s"] > 0 for r in results)
     assert {r["cache_bytes_per_token"] for r in results} == {2 * (32 + 8) * 4}
+
+
+def test_readme_example_generates_the_same_tokens():
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("hf_generate", ROOT / "examples" / "hf_generate.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    before, after = example.main([])
+    assert torch.equal(before, after)
