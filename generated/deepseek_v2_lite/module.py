@@ -44,6 +44,7 @@ class Attention(nn.Module):
     def __init__(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         dtype = dtype or DTYPE
+        self.heads = 16
         self.q_proj = nn.Linear(2048, 3072, bias=False, dtype=dtype, device=device)
         self.kv_a_proj_with_mqa = nn.Linear(2048, 576, bias=False, dtype=dtype, device=device)
         self.kv_a_layernorm = RMSNorm(512, eps=1e-06, dtype=dtype, device=device)
@@ -96,15 +97,15 @@ class Attention(nn.Module):
     def _decode_forward(self, hidden_states, position_ids, cache, new_tokens, decode):
         cos, sin = self.rotary_emb(position_ids, hidden_states.dtype)
         q = self.q_proj(hidden_states)
-        q_heads = q.unflatten(-1, (16, 192))
+        q_heads = q.unflatten(-1, (self.heads, 192))
         q_nope = q_heads[..., 0:128]
         q_pe = q_heads[..., 128:192]
         q_pe_rot = apply_rope(q_pe, cos, sin, 'interleave')
         kv_a = self.kv_a_proj_with_mqa(hidden_states)
         cached = decode.append(kv_a, self.kv_a_layernorm.weight, 1e-06, cos, sin, cache, new_tokens)
-        attn_q_latent = head_matmul(q_nope, self.kv_b_proj.weight, heads=16, rows_per_head=256, rows=(0, 128), transpose=False)
+        attn_q_latent = head_matmul(q_nope, self.kv_b_proj.weight, heads=self.heads, rows_per_head=256, rows=(0, 128), transpose=False)
         attn_latent = decode.attend(attn_q_latent, q_pe_rot, cached, scale=0.11472138679292611, causal=True)
-        attn = head_matmul(attn_latent, self.kv_b_proj.weight, heads=16, rows_per_head=256, rows=(128, 256), transpose=True)
+        attn = head_matmul(attn_latent, self.kv_b_proj.weight, heads=self.heads, rows_per_head=256, rows=(128, 256), transpose=True)
         attn_merged = attn.flatten(-2)
         out = self.o_proj(attn_merged)
         return out
@@ -120,7 +121,7 @@ class Attention(nn.Module):
         batch, seqlen = hidden_states.shape[:2]
         cos, sin = self.rotary_emb(position_ids, hidden_states.dtype)
         q = self.q_proj(hidden_states)
-        q_heads = q.unflatten(-1, (16, 192))
+        q_heads = q.unflatten(-1, (self.heads, 192))
         q_nope = q_heads[..., 0:128]
         q_pe = q_heads[..., 128:192]
         q_pe_rot = apply_rope(q_pe, cos, sin, 'interleave')
@@ -131,7 +132,7 @@ class Attention(nn.Module):
         k_pe_one_head = k_pe_raw.unflatten(-1, (1, 64))
         k_pe = apply_rope(k_pe_one_head, cos, sin, 'interleave')
         kv = self.kv_b_proj(c_kv)
-        kv_heads = kv.unflatten(-1, (16, 256))
+        kv_heads = kv.unflatten(-1, (self.heads, 256))
         k_nope = kv_heads[..., 0:128]
         v = kv_heads[..., 128:256]
         attn = attention['attention_fwd_qk128_rope64_v128'](q_nope, q_pe_rot, k_nope, k_pe, v, scale=0.11472138679292611, causal=True, window=None, group_mask=None)

@@ -44,6 +44,7 @@ class Attention(nn.Module):
     def __init__(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         dtype = dtype or DTYPE
+        self.heads = 64
         self.q_a_proj = nn.Linear(7168, 1536, bias=False, dtype=dtype, device=device)
         self.q_a_layernorm = RMSNorm(1536, eps=1e-06, dtype=dtype, device=device)
         self.q_b_proj = nn.Linear(1536, 12288, bias=False, dtype=dtype, device=device)
@@ -100,15 +101,15 @@ class Attention(nn.Module):
         q_a = self.q_a_proj(hidden_states)
         c_q = self.q_a_layernorm(q_a)
         q = self.q_b_proj(c_q)
-        q_heads = q.unflatten(-1, (64, 192))
+        q_heads = q.unflatten(-1, (self.heads, 192))
         q_nope = q_heads[..., 0:128]
         q_pe = q_heads[..., 128:192]
         q_pe_rot = apply_rope(q_pe, cos, sin, 'interleave')
         kv_a = self.kv_a_proj_with_mqa(hidden_states)
         cached = decode.append(kv_a, self.kv_a_layernorm.weight, 1e-06, cos, sin, cache, new_tokens)
-        attn_q_latent = head_matmul(q_nope, self.kv_b_proj.weight, heads=64, rows_per_head=256, rows=(0, 128), transpose=False)
+        attn_q_latent = head_matmul(q_nope, self.kv_b_proj.weight, heads=self.heads, rows_per_head=256, rows=(0, 128), transpose=False)
         attn_latent = decode.attend(attn_q_latent, q_pe_rot, cached, scale=0.13086079996295005, causal=True)
-        attn = head_matmul(attn_latent, self.kv_b_proj.weight, heads=64, rows_per_head=256, rows=(128, 256), transpose=True)
+        attn = head_matmul(attn_latent, self.kv_b_proj.weight, heads=self.heads, rows_per_head=256, rows=(128, 256), transpose=True)
         attn_merged = attn.flatten(-2)
         out = self.o_proj(attn_merged)
         return out
@@ -126,7 +127,7 @@ class Attention(nn.Module):
         q_a = self.q_a_proj(hidden_states)
         c_q = self.q_a_layernorm(q_a)
         q = self.q_b_proj(c_q)
-        q_heads = q.unflatten(-1, (64, 192))
+        q_heads = q.unflatten(-1, (self.heads, 192))
         q_nope = q_heads[..., 0:128]
         q_pe = q_heads[..., 128:192]
         q_pe_rot = apply_rope(q_pe, cos, sin, 'interleave')
@@ -137,7 +138,7 @@ class Attention(nn.Module):
         k_pe_one_head = k_pe_raw.unflatten(-1, (1, 64))
         k_pe = apply_rope(k_pe_one_head, cos, sin, 'interleave')
         kv = self.kv_b_proj(c_kv)
-        kv_heads = kv.unflatten(-1, (64, 256))
+        kv_heads = kv.unflatten(-1, (self.heads, 256))
         k_nope = kv_heads[..., 0:128]
         v = kv_heads[..., 128:256]
         attn = attention['attention_fwd_qk128_rope64_v128'](q_nope, q_pe_rot, k_nope, k_pe, v, scale=0.13086079996295005, causal=True, window=None, group_mask=None)

@@ -35,6 +35,8 @@ class Attention(nn.Module):
     def __init__(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         dtype = dtype or DTYPE
+        self.heads = 32
+        self.kv_heads = 32
         self.q_proj = nn.Linear(4096, 4096, bias=False, dtype=dtype, device=device)
         self.k_proj = nn.Linear(4096, 4096, bias=False, dtype=dtype, device=device)
         self.v_proj = nn.Linear(4096, 4096, bias=False, dtype=dtype, device=device)
@@ -65,9 +67,9 @@ class Attention(nn.Module):
         q = self.q_proj(hidden_states)
         k = self.k_proj(hidden_states)
         v = self.v_proj(hidden_states)
-        q_heads = q.unflatten(-1, (32, 128))
-        k_heads = k.unflatten(-1, (32, 128))
-        v_heads = v.unflatten(-1, (32, 128))
+        q_heads = q.unflatten(-1, (self.heads, 128))
+        k_heads = k.unflatten(-1, (self.kv_heads, 128))
+        v_heads = v.unflatten(-1, (self.kv_heads, 128))
         q_rot = apply_rope(q_heads, cos, sin, 'half')
         k_rot = apply_rope(k_heads, cos, sin, 'half')
         attn = attention['attention_fwd_qk128_v128'](q_rot, None, k_rot, None, v_heads, scale=0.08838834764831845, causal=True, window=None, group_mask=None)

@@ -35,6 +35,8 @@ class Attention(nn.Module):
     def __init__(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         dtype = dtype or DTYPE
+        self.heads = 2
+        self.kv_heads = 2
         self.q_proj = nn.Linear(64, 64, bias=True, dtype=dtype, device=device)
         self.k_proj = nn.Linear(64, 64, bias=True, dtype=dtype, device=device)
         self.v_proj = nn.Linear(64, 64, bias=True, dtype=dtype, device=device)
@@ -65,9 +67,9 @@ class Attention(nn.Module):
         q = self.q_proj(hidden_states)
         k = self.k_proj(hidden_states)
         v = self.v_proj(hidden_states)
-        q_heads = q.unflatten(-1, (2, 32))
-        k_heads = k.unflatten(-1, (2, 32))
-        v_heads = v.unflatten(-1, (2, 32))
+        q_heads = q.unflatten(-1, (self.heads, 32))
+        k_heads = k.unflatten(-1, (self.kv_heads, 32))
+        v_heads = v.unflatten(-1, (self.kv_heads, 32))
         q_rot = apply_rope(q_heads, cos, sin, 'half')
         k_rot = apply_rope(k_heads, cos, sin, 'half')
         attn = attention['attention_fwd_qk32_v32'](q_rot, None, k_rot, None, v_heads, scale=0.1767766952966369, causal=False, window=None, group_mask=None)

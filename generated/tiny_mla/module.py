@@ -44,6 +44,7 @@ class Attention(nn.Module):
     def __init__(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
         super().__init__()
         dtype = dtype or DTYPE
+        self.heads = 4
         self.q_a_proj = nn.Linear(64, 32, bias=False, dtype=dtype, device=device)
         self.q_a_layernorm = RMSNorm(32, eps=1e-06, dtype=dtype, device=device)
         self.q_b_proj = nn.Linear(32, 96, bias=False, dtype=dtype, device=device)
@@ -100,15 +101,15 @@ class Attention(nn.Module):
         q_a = self.q_a_proj(hidden_states)
         c_q = self.q_a_layernorm(q_a)
         q = self.q_b_proj(c_q)
-        q_heads = q.unflatten(-1, (4, 24))
+        q_heads = q.unflatten(-1, (self.heads, 24))
         q_nope = q_heads[..., 0:16]
         q_pe = q_heads[..., 16:24]
         q_pe_rot = apply_rope(q_pe, cos, sin, 'half')
         kv_a = self.kv_a_proj_with_mqa(hidden_states)
         cached = decode.append(kv_a, self.kv_a_layernorm.weight, 1e-06, cos, sin, cache, new_tokens)
-        attn_q_latent = head_matmul(q_nope, self.kv_b_proj.weight, heads=4, rows_per_head=40, rows=(0, 16), transpose=False)
+        attn_q_latent = head_matmul(q_nope, self.kv_b_proj.weight, heads=self.heads, rows_per_head=40, rows=(0, 16), transpose=False)
         attn_latent = decode.attend(attn_q_latent, q_pe_rot, cached, scale=0.2041241452319315, causal=True)
-        attn = head_matmul(attn_latent, self.kv_b_proj.weight, heads=4, rows_per_head=40, rows=(16, 40), transpose=True)
+        attn = head_matmul(attn_latent, self.kv_b_proj.weight, heads=self.heads, rows_per_head=40, rows=(16, 40), transpose=True)
         attn_merged = attn.flatten(-2)
         out = self.o_proj(attn_merged)
         return out
@@ -126,7 +127,7 @@ class Attention(nn.Module):
         q_a = self.q_a_proj(hidden_states)
         c_q = self.q_a_layernorm(q_a)
         q = self.q_b_proj(c_q)
-        q_heads = q.unflatten(-1, (4, 24))
+        q_heads = q.unflatten(-1, (self.heads, 24))
         q_nope = q_heads[..., 0:16]
         q_pe = q_heads[..., 16:24]
         q_pe_rot = apply_rope(q_pe, cos, sin, 'half')
@@ -137,7 +138,7 @@ class Attention(nn.Module):
         k_pe_one_head = k_pe_raw.unflatten(-1, (1, 8))
         k_pe = apply_rope(k_pe_one_head, cos, sin, 'half')
         kv = self.kv_b_proj(c_kv)
-        kv_heads = kv.unflatten(-1, (4, 40))
+        kv_heads = kv.unflatten(-1, (self.heads, 40))
         k_nope = kv_heads[..., 0:16]
         v = kv_heads[..., 16:40]
         attn = attention['attention_fwd_qk16_rope8_v24'](q_nope, q_pe_rot, k_nope, k_pe, v, scale=0.2041241452319315, causal=True, window=None, group_mask=None)

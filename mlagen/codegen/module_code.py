@@ -9,10 +9,14 @@ import sympy
 
 from mlagen.ir.ops import Graph, Node, OpKind, S
 
+# Spec fields whose head counts forward() reads from attributes rather than literals:
+# mlagen.parallel.tensor_parallel lowers them to this rank's share of the heads.
+HEAD_COUNT_FIELDS = ("heads", "kv_heads")
+
 
 @dataclass(frozen=True, slots=True)
 class Submodule:
-    """One `self.<path> = <constructor>` line of __init__."""
+    """One `self.<path> = <constructor>` line of __init__ (a head count's is its value)."""
 
     path: str
     constructor: str
@@ -35,9 +39,34 @@ def _rope_key(node: Node) -> tuple:
     return (node.attr("dim"), node.attr("theta"), node.attr("yarn"))
 
 
+def _head_count(node: Node) -> str:
+    """A head count as code: `self.heads` / `self.kv_heads` where the spec's count decides
+    it (so a sharded module attends over its own heads only), a literal for the single
+    head every query head shares (MLA's rope key and latent)."""
+    if node.op is OpKind.HEAD_MATMUL:  # absorption multiplies per query head
+        return "self.heads"
+    if node.field in HEAD_COUNT_FIELDS:
+        return f"self.{node.field}"
+    assert node.attr("heads") == 1, f"{node.name}: {node.attr('heads')} heads from {node.field!r}"
+    return "1"
+
+
+def head_counts(graph: Graph) -> dict[str, int]:
+    """The head-count attributes forward() reads, with the spec's values."""
+    counts: dict[str, int] = {}
+    for node in graph.nodes:
+        if node.op in (OpKind.SPLIT_HEADS, OpKind.EXPAND_HEADS, OpKind.HEAD_MATMUL):
+            code = _head_count(node)
+            if code.startswith("self."):
+                value = counts.setdefault(code.removeprefix("self."), node.attr("heads"))
+                assert value == node.attr("heads"), f"{node.name}: {code} is {value} elsewhere"
+    return dict(sorted(counts.items(), key=lambda item: HEAD_COUNT_FIELDS.index(item[0])))
+
+
 def submodules(graph: Graph) -> list[Submodule]:
-    """Parameters and buffers in __init__, with transformers' names."""
-    result: list[Submodule] = []
+    """The head counts forward() reads, then parameters and buffers in __init__, with
+    transformers' names."""
+    result = [Submodule(name, str(count)) for name, count in head_counts(graph).items()]
     containers: set[str] = set()
 
     def add(path: str, constructor: str) -> None:
@@ -85,7 +114,7 @@ def _statement(node: Node, cache_source: str | None = None) -> str | None:
         )
     if op is OpKind.HEAD_MATMUL:
         return (
-            f"{out} = head_matmul({args[0]}, self.{node.attr('param')}.weight, heads={node.attr('heads')}, "
+            f"{out} = head_matmul({args[0]}, self.{node.attr('param')}.weight, heads={_head_count(node)}, "
             f"rows_per_head={node.attr('rows_per_head')}, rows={node.attr('rows')!r}, "
             f"transpose={node.attr('transpose')})"
         )
@@ -107,11 +136,11 @@ def _statement(node: Node, cache_source: str | None = None) -> str | None:
     if op is OpKind.CONCAT:
         return f"{out} = torch.cat(({', '.join(args)}), dim=-1)"
     if op is OpKind.SPLIT_HEADS:
-        return f"{out} = {args[0]}.unflatten(-1, ({node.attr('heads')}, {node.attr('head_dim')}))"
+        return f"{out} = {args[0]}.unflatten(-1, ({_head_count(node)}, {node.attr('head_dim')}))"
     if op is OpKind.MERGE_HEADS:
         return f"{out} = {args[0]}.flatten(-2)"
     if op is OpKind.EXPAND_HEADS:
-        return f"{out} = {args[0]}.expand(-1, -1, {node.attr('heads')}, -1)"
+        return f"{out} = {args[0]}.expand(-1, -1, {_head_count(node)}, -1)"
     if op is OpKind.REPEAT_CHUNKS:
         return f"{out} = repeat_chunks({args[0]}, batch, {_chunks_code(node.attr('chunks'))})"
     if op is OpKind.ATTENTION:
