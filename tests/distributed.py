@@ -7,6 +7,7 @@ an exception back to the parent, which fails the test with the worker's tracebac
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import traceback
@@ -35,6 +36,10 @@ def _worker(rank, world_size, port, body, args, errors):
     except BaseException:
         errors.put((rank, traceback.format_exc()))
     finally:
+        # The Triton interpreter leaves reference cycles holding tensor storages; freed by the
+        # collector at interpreter exit, after the process group is gone, they abort the process
+        # now and then ("terminate called without an active exception"). Free them first.
+        gc.collect()
         dist.destroy_process_group()
 
 
