@@ -1,8 +1,8 @@
 """Tensor- and context-parallel attention with torch.distributed, checked against one rank.
 
-    torchrun --nproc-per-node 2 examples/parallel_attention.py                  # CPU: gloo + interpreter
-    torchrun --nproc-per-node 4 examples/parallel_attention.py --spec specs/tiny_gqa.yaml
-    torchrun --nproc-per-node 8 examples/parallel_attention.py --spec specs/deepseek_v3.yaml --seq 4096  # 8 GPUs, NCCL
+    torchrun --standalone --nproc-per-node 2 examples/parallel_attention.py                  # CPU: gloo + interpreter
+    torchrun --standalone --nproc-per-node 4 examples/parallel_attention.py --spec specs/tiny_gqa.yaml
+    torchrun --standalone --nproc-per-node 8 examples/parallel_attention.py --spec specs/deepseek_v3.yaml --seq 4096  # 8 GPUs, NCCL
 
 Every rank builds the same module (same seed). Tensor parallel: a copy sharded by heads
 runs the whole batch (and, for mla, a prefill plus decode steps over its replicated

@@ -227,3 +227,21 @@ def test_context_parallel_over_nccl_equals_one_gpu(world_size):
     if os.environ.get("TRITON_INTERPRET") == "1":
         pytest.skip("the kernels run interpreted; run the GPU tests with TRITON_INTERPRET=0")
     run_distributed(ring_body, world_size, "cuda", (torch.float32,), (torch.float32,))
+
+
+def test_readme_torchrun_example():
+    """README "Several GPUs": `torchrun --nproc-per-node 2 examples/parallel_attention.py` runs and agrees."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(ROOT / "examples" / "parallel_attention.py")],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+        env={**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = [float(line.split()[-1]) for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert len(errors) == 5 and max(errors) < 1e-5, result.stdout
