@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import time
 import traceback
 
 import torch.multiprocessing as mp
@@ -55,8 +56,13 @@ def run_distributed(body, world_size: int, *args, timeout: float = 600.0) -> Non
     ]
     for worker in workers:
         worker.start()
-    for worker in workers:
-        worker.join(timeout)
+    # One deadline for all; a rank that failed leaves its peers waiting in a collective,
+    # so the others get a short grace period, not the whole timeout.
+    deadline = time.monotonic() + timeout
+    while any(w.is_alive() for w in workers) and time.monotonic() < deadline:
+        if not errors.empty() or any(w.exitcode not in (None, 0) for w in workers):
+            deadline = min(deadline, time.monotonic() + 10.0)
+        time.sleep(0.05)
     stuck = [w for w in workers if w.is_alive()]
     for worker in stuck:
         worker.kill()

@@ -170,6 +170,12 @@ def check_refusals(device, group) -> None:
         context_parallel_attention("attention_nope", q, None, (k, k), scale=1.0, causal=True, group=group)
     with pytest.raises(ValueError, match="even number of tokens per rank"):
         context_parallel(package.Attention(device=device), group)(torch.randn(1, 5, 64, device=device))
+    # Uneven non-causal splits: every rank refuses together (no rank receives a wrongly sized block).
+    length = 3 + 2 * dist.get_rank(group)
+    # zeros, not randn: a draw of a rank-dependent size would desynchronise the ranks' generators
+    q, k = torch.zeros(1, length, 4, 16, device=device), torch.zeros(1, length, 2, 16, device=device)
+    with pytest.raises(ValueError, match="same query and K/V block shapes on every rank"):
+        context_parallel_attention(kernel, q, None, (k, k), scale=1.0, causal=False, group=group)
 
 
 def ring_body(rank: int, world_size: int, device: str, op_dtypes: tuple, module_dtypes: tuple) -> None:

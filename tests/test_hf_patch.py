@@ -250,3 +250,42 @@ def test_readme_example_generates_the_same_tokens():
     spec.loader.exec_module(example)
     before, after = example.main([])
     assert torch.equal(before, after)
+
+
+def test_masks_the_kernels_do_not_compute_are_refused():
+    """Packed sequences (position_ids restarting in a row) and 4-D masks would be silently
+    turned into plain causal attention; they are refused instead."""
+    model = tiny_model("llama")
+    mlagen.patch(model, verbose=False)
+    ids = torch.randint(1, VOCAB, (1, 8))
+    with torch.no_grad(), pytest.raises(ValueError, match="packed sequences"):
+        model(ids, position_ids=torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]]), use_cache=False)
+    block = torch.zeros(1, 1, 8, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match="2-D padding mask"):
+        model(ids, attention_mask=block, use_cache=False)
+
+
+def test_cache_refuses_gradients():
+    model = tiny_model("deepseek_v3")
+    mlagen.patch(model, verbose=False)
+    with pytest.raises(ValueError, match="for inference"):
+        model(torch.ones(1, 3, dtype=torch.long), past_key_values=MlagenCache(model, 1, 8), use_cache=True)
+
+
+def test_other_models_sharing_the_config_are_untouched():
+    config = tiny_model("llama").config
+    patched, other = (transformers.LlamaForCausalLM(config).eval() for _ in range(2))
+    ids = torch.randint(1, VOCAB, (1, 5))
+    with torch.no_grad():
+        expected = other(ids).logits
+        mlagen.patch(patched, verbose=False)
+        assert torch.equal(other(ids).logits, expected)
+        assert config._attn_implementation != "mlagen"
+    mlagen.unpatch(patched)
+    assert patched.config is config
+
+
+def test_attention_dropout_is_refused():
+    model = tiny_model("llama", attention_dropout=0.1)
+    with pytest.raises(ValueError, match="attention_dropout=0.1"):
+        mlagen.patch(model)

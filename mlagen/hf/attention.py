@@ -64,10 +64,8 @@ class Packing:
 
 
 def real_tokens(attention_mask: torch.Tensor | None, seqlen: int) -> torch.Tensor | None:
-    """[B, S] bool: which of the S new tokens are real, from whatever mask transformers
-    built: mlagen's own 2-D mask (see patch.py), a 2-D padding mask, or a 4-D mask
-    (bool: True = visible; float: 0 = visible), where a real key is visible to at least
-    itself and a padding key to no query."""
+    """[B, S] bool: which of the S new tokens are real, from the 2-D mask that mlagen's
+    attention implementation makes transformers pass (see patch.py)."""
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor):
@@ -77,11 +75,10 @@ def real_tokens(attention_mask: torch.Tensor | None, seqlen: int) -> torch.Tenso
         )
     if attention_mask.dim() == 2:
         return attention_mask[:, -seqlen:].bool()
-    if attention_mask.dim() == 4:
-        keys = attention_mask[:, 0, :, -seqlen:]
-        visible = keys if keys.dtype == torch.bool else keys == 0
-        return visible.any(dim=1)
-    raise ValueError(f"attention_mask must be 2-D or 4-D, got shape {list(attention_mask.shape)}")
+    raise ValueError(
+        f"mlagen-patched layers take a 2-D padding mask [batch, tokens], got shape {list(attention_mask.shape)}: "
+        "a 4-D mask can hold patterns the causal kernels do not compute; pass the 2-D attention_mask"
+    )
 
 
 class TransformersAttention(nn.Module):
@@ -136,6 +133,13 @@ class TransformersAttention(nn.Module):
         if past_key_values is None:
             return None
         if isinstance(past_key_values, MlagenCache):
+            if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+                # Appends write into the cache in place and decode reads it through kernels
+                # without a backward: gradients would be silently wrong.
+                raise ValueError(
+                    "an MlagenCache is for inference: run under torch.no_grad() (generate() does), "
+                    "or train with use_cache=False"
+                )
             return past_key_values.layers[self.layer_idx]
         skipped = past_key_values.__dict__.setdefault("_mlagen_unfilled_layers", set())
         if self.layer_idx in skipped:

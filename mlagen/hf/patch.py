@@ -16,6 +16,7 @@ Patching also
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 from dataclasses import dataclass
@@ -76,6 +77,12 @@ def patch(model: nn.Module, *, out_root: str | Path | None = None, verbose: bool
         raise ValueError(
             f"mlagen.patch takes a transformers model with a .config, got {type(model).__name__}"
         )
+    dropout = getattr(config, "attention_dropout", 0.0) or 0.0
+    if dropout > 0:
+        raise ValueError(
+            f"the config has attention_dropout={dropout}, which mlagen's kernels do not apply; "
+            "set model.config.attention_dropout = 0.0 to patch"
+        )
     slots = _attention_slots(model)
     if not slots:
         raise ValueError(f"found no `self_attn` attention layers in {type(model).__name__}")
@@ -91,9 +98,7 @@ def patch(model: nn.Module, *, out_root: str | Path | None = None, verbose: bool
     for parent, replacement in zip(slots, replacements):
         parent.self_attn = replacement
     _register_attention_implementation()
-    previous = config._attn_implementation
-    _set_attn_implementation(model, ATTN_IMPLEMENTATION)
-    object.__setattr__(model, _STATE, previous)
+    object.__setattr__(model, _STATE, _own_configs(model))
     model._prepare_cache_for_generation = MethodType(_prepare_mlagen_cache, model)
     report = PatchReport(
         layers=len(replacements),
@@ -121,7 +126,8 @@ def unpatch(model: nn.Module) -> int:
         if isinstance(layer, TransformersAttention):
             parent.self_attn = getattr(layer, _ORIGINAL)
             restored += 1
-    _set_attn_implementation(model, getattr(model, _STATE))
+    for module, config in getattr(model, _STATE):
+        module.config = config
     object.__delattr__(model, _STATE)
     del model._prepare_cache_for_generation
     return restored
@@ -207,9 +213,20 @@ def _transformers_cache_bytes(model: nn.Module, originals: list[nn.Module]) -> i
     return per_layer * len(originals)
 
 
-def _new_token_padding_mask(batch_size, q_length=None, kv_length=None, attention_mask=None, **kwargs):
+def _new_token_padding_mask(
+    batch_size, q_length=None, kv_length=None, attention_mask=None, allow_is_causal_skip=True, **kwargs
+):
     """The mask transformers hands mlagen layers: which of the q_length new tokens are
-    real ([B, q_length] bool), or None when all are."""
+    real ([B, q_length] bool), or None when all are. The kernels compute causal (and
+    sliding-window) attention over a row's real tokens, nothing else: transformers turns
+    off `allow_is_causal_skip` exactly when it adds another pattern (packed sequences,
+    whose position_ids restart inside a row, or extra mask functions), so that is refused."""
+    if not allow_is_causal_skip:
+        raise ValueError(
+            "this call needs a mask beyond causal + padding (packed sequences restarting position_ids "
+            "inside a row, or a custom mask function), which mlagen-patched layers do not compute; "
+            "pass one sequence per row with an attention_mask, or mlagen.unpatch(model)"
+        )
     if attention_mask is None:
         return None
     new_tokens = attention_mask[:, -q_length:]
@@ -228,11 +245,21 @@ def _register_attention_implementation() -> None:
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, _new_token_padding_mask)
 
 
-def _set_attn_implementation(model: nn.Module, implementation: str) -> None:
+def _own_configs(model: nn.Module) -> list[tuple[nn.Module, object]]:
+    """Give the model private copies of its configs with attn_implementation "mlagen":
+    models built from one config object share it, and patching this model must not
+    change the others. Returns (module, original config) pairs for unpatch."""
+    originals, copies = [], {}
     for module in model.modules():
         config = getattr(module, "config", None)
-        if config is not None and hasattr(config, "_attn_implementation"):
-            config._attn_implementation = implementation
+        if config is None or not hasattr(config, "_attn_implementation"):
+            continue
+        if id(config) not in copies:
+            copies[id(config)] = copy.deepcopy(config)
+            copies[id(config)]._attn_implementation = ATTN_IMPLEMENTATION
+        originals.append((module, config))
+        module.config = copies[id(config)]
+    return originals
 
 
 def _prepare_mlagen_cache(

@@ -345,6 +345,25 @@ def _no_expansion(block: Block) -> tuple[Tensor, None, Tensor]:
     return block[0], None, block[1]
 
 
+def _require_same_shapes(q_a: Tensor, block: Block, group: dist.ProcessGroup | None) -> None:
+    """One small all_gather: a rank whose block differs would receive into a wrongly sized
+    buffer (garbage under gloo, a hang or corruption under NCCL), so every rank checks first
+    and all of them raise together."""
+    shapes = torch.tensor(
+        [q_a.shape[1]] + [size for t in block for size in (t.dim(), *t.shape)],
+        dtype=torch.int64,
+        device=q_a.device,
+    )
+    gathered = [torch.empty_like(shapes) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, shapes, group=group)
+    if any(g.shape != shapes.shape or not torch.equal(g, shapes) for g in gathered):
+        lengths = [int(g[0]) for g in gathered]
+        raise ValueError(
+            f"context parallelism needs the same query and K/V block shapes on every rank, got query "
+            f"lengths {lengths} over the ranks; split the sequence evenly (zigzag_split)"
+        )
+
+
 def context_parallel_attention(
     kernel: str,
     q_a: Tensor,
@@ -362,7 +381,8 @@ def context_parallel_attention(
     kernel: a generated kernel name, a key of generated.<spec>.kernels.ATTENTION (that
         package must be imported; its op mlagen::<kernel> runs forward and backward).
     q_a [B, L, Hq, Da], q_b [B, L, Hq, Db] or None: this rank's queries, L = S/W tokens in
-        the zigzag layout (zigzag_split) when causal; any split when not.
+        the zigzag layout (zigzag_split) when causal; any split when not, but the same L on
+        every rank (the ring receives into buffers shaped like the rank's own block).
     kv_block: this rank's compact K/V, tensors [B, L, ...] with the same shapes on every rank;
         (k, v) when `expand` is None.
     expand: maps a block, or the same slice of tokens of each of its tensors, to
@@ -390,6 +410,7 @@ def context_parallel_attention(
             f"causal context parallelism needs an even number of tokens per rank (two zigzag chunks), "
             f"got {local_length}; split the sequence with zigzag_split"
         )
+    _require_same_shapes(q_a, block, group)
     setup = _Setup(forward_op, backward_op, expand, _Ring(group), scale, causal, len(block))
     return _RingAttention.apply(setup, q_a, q_b, *block, *expand_params)
 
