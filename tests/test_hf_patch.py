@@ -238,6 +238,18 @@ def test_decode_benchmark_harness(tmp_path):
     ]
     assert all(r["tokens_per_s"] > 0 for r in results)
     assert {r["cache_bytes_per_token"] for r in results} == {2 * (32 + 8) * 4}
+    # The report shows non-smoke runs as a table (a smoke run relabelled here to stand for a GPU run).
+    import shutil
+
+    from mlagen.bench.report import load_runs, render_report
+    from tests.conftest import ROOT
+
+    data = json.loads(out.read_text())
+    data["meta"]["smoke"] = False
+    (tmp_path / "hf_decode_gpu.json").write_text(json.dumps(data))
+    shutil.copy(ROOT / "benchmarks" / "deepseek_v3_decode_cpu_smoke.json", tmp_path)
+    text = render_report(load_runs(tmp_path), tmp_path)
+    assert "| transformers-sdpa | 2 | 3 | 8 |" in text and "| mlagen | 2 | 1 | 8 |" in text
 
 
 def test_readme_example_generates_the_same_tokens():

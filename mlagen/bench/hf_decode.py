@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 CONTENDERS = ("transformers-eager", "transformers-sdpa", "mlagen")
+SCHEMA = "mlagen-hf-decode/1"  # what `mlagen bench --report` looks for
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "tests" / "hf_configs" / "deepseek_v3.json"
 SMOKE_SIZES = dict(
     hidden_size=64,
@@ -204,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             "date": time.strftime("%Y-%m-%d"),
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+        document = {"schema": SCHEMA, "meta": meta, "results": results}
+        args.out.write_text(json.dumps(document, indent=2) + "\n")
     return 0
 
 

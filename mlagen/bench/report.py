@@ -171,12 +171,53 @@ def render_report(runs: list[dict], report_dir: Path) -> str:
         lines += ["## CPU smoke runs: NOT performance numbers", ""]
         for run in smoke:
             lines += _run_section(run, report_dir)
+    lines += _model_decode_section(report_dir, runs)
     rooflines = sorted({p for run in runs for p in Path(run["_file"]).parent.glob("roofline_*.png")})
     if rooflines:
         lines += ["## Roofline plots", ""]
         lines += [f"![{p.stem}]({Path(os.path.relpath(p, report_dir)).as_posix()})" for p in rooflines]
         lines.append("")
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _model_decode_section(report_dir: Path, runs: list[dict]) -> list[str]:
+    """Whole-model decode (python -m mlagen.bench.hf_decode): GPU runs only; the harness's
+    CPU smoke run is a test, not a number."""
+    from mlagen.bench.hf_decode import SCHEMA as HF_SCHEMA
+
+    directories = sorted({Path(run["_file"]).parent for run in runs})
+    documents = []
+    for directory in directories:
+        for path in sorted(directory.glob("*.json")):
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and data.get("schema") == HF_SCHEMA and not data["meta"].get("smoke"):
+                documents.append(data)
+    lines = ["## Whole-model decode: transformers, patched by mlagen or not", ""]
+    if not documents:
+        return lines + [
+            "None yet (needs a GPU): `python -m mlagen.bench.hf_decode --layers 4 --batch 1 16 64 "
+            "--context 4096 --out benchmarks/hf_decode_<gpu>.json`, then `mlagen bench --report`. "
+            "DeepSeek-V3's attention sizes in a few layers with a small MLP, random weights; tokens/s of "
+            "one-token steps over a filled cache, transformers eager and sdpa versus the patched model.",
+            "",
+        ]
+    for data in documents:
+        meta = data["meta"]
+        lines += [
+            f"{meta['date']}, {meta['device']}, {meta['dtype']}, {meta.get('config', '')}, torch {meta['torch']}, "
+            f"{meta['steps']} timed steps after {meta['warmup']} warm-up:",
+            "",
+            "| contender | layers | batch | context | tokens/s | cache B/token |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in data["results"]:
+            speed = row.get("note") or _number(row["tokens_per_s"], ",.0f")
+            lines.append(
+                f"| {row['contender']} | {row['layers']} | {row['batch']} | {row['context']} | {speed} | "
+                f"{_number(row.get('cache_bytes_per_token'), ',d')} |"
+            )
+        lines.append("")
+    return lines
 
 
 def write_report(directory: str | Path, path: str | Path = "BENCHMARKS.md") -> Path:
