@@ -66,12 +66,9 @@ def fill_transformers_cache(model, batch: int, context: int):
     shapes this transformers version caches (probed with one token)."""
     from transformers.cache_utils import DynamicCache
 
-    weight = next(model.parameters())
-    probe = DynamicCache(config=model.config)
-    with torch.no_grad():
-        model(
-            torch.zeros(1, 1, dtype=torch.long, device=weight.device), past_key_values=probe, use_cache=True
-        )
+    from mlagen.hf.patch import probe_transformers_cache
+
+    probe = probe_transformers_cache(model)
     cache = DynamicCache(config=model.config)
     for index, layer in enumerate(probe.layers):
         keys, values = (

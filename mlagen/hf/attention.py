@@ -17,7 +17,6 @@ tokens are cached, so later steps need no mask at all.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -26,6 +25,7 @@ from torch import nn
 
 from mlagen.hf.cache import KVCacheLayer, LatentCacheLayer, MlagenCache
 from mlagen.runtime.launch import use_kernels
+from mlagen.runtime.modules import generated_source
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,8 +90,7 @@ class TransformersAttention(nn.Module):
     @property
     def generated(self) -> ModuleType:
         """The generated module.py this class comes from (kernels, reference path)."""
-        base = next(cls for cls in type(self).__mro__ if cls.__name__ == "Attention")
-        return sys.modules[base.__module__]
+        return generated_source(self)
 
     @property
     def family(self) -> str:

@@ -51,18 +51,13 @@ class PatchReport:
     family: str
     package_dir: Path
     cache_bytes_per_token: int  # over all patched layers
-    transformers_cache_bytes_per_token: int | None  # the unpatched model's DynamicCache, measured
+    transformers_cache_bytes_per_token: int  # the unpatched model's DynamicCache, measured
 
     def __str__(self) -> str:
-        before = (
-            f"{self.transformers_cache_bytes_per_token:,} B"
-            if self.transformers_cache_bytes_per_token is not None
-            else "not measured"
-        )
         return (
             f"mlagen.patch: {self.layers} {self.layer_class} layers -> {self.family} module "
             f"{self.spec_name} ({self.package_dir}); cache {self.cache_bytes_per_token:,} B per token "
-            f"(transformers' DynamicCache: {before})"
+            f"(transformers' DynamicCache: {self.transformers_cache_bytes_per_token:,} B)"
         )
 
 
@@ -93,7 +88,7 @@ def patch(model: nn.Module, *, out_root: str | Path | None = None, verbose: bool
 
     package = mlagen.load(spec, out_root if out_root is not None else default_out_root())
     layer_class = type(f"Mlagen{type(originals[0]).__name__}", (TransformersAttention, package.Attention), {})
-    before = _transformers_cache_bytes(model, originals)
+    before = _transformers_cache_bytes(model)
     replacements = [_replacement(layer_class, original) for original in originals]
     for parent, replacement in zip(slots, replacements):
         parent.self_attn = replacement
@@ -106,9 +101,7 @@ def patch(model: nn.Module, *, out_root: str | Path | None = None, verbose: bool
         spec_name=spec.name,
         family=spec.family,
         package_dir=Path(package.__file__).parent,
-        cache_bytes_per_token=sum(
-            layer.new_cache_layer(1, 1, None, None).bytes_per_token() for layer in replacements
-        ),
+        cache_bytes_per_token=MlagenCache(model, batch_size=1, max_tokens=1).bytes_per_token(),
         transformers_cache_bytes_per_token=before,
     )
     if verbose:
@@ -186,31 +179,23 @@ def _replacement(layer_class: type, original: nn.Module) -> TransformersAttentio
     return layer
 
 
-def _transformers_cache_bytes(model: nn.Module, originals: list[nn.Module]) -> int | None:
-    """Bytes per token transformers' own DynamicCache stores for these layers, measured by
-    running the first layer on one token (versions differ: 4.x caches MLA's expanded K/V,
-    5.x the latent). None when the model does not expose what the layer needs."""
+def probe_transformers_cache(model: nn.Module):
+    """transformers' own DynamicCache after one token through the model: what this
+    transformers version stores per token in each layer (4.x: MLA's expanded K/V; 5.x:
+    the latent)."""
     from transformers.cache_utils import DynamicCache
 
-    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
-    if rotary is None:
-        return None
-    layer = originals[0]
-    weight = next(layer.parameters())
-    hidden = torch.zeros(1, 1, model.config.hidden_size, dtype=weight.dtype, device=weight.device)
-    positions = torch.zeros(1, 1, dtype=torch.long, device=weight.device)
     cache = DynamicCache(config=model.config)
+    token = torch.zeros(1, 1, dtype=torch.long, device=model.get_input_embeddings().weight.device)
     with torch.no_grad():
-        layer(
-            hidden_states=hidden,
-            position_embeddings=rotary(hidden, positions),
-            attention_mask=None,
-            past_key_values=cache,
-            position_ids=positions,
-        )
-    stored = cache.layers[layer.layer_idx]
-    per_layer = sum(t.numel() * t.element_size() for t in (stored.keys, stored.values))
-    return per_layer * len(originals)
+        model(token, past_key_values=cache, use_cache=True)
+    return cache
+
+
+def _transformers_cache_bytes(model: nn.Module) -> int:
+    """Bytes per token of the unpatched model's DynamicCache, measured."""
+    cache = probe_transformers_cache(model)
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
 def _new_token_padding_mask(

@@ -7,7 +7,6 @@ into the form the kernels want. Shapes come from ir.shapes, never by hand.
 
 from __future__ import annotations
 
-import math
 from dataclasses import astuple
 from typing import Any
 
@@ -17,7 +16,7 @@ from mlagen.errors import ShapeError
 from mlagen.ir.ops import B, Graph, Node, OpKind, S
 from mlagen.ir.shapes import RuleViolation, infer
 from mlagen.spec import GqaSpec, LatentSpec, MlaSpec, Spec
-from mlagen.spec.schema import Rope
+from mlagen.spec.schema import Rope, softmax_scale
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -93,16 +92,6 @@ class _Builder:
     def graph(self, outputs: tuple[str, ...]) -> Graph:
         locations = tuple((name, self.spec.where(name)) for name, _ in self.spec.field_lines)
         return Graph(self.spec.name, self.mode, tuple(self.nodes), outputs, locations)
-
-
-def softmax_scale(qk_head_dim: int, rope: Rope | None) -> float:
-    """qk_head_dim**-0.5, times mscale**2 under yarn with mscale_all_dim (as transformers' DeepseekV3)."""
-    scale = qk_head_dim**-0.5
-    scaling = rope.scaling if rope else None
-    if scaling is not None and scaling.mscale_all_dim and scaling.factor > 1:
-        mscale = 0.1 * scaling.mscale_all_dim * math.log(scaling.factor) + 1.0
-        scale *= mscale * mscale
-    return scale
 
 
 def _mla_query(g: _Builder, spec: MlaSpec, x: str, pos: str) -> tuple[str, str]:

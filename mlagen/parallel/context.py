@@ -38,8 +38,6 @@ after step t is waited for only after step t+1 is computed.
 
 from __future__ import annotations
 
-import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -50,7 +48,9 @@ from torch.autograd.function import once_differentiable
 
 from mlagen.runtime.checks import expect_tensor, position_ids_for
 from mlagen.runtime.launch import use_kernels
+from mlagen.runtime.modules import generated_source
 from mlagen.runtime.rope import apply_rope
+from mlagen.spec.schema import Rope, Yarn, softmax_scale
 
 Block = tuple[Tensor, ...]
 # expand(block) -> (k_a [B, Sk, Hk, Da], k_b [B, Sk, 1 or Hk, Db] or None, v [B, Sk, Hk, Dv])
@@ -419,27 +419,23 @@ def context_parallel_attention(
 
 
 def _softmax_scale(spec: dict) -> float:
-    """The generated module's scale (mlagen.ir.lower.softmax_scale, without importing the compiler):
-    qk_head_dim**-0.5, times mscale**2 for an mla spec under yarn with mscale_all_dim."""
+    """The generated module's scale, by the compiler's own formula."""
     if spec["family"] != "mla":
-        return spec["head_dim"] ** -0.5
-    scale = (spec["qk_nope_head_dim"] + spec["qk_rope_head_dim"]) ** -0.5
+        return softmax_scale(spec["head_dim"], None)
     scaling = spec["rope"]["scaling"]
-    if scaling is not None and scaling["mscale_all_dim"] and scaling["factor"] > 1:
-        mscale = 0.1 * scaling["mscale_all_dim"] * math.log(scaling["factor"]) + 1.0
-        scale *= mscale * mscale
-    return scale
+    rope = Rope(**{**spec["rope"], "scaling": Yarn(**scaling) if scaling else None})
+    return softmax_scale(spec["qk_nope_head_dim"] + spec["qk_rope_head_dim"], rope)
 
 
 def _generated_package(module: nn.Module):
     """The generated module file (SPEC, kernels, MAX_POSITION) that defines `module`'s class."""
-    package = sys.modules.get(type(module).__module__)
-    spec = getattr(package, "SPEC", None)
-    if not isinstance(spec, dict) or not hasattr(package, "kernels"):
+    package = generated_source(module)
+    if package is None:
         raise ValueError(
             f"context_parallel takes a generated Attention module (generated.<spec>.Attention), "
             f"got {type(module).__name__}"
         )
+    spec = package.SPEC
     name = spec["name"]
     if spec["family"] not in ("mla", "mha", "gqa", "mqa"):
         raise ValueError(

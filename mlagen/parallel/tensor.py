@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -39,6 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from mlagen.runtime.modules import generated_source
 
 GQA_FAMILIES = ("mha", "gqa", "mqa")
 
@@ -221,8 +222,9 @@ def head_shard(heads: int, kv_heads: int, rank: int, world_size: int) -> HeadSha
 
 
 def _spec_of(module: nn.Module) -> dict:
-    spec = getattr(sys.modules.get(type(module).__module__), "SPEC", None)
-    if not isinstance(spec, dict) or "family" not in spec:
+    source = generated_source(module)
+    spec = source.SPEC if source is not None else None
+    if spec is None:
         raise ValueError(
             f"tensor_parallel takes a generated attention module (Attention of generated/<spec>/module.py), "
             f"got {type(module).__name__}"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from types import ModuleType
+
 import torch
 from torch import nn
 
@@ -77,3 +80,14 @@ def head_matmul(
     if transpose:
         return torch.einsum("...hl,hnl->...hn", x, per_head)
     return torch.einsum("...hn,hnl->...hl", x, per_head)
+
+
+def generated_source(module: nn.Module) -> ModuleType | None:
+    """The generated module.py (SPEC, kernels, constants) defining `module`'s class or one of
+    its bases, so subclasses (a layer patched into a transformers model) count; None for
+    anything else."""
+    for cls in type(module).__mro__:
+        source = sys.modules.get(cls.__module__)
+        if isinstance(getattr(source, "SPEC", None), dict) and hasattr(source, "kernels"):
+            return source
+    return None

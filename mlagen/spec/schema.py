@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -34,6 +35,18 @@ class Rope:
     theta: float
     layout: str = "half"
     scaling: Yarn | None = None
+
+
+def softmax_scale(qk_head_dim: int, rope: Rope | None) -> float:
+    """The attention softmax scale a spec implies: qk_head_dim**-0.5, times mscale**2 under yarn
+    with mscale_all_dim (as transformers' DeepseekV3). Torch-free, so the compiler and the
+    runtime (context parallelism) share one formula."""
+    scale = qk_head_dim**-0.5
+    scaling = rope.scaling if rope else None
+    if scaling is not None and scaling.mscale_all_dim and scaling.factor > 1:
+        mscale = 0.1 * scaling.mscale_all_dim * math.log(scaling.factor) + 1.0
+        scale *= mscale * mscale
+    return scale
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
