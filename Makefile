@@ -8,7 +8,13 @@ STAMP := $(VENV)/.installed
 TORCH_WHEELS ?= /opt/wheels
 TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-*),--find-links $(TORCH_WHEELS))
 
-.PHONY: setup demo test lint format generate bench
+# The oldest transformers pyproject allows (its `transformers>=` bound): the Hugging Face
+# tests (marker `hf`) also run against it, in a venv of its own.
+TRANSFORMERS_OLDEST := $(shell sed -n 's/^hf = \["transformers>=\([0-9.]*\)"\]/\1/p' pyproject.toml)
+OLDEST_VENV := .venv-transformers-$(TRANSFORMERS_OLDEST)
+OLDEST_STAMP := $(OLDEST_VENV)/.installed
+
+.PHONY: setup demo test test-newest test-oldest-transformers lint format generate bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,13 +26,28 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+$(OLDEST_STAMP): pyproject.toml
+	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
+	$(OLDEST_VENV)/bin/python -m pip install -q $(TORCH_SOURCE) torch==2.13.0
+	$(OLDEST_VENV)/bin/python -m pip install -q $(TORCH_SOURCE) -e '.[test]' 'transformers==$(TRANSFORMERS_OLDEST)'
+	touch $(OLDEST_STAMP)
+
 # The main job: generate DeepSeek-V3's kernels and module, run them on CPU under the
 # Triton interpreter, compare with the fp64 reference, print the KV-cache bytes per token.
 demo: setup
 	$(PY) -m mlagen run specs/deepseek_v3.yaml --batch 1 --seq 32
 
-test: setup
-	$(PY) -m pytest -q
+# The whole suite with the newest releases pyproject allows (what a fresh venv gets), then the
+# Hugging Face tests with the oldest transformers allowed. About 8 minutes on 2 cores.
+test: test-newest test-oldest-transformers
+
+test-newest: setup
+	$(PY) -c "import transformers; print('tests with transformers', transformers.__version__)"
+	$(PY) -m pytest -q -o console_output_style=count --durations=5
+
+test-oldest-transformers: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -c "import transformers; print('hf tests with transformers', transformers.__version__)"
+	$(OLDEST_VENV)/bin/python -m pytest -q -m hf -o console_output_style=count
 
 lint: setup
 	$(VENV)/bin/ruff check mlagen tests

@@ -21,6 +21,7 @@ import mlagen
 from mlagen.spec.from_hf import yaml_from_hf_config
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf  # also run against the oldest transformers pyproject allows (make test)
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask  # noqa: E402
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2  # noqa: E402
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3  # noqa: E402
@@ -144,11 +145,12 @@ def inputs() -> tuple[torch.Tensor, torch.Tensor]:
 
 def causal_mask(config, hidden: torch.Tensor, positions: torch.Tensor):
     """The mask the decoder model builds (sliding-window for Mistral). The signature changed
-    in transformers 5 (inputs_embeds, no cache_position); pass what this version takes."""
+    within transformers 5 (inputs_embeds, no cache_position, cache); pass what this version takes."""
     sliding = getattr(config, "sliding_window", None)
     build = create_sliding_window_causal_mask if sliding else create_causal_mask
     params = inspect.signature(build).parameters
-    kwargs = dict(config=config, attention_mask=None, past_key_values=None, position_ids=positions)
+    kwargs = dict(config=config, attention_mask=None, position_ids=positions)
+    kwargs["cache" if "cache" in params else "past_key_values"] = None  # renamed in transformers 5.24
     kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden
     if "cache_position" in params:
         kwargs["cache_position"] = torch.arange(hidden.shape[1])
@@ -260,8 +262,8 @@ def test_mla_decode_matches_transformers(case, tmp_path):
         for start, stop in steps:
             x, pos = hidden[:, start:stop], positions[:, start:stop]
             mask = causal_mask(config, x, pos) if start == 0 else None  # one new token sees every cached key
-            expected, _ = layer(x, position_embeddings=rotary(x, pos), attention_mask=mask,
-                                past_key_values=hf_cache)
+            # The cache argument's name changed in transformers 5.24; pass it positionally.
+            expected, _ = layer(x, rotary(x, pos), mask, hf_cache)
             got = ours(x, pos, cache=cache)
             scale = expected.abs().max().item()
             error = (got - expected).abs().max().item()

@@ -14,6 +14,7 @@ import torch
 import mlagen
 
 transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf  # also run against the oldest transformers pyproject allows (make test)
 from mlagen.hf import MlagenCache  # noqa: E402
 from mlagen.runtime.paged_cache import PagedLatentCache  # noqa: E402
 
@@ -80,6 +81,18 @@ def prompts(batch: int, seqlen: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
     return ids.masked_fill(mask == 0, 0), mask
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The cache under the name this transformers version's forward takes (`cache` from 5.24)."""
+    from mlagen.hf.compat import cache_argument
+
+    return {cache_argument(model): cache}
+
+
+def output_cache(output):
+    """The cache a model output or generate() returns (`.cache` from transformers 5.24)."""
+    return output.cache if "cache" in output else output.past_key_values
+
+
 def greedy(model, ids, mask, steps: int = 6):
     return model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False,
                           return_dict_in_generate=True, output_logits=True)
@@ -97,7 +110,7 @@ def test_generate_matches_unpatched(kind, batch):
     scale = max(logits.abs().max().item() for logits in expected.logits)
     error = max((a - b).abs().max().item() for a, b in zip(got.logits, expected.logits))
     assert error <= LOGIT_RTOL * scale, f"logits differ by {error:.3g} (scale {scale:.3g})"
-    cache = got.past_key_values
+    cache = output_cache(got)
     assert isinstance(cache, MlagenCache)
     real = mask.sum(1).tolist()
     if kind.startswith("deepseek"):
@@ -140,7 +153,7 @@ def test_cache_bytes_reported_against_transformers():
     cache = transformers.DynamicCache(config=model.config)
     mlagen.unpatch(model)
     with torch.no_grad():
-        model(torch.ones(1, 5, dtype=torch.long), past_key_values=cache, use_cache=True)
+        model(torch.ones(1, 5, dtype=torch.long), **cache_kwargs(model, cache), use_cache=True)
     stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
     assert report.transformers_cache_bytes_per_token == stored // 5
 
@@ -159,7 +172,7 @@ def test_forward_with_cache_matches_transformers_step_by_step():
             full_mask = torch.cat([full_mask, chunk_mask], dim=1)
             positions = (full_mask.cumsum(1) - 1).clamp(min=0)[:, -chunk.shape[1] :]
             with torch.no_grad():
-                out = model(chunk, attention_mask=full_mask, position_ids=positions, past_key_values=cache,
+                out = model(chunk, attention_mask=full_mask, position_ids=positions, **cache_kwargs(model, cache),
                             use_cache=True)
             logits.append(out.logits * full_mask[:, -chunk.shape[1] :, None])
         return logits
@@ -198,7 +211,7 @@ def test_reusing_a_transformers_cache_fails_clearly():
     with torch.no_grad():
         out = model(ids)  # transformers makes a DynamicCache; the patched layers leave it alone
         with pytest.raises(ValueError, match="was not filled by the mlagen-patched layers"):
-            model(ids[:, :1], past_key_values=out.past_key_values)
+            model(ids[:, :1], **cache_kwargs(model, output_cache(out)))
 
 
 def test_refusals_are_one_line():
@@ -237,7 +250,11 @@ def test_decode_benchmark_harness(tmp_path):
         (contender, batch) for contender in hf_decode.CONTENDERS for batch in (1, 3)
     ]
     assert all(r["tokens_per_s"] > 0 for r in results)
-    assert {r["cache_bytes_per_token"] for r in results} == {2 * (32 + 8) * 4}
+    ours = {r["cache_bytes_per_token"] for r in results if r["contender"] == "mlagen"}
+    theirs = {r["cache_bytes_per_token"] for r in results if r["contender"] != "mlagen"}
+    assert ours == {2 * (32 + 8) * 4}
+    # transformers 5.0 caches MLA's expanded K/V (2 x 4 heads x 24 + 16 values), later releases the latent
+    assert theirs in ({2 * (32 + 8) * 4}, {2 * 4 * (24 + 16) * 4})
     # The report shows non-smoke runs as a table (a smoke run relabelled here to stand for a GPU run).
     import shutil
 
@@ -281,7 +298,7 @@ def test_cache_refuses_gradients():
     model = tiny_model("deepseek_v3")
     mlagen.patch(model, verbose=False)
     with pytest.raises(ValueError, match="for inference"):
-        model(torch.ones(1, 3, dtype=torch.long), past_key_values=MlagenCache(model, 1, 8), use_cache=True)
+        model(torch.ones(1, 3, dtype=torch.long), **cache_kwargs(model, MlagenCache(model, 1, 8)), use_cache=True)
 
 
 def test_other_models_sharing_the_config_are_untouched():
@@ -301,3 +318,90 @@ def test_attention_dropout_is_refused():
     model = tiny_model("llama", attention_dropout=0.1)
     with pytest.raises(ValueError, match="attention_dropout=0.1"):
         mlagen.patch(model)
+
+
+@pytest.mark.parametrize("kind", ["deepseek_v3", "deepseek_v2", "llama", "mistral"])
+def test_every_layer_receives_the_mlagen_cache_at_every_step(kind, monkeypatch):
+    """transformers 5.24 renamed the cache argument of the attention layers; a layer that
+    missed it would attend over the new token alone. Spy on what each layer gets."""
+    from mlagen.hf.attention import TransformersAttention
+
+    model = tiny_model(kind)
+    mlagen.patch(model, verbose=False)
+    received = []
+    original = TransformersAttention._cache_layer
+
+    def spy(self, cache):
+        received.append((self.layer_idx, cache))
+        return original(self, cache)
+
+    monkeypatch.setattr(TransformersAttention, "_cache_layer", spy)
+    ids, mask = prompts(1)
+    out = greedy(model, ids, mask, steps=3)
+    cache = output_cache(out)
+    assert isinstance(cache, MlagenCache)
+    assert [index for index, _ in received] == [0, 1] * 3  # prefill + 2 decode steps (the 3rd token is not fed back)
+    assert all(got is cache for _, got in received)
+
+
+def test_layer_takes_the_cache_under_either_name():
+    model = tiny_model("deepseek_v3", layers=1)
+    mlagen.patch(model, verbose=False)
+    layer = model.model.layers[0].self_attn
+    x = torch.randn(2, 5, 64)
+    outputs = []
+    for name in ("cache", "past_key_values"):
+        cache = MlagenCache(model, batch_size=2, max_tokens=8)
+        with torch.no_grad():
+            layer(x, attention_mask=None, position_ids=torch.arange(5)[None], **{name: cache})
+            outputs.append(layer(x[:, :1], attention_mask=None, position_ids=torch.tensor([[5]]), **{name: cache})[0])
+        assert cache.layers[0].storage().host_lengths() == [6, 6]
+    assert torch.equal(outputs[0], outputs[1])
+    with torch.no_grad(), pytest.raises(ValueError, match="both `cache` and `past_key_values`"):
+        layer(x, attention_mask=None, cache=MlagenCache(model, 2, 8), past_key_values=MlagenCache(model, 2, 8))
+
+
+@pytest.mark.parametrize(
+    "argument, match",
+    [
+        ({"shiny_new_argument": 1}, "does not understand the argument.*shiny_new_argument"),
+        ({"output_attentions": True}, "output_attentions"),
+        ({"is_causal": False}, "is_causal=False"),
+        ({"cu_seq_lens_q": torch.tensor([0, 3, 5])}, "packed sequences.*cu_seq_lens_q"),
+    ],
+    ids=["unknown", "attention-weights", "bidirectional", "packed"],
+)
+def test_layer_refuses_arguments_it_cannot_honour(argument, match):
+    model = tiny_model("llama", layers=1)
+    mlagen.patch(model, verbose=False)
+    layer = model.model.layers[0].self_attn
+    with torch.no_grad(), pytest.raises(ValueError, match=match) as info:
+        layer(torch.randn(1, 5, 64), attention_mask=None, position_ids=torch.arange(5)[None], **argument)
+    assert "\n" not in str(info.value)
+
+
+def test_layer_accepts_what_transformers_passes_through():
+    """Flags every decoder layer forwards (some versions only) change nothing in attention."""
+    model = tiny_model("llama", layers=1)
+    mlagen.patch(model, verbose=False)
+    layer = model.model.layers[0].self_attn
+    x, positions = torch.randn(1, 5, 64), torch.arange(5)[None]
+    with torch.no_grad():
+        plain = layer(x, attention_mask=None, position_ids=positions)[0]
+        flagged = layer(x, attention_mask=None, position_ids=positions, use_cache=False, output_attentions=False,
+                        cache_position=torch.arange(5), is_causal=True, output_hidden_states=False)[0]
+    assert torch.equal(plain, flagged)
+
+
+def test_pyproject_range_is_what_make_test_runs():
+    """`make test` runs the hf tests against pyproject's lower bound for transformers."""
+    import re
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    text = (ROOT / "pyproject.toml").read_text()
+    bounds = set(re.findall(r'"transformers>=([0-9.]+)"', text))
+    assert len(bounds) == 1, f"the hf and test extras disagree: {bounds}"
+    plan = subprocess.run(["make", "-n", "-B", "test-oldest-transformers"], cwd=ROOT, capture_output=True, text=True)
+    assert f"'transformers=={bounds.pop()}'" in plan.stdout, plan.stdout

@@ -100,13 +100,17 @@ def fill_mlagen_cache(model, batch: int, context: int, capacity: int):
 
 
 def tokens_per_second(model, cache, batch: int, context: int, steps: int, warmup: int) -> float:
+    from mlagen.hf.compat import cache_argument
+
     device = next(model.parameters()).device
     tokens = torch.randint(model.config.vocab_size, (batch, 1), device=device)
 
     def step(position: int):
         positions = torch.full((batch, 1), position, device=device)
         with torch.no_grad():
-            return model(tokens, position_ids=positions, past_key_values=cache, use_cache=True).logits
+            return model(
+                tokens, position_ids=positions, **{cache_argument(model): cache}, use_cache=True
+            ).logits
 
     for offset in range(warmup):
         step(context + offset)

@@ -6,7 +6,10 @@ generated module's parameters under transformers' names (state dicts are unchang
 its forward, called the way transformers' decoder layers call self_attn:
 
     out, _ = self_attn(hidden_states, position_embeddings=..., attention_mask=...,
-                       past_key_values=..., position_ids=..., **kwargs)
+                       cache=..., position_ids=..., **kwargs)
+
+(`past_key_values=` before transformers 5.24; both names are taken, and any other
+argument is either understood or refused: see compat.py.)
 
 Padding: transformers pads prompts on the left and marks pads in a 2-D attention mask.
 The layer moves each row's real tokens to the front (right padding), which a causal
@@ -24,6 +27,7 @@ import torch
 from torch import nn
 
 from mlagen.hf.cache import KVCacheLayer, LatentCacheLayer, MlagenCache
+from mlagen.hf.compat import check_layer_arguments, layer_cache
 from mlagen.runtime.launch import use_kernels
 from mlagen.runtime.modules import generated_source
 
@@ -101,12 +105,17 @@ class TransformersAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings=None,
         attention_mask=None,
-        past_key_values=None,
+        cache=None,
         position_ids: torch.Tensor | None = None,
+        *,
+        past_key_values=None,
         **kwargs,
     ):
+        # position_embeddings are transformers' cos/sin of position_ids; the generated
+        # module computes the same rotation from position_ids itself.
+        check_layer_arguments(kwargs, causal=self.generated.SPEC["causal"])
         batch, seqlen = hidden_states.shape[:2]
-        layer = self._cache_layer(past_key_values)
+        layer = self._cache_layer(layer_cache(cache, past_key_values))
         if position_ids is None:
             seen = layer.seen if layer is not None else 0
             position_ids = torch.arange(seen, seen + seqlen, device=hidden_states.device)[None]
@@ -125,13 +134,13 @@ class TransformersAttention(nn.Module):
             layer.seen += seqlen
         return (packing.unpack(out) if packing is not None else out), None
 
-    def _cache_layer(self, past_key_values):
+    def _cache_layer(self, cache):
         """This layer's MlagenCache layer, or None to run without a cache. A transformers
         cache is left untouched and marked, so that reusing it for a later step (which would
         silently restart positions at 0) fails with a clear error instead."""
-        if past_key_values is None:
+        if cache is None:
             return None
-        if isinstance(past_key_values, MlagenCache):
+        if isinstance(cache, MlagenCache):
             if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
                 # Appends write into the cache in place and decode reads it through kernels
                 # without a backward: gradients would be silently wrong.
@@ -139,12 +148,12 @@ class TransformersAttention(nn.Module):
                     "an MlagenCache is for inference: run under torch.no_grad() (generate() does), "
                     "or train with use_cache=False"
                 )
-            return past_key_values.layers[self.layer_idx]
-        skipped = past_key_values.__dict__.setdefault("_mlagen_unfilled_layers", set())
+            return cache.layers[self.layer_idx]
+        skipped = cache.__dict__.setdefault("_mlagen_unfilled_layers", set())
         if self.layer_idx in skipped:
             raise ValueError(
-                f"this {type(past_key_values).__name__} was not filled by the mlagen-patched layers; "
-                "decode with model.generate(), or pass past_key_values=mlagen.hf.MlagenCache(model, batch_size, "
+                f"this {type(cache).__name__} was not filled by the mlagen-patched layers; "
+                "decode with model.generate(), or pass cache=mlagen.hf.MlagenCache(model, batch_size, "
                 "max_tokens) to the forward calls"
             )
         skipped.add(self.layer_idx)

@@ -41,7 +41,9 @@ class _MlagenLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         raise TypeError(_WRITE_THROUGH)
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query: int | torch.Tensor) -> tuple[int, int]:
+        # Older transformers 5 releases pass cache_position (one entry per new token), newer the count.
+        query_length = query if isinstance(query, int) else query.shape[0]
         return self.seen + query_length, 0
 
     def get_seq_length(self) -> int:
@@ -49,6 +51,8 @@ class _MlagenLayer(CacheLayerMixin):
 
     def get_max_length(self) -> int:
         return self.max_tokens
+
+    get_max_cache_shape = get_max_length  # its name before transformers 5.2x
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         raise NotImplementedError(
@@ -169,10 +173,11 @@ class KVCacheLayer(_MlagenLayer):
 
 class MlagenCache(Cache):
     """The cache `generate()` uses on a model patched by mlagen.patch (created
-    automatically there), or one to pass as `past_key_values` to the model's forward:
+    automatically there), or one to pass to the model's forward as `cache` (transformers
+    5.24 and newer; `past_key_values` before):
 
         cache = MlagenCache(model, batch_size=4, max_tokens=4096)
-        model(input_ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids, attention_mask=mask, cache=cache)
 
     `max_tokens` bounds each row, padding included; `page_size`/`num_pages` size the MLA
     layers' page pools (default: the spec's page size, and every row at max_tokens)."""

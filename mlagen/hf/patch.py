@@ -29,6 +29,7 @@ from torch import nn
 from mlagen.errors import MlagenError
 from mlagen.hf.attention import TransformersAttention
 from mlagen.hf.cache import MlagenCache
+from mlagen.hf.compat import cache_argument
 from mlagen.spec.from_hf import spec_from_hf_config, yaml_from_hf_config
 
 ATTN_IMPLEMENTATION = "mlagen"
@@ -188,7 +189,7 @@ def probe_transformers_cache(model: nn.Module):
     cache = DynamicCache(config=model.config)
     token = torch.zeros(1, 1, dtype=torch.long, device=model.get_input_embeddings().weight.device)
     with torch.no_grad():
-        model(token, past_key_values=cache, use_cache=True)
+        model(token, **{cache_argument(model): cache}, use_cache=True)
     return cache
 
 
@@ -198,14 +199,42 @@ def _transformers_cache_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
+# What transformers' mask builders pass to a mask interface besides the padding mask and
+# the new-token count: sizes and helpers for materialising a mask, which mlagen never does.
+_MASK_BUILDER_ARGUMENTS = frozenset(
+    {
+        "batch_size",
+        "kv_length",
+        "q_offset",
+        "kv_offset",
+        "mask_function",
+        "local_size",
+        "allow_is_bidirectional_skip",
+        "allow_torch_fix",
+        "dtype",
+        "config",
+        "use_vmap",
+        "device",
+    }
+)
+
+
 def _new_token_padding_mask(
-    batch_size, q_length=None, kv_length=None, attention_mask=None, allow_is_causal_skip=True, **kwargs
+    attention_mask=None, allow_is_causal_skip=True, q_length=None, cache_position=None, **kwargs
 ):
-    """The mask transformers hands mlagen layers: which of the q_length new tokens are
-    real ([B, q_length] bool), or None when all are. The kernels compute causal (and
+    """The mask transformers hands mlagen layers: which of the new tokens are real
+    ([B, new tokens] bool), or None when all are. The kernels compute causal (and
     sliding-window) attention over a row's real tokens, nothing else: transformers turns
     off `allow_is_causal_skip` exactly when it adds another pattern (packed sequences,
-    whose position_ids restart inside a row, or extra mask functions), so that is refused."""
+    whose position_ids restart inside a row, or extra mask functions), so that is refused.
+    The new-token count comes as q_length (transformers 5.2x) or as cache_position (one
+    entry per new token, earlier releases)."""
+    unknown = sorted(set(kwargs) - _MASK_BUILDER_ARGUMENTS)
+    if unknown:
+        raise ValueError(
+            f"transformers asked mlagen's mask for argument(s) {', '.join(unknown)} it does not understand; "
+            "use a transformers version in mlagen's supported range (pyproject.toml) or mlagen.unpatch(model)"
+        )
     if not allow_is_causal_skip:
         raise ValueError(
             "this call needs a mask beyond causal + padding (packed sequences restarting position_ids "
@@ -214,7 +243,8 @@ def _new_token_padding_mask(
         )
     if attention_mask is None:
         return None
-    new_tokens = attention_mask[:, -q_length:]
+    new_count = q_length if q_length is not None else cache_position.shape[0]
+    new_tokens = attention_mask[:, -new_count:]
     return None if bool(new_tokens.all()) else new_tokens
 
 
@@ -252,7 +282,8 @@ def _prepare_mlagen_cache(
 ):
     """generate()'s cache set-up on a patched model: an MlagenCache unless the caller gave
     a cache or asked for none."""
-    if model_kwargs.get("past_key_values") is not None or generation_config.use_cache is False:
+    name = cache_argument(self)
+    if model_kwargs.get(name) is not None or generation_config.use_cache is False:
         return type(self)._prepare_cache_for_generation(
             self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
         )
@@ -264,4 +295,4 @@ def _prepare_mlagen_cache(
             "mlagen-patched model, which keeps its own MlagenCache; leave it unset"
         )
     rows = max(generation_config.num_return_sequences or 1, 1) * batch_size
-    model_kwargs["past_key_values"] = MlagenCache(self, rows, max_cache_length)
+    model_kwargs[name] = MlagenCache(self, rows, max_cache_length)
