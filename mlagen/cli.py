@@ -7,12 +7,15 @@ A user's mistake prints one line `mlagen: error: ...` and exits 2; `generate
 from __future__ import annotations
 
 import argparse
+import importlib.machinery
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from mlagen.errors import MlagenError
+from mlagen.errors import MlagenError, one_line
 
 SPECS_DIR = Path("specs")
 
@@ -28,6 +31,37 @@ def _specs(paths: list[str], all_specs: bool) -> list[Path]:
     return [Path(p) for p in paths]
 
 
+def _installed_elsewhere(name: str, out_root: Path) -> str | None:
+    """Where `import name` finds a module outside `out_root`, or None."""
+    if name in sys.builtin_module_names:
+        return "built into Python"
+    elsewhere = [p for p in sys.path if Path(p or ".").resolve() != out_root]
+    found = importlib.machinery.PathFinder.find_spec(name, elsewhere)
+    for finder in sys.meta_path:  # editable installs and other import hooks
+        if found is None and finder is not importlib.machinery.PathFinder and hasattr(finder, "find_spec"):
+            found = finder.find_spec(name, None)
+    if found is None:
+        return None
+    return found.origin or next(iter(found.submodule_search_locations or ()), "an import hook")
+
+
+def _refuse_shadowing(specs: list, out: str) -> None:
+    """Generating into a folder Python imports from (`--out .`) puts each package at the top level,
+    where it would hide an installed module of the same name: refuse that name there."""
+    out_root = Path(out).resolve()
+    roots = {Path.cwd().resolve()} | {Path(p or ".").resolve() for p in sys.path}
+    if out_root not in roots:
+        return
+    for spec in specs:
+        where = _installed_elsewhere(spec.name, out_root)
+        if where:
+            raise MlagenError(
+                f"{spec.where('name')}: name: {spec.name!r} is also an installed module ({where}); "
+                f"generated into {out}, which Python imports from, it would hide that module; "
+                f"rename the spec or generate into a subfolder (--out generated)"
+            )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from mlagen.codegen import check_generated, generate
     from mlagen.spec import load_spec
@@ -35,6 +69,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # `--check` alone checks every shipped spec: the question is "is generated/ stale?".
     every = args.all or (args.check and not args.specs)
     specs = [load_spec(path) for path in _specs(args.specs, every)]  # validate all before writing any
+    _refuse_shadowing(specs, args.out)
     if args.check:
         stale = {spec.name: check_generated(spec, args.out) for spec in specs}
         stale = {name: files for name, files in stale.items() if files}
@@ -112,7 +147,10 @@ def cmd_graph(args: argparse.Namespace) -> int:
     dot = shutil.which("dot")
     if dot:
         svg = out.with_suffix(".svg")
-        subprocess.run([dot, "-Tsvg", str(out), "-o", str(svg)], check=True)
+        done = subprocess.run([dot, "-Tsvg", str(out), "-o", str(svg)], capture_output=True, text=True)
+        if done.returncode:
+            reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+            raise MlagenError(f"graphviz could not write {svg} ({reason}); {out} is written")
         print(f"wrote {svg}")
     else:
         print(
@@ -122,8 +160,11 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mlagen.run import run_spec
     from mlagen.spec import load_spec
+
+    spec = load_spec(args.spec)
+    _refuse_shadowing([spec], args.out)
+    from mlagen.run import run_spec  # imports torch: only once the spec is known to be usable
 
     report = run_spec(
         args.spec, batch=args.batch, seqlen=args.seq, dtype=args.dtype, device=args.device, out_root=args.out
@@ -139,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"  max |module - fp64 reference| = {report.kernel_error:.3g}   "
         f"(eager {report.dtype} reference: {report.eager_error:.3g})"
     )
-    print("  " + _cache_line(load_spec(args.spec)))
+    print("  " + _cache_line(spec))
     return 0
 
 
@@ -181,12 +222,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive(values: list[int], flag: str) -> list[int]:
-    if any(v < 1 for v in values):
-        raise MlagenError(f"{flag} {' '.join(map(str, values))}: every value must be >= 1")
-    return values
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     from mlagen.autotune import Shape, parse_arch
     from mlagen.inspect_kernels import format_inspect, inspect_spec
@@ -194,7 +229,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec)
     arch = parse_arch(args.arch)
-    shape = Shape(*_positive([args.batch, args.seq_len], "--batch/--seq-len"))
+    shape = Shape(args.batch, args.seq_len)
     rows = inspect_spec(spec, arch, shape, dtype=args.dtype, workers=args.workers)
     print("\n".join(format_inspect(spec, arch, shape, rows, args.dtype)))
     return 0
@@ -207,11 +242,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from mlagen.runtime.tuning_cache import cache_path
     from mlagen.spec import load_spec
 
-    shapes = [
-        autotune.Shape(batch, seq_len)
-        for seq_len in _positive(args.seq_lens, "--seq-lens")
-        for batch in _positive(args.batch, "--batch")
-    ]
+    shapes = [autotune.Shape(batch, seq_len) for seq_len in args.seq_lens for batch in args.batch]
     if args.static:
         arch = autotune.parse_arch(args.arch)
         rankings = autotune.static_tune(
@@ -239,8 +270,33 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """A batch, length, worker or row count: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number >= 1")
+    return value
+
+
+def _device(text: str) -> str:
+    name, _, index = text.partition(":")
+    if name not in ("cpu", "cuda") or (index and not (name == "cuda" and index.isdigit())):
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda or cuda:N")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage mistakes are one `mlagen: error:` line, like every other mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"mlagen: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlagen", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="mlagen", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate kernels and modules into generated/<spec>/")
@@ -262,12 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
         "run", help="generate, run the module on random input, compare with the fp64 reference"
     )
     run.add_argument("spec")
-    run.add_argument("--batch", type=int, default=1)
-    run.add_argument("--seq", type=int, default=32)
+    run.add_argument("--batch", type=_count, default=1)
+    run.add_argument("--seq", type=_count, default=32)
     run.add_argument(
         "--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp32 on CPU, the spec's on GPU"
     )
-    run.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    run.add_argument("--device", type=_device, help="cpu or cuda (default: cuda when available)")
     run.add_argument("--out", default="generated", help="output root (default: generated)")
     run.set_defaults(run=cmd_run)
 
@@ -289,10 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("spec", nargs="?", help="spec file (.yaml); leave out with --plot / --report")
     bench.add_argument("--mode", choices=("prefill", "train", "decode"), default="prefill")
-    bench.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths (decode: cache lengths)")
-    bench.add_argument("--batch", type=int, help="default: 16k tokens / seq len; decode 64; smoke 2")
+    bench.add_argument("--seq-lens", type=_count, nargs="+", help="sequence lengths (decode: cache lengths)")
+    bench.add_argument("--batch", type=_count, help="default: 16k tokens / seq len; decode 64; smoke 2")
     bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: the spec's; fp32 on CPU")
-    bench.add_argument("--device", help="cuda (default when available) or cpu (with --smoke)")
+    bench.add_argument("--device", type=_device, help="cuda (default when available) or cpu (with --smoke)")
     bench.add_argument("--smoke", action="store_true", help="test-sized shapes; on CPU under the interpreter")
     bench.add_argument("--out", default="benchmarks", help="folder of the JSON files and plots")
     bench.add_argument("--generated", default="generated", help="output root of the generated packages")
@@ -308,24 +364,24 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("spec")
     inspect.add_argument("--arch", default="sm_90", help="sm_90 (default) or sm_80")
     inspect.add_argument(
-        "--seq-len", type=int, default=4096, help="tokens (decode: cached tokens); default 4096"
+        "--seq-len", type=_count, default=4096, help="tokens (decode: cached tokens); default 4096"
     )
-    inspect.add_argument("--batch", type=int, default=1)
+    inspect.add_argument("--batch", type=_count, default=1)
     inspect.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: the spec's")
-    inspect.add_argument("--workers", type=int, help="compile processes (default: CPU count)")
+    inspect.add_argument("--workers", type=_count, help="compile processes (default: CPU count)")
     inspect.set_defaults(run=cmd_inspect)
 
     tune = sub.add_parser(
         "tune", help="time candidate configs on this GPU and cache the winners (or --static)"
     )
     tune.add_argument("spec")
-    tune.add_argument("--seq-lens", type=int, nargs="+", default=[1024, 4096], help="default: 1024 4096")
-    tune.add_argument("--batch", type=int, nargs="+", default=[1], help="default: 1")
+    tune.add_argument("--seq-lens", type=_count, nargs="+", default=[1024, 4096], help="default: 1024 4096")
+    tune.add_argument("--batch", type=_count, nargs="+", default=[1], help="default: 1")
     tune.add_argument("--static", action="store_true", help="no GPU: rank candidates by the static model")
     tune.add_argument("--arch", default="sm_90", help="with --static: sm_90 (default) or sm_80")
     tune.add_argument("--write", action="store_true", help="with --static: store the winners in the cache")
-    tune.add_argument("--top", type=int, default=5, help="with --static: candidates shown per launcher")
-    tune.add_argument("--workers", type=int, help="compile processes (default: CPU count)")
+    tune.add_argument("--top", type=_count, default=5, help="with --static: candidates shown per launcher")
+    tune.add_argument("--workers", type=_count, help="compile processes (default: CPU count)")
     tune.add_argument("--out", default="generated", help="output root (default: generated)")
     tune.set_defaults(run=cmd_tune)
 
@@ -337,9 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
+        code = args.run(args)
+        sys.stdout.flush()  # so a closed pipe shows up here, not as a traceback at exit
+        return code
+    except BrokenPipeError:
+        # The reader (`mlagen check ... | head -1`) stopped reading: end quietly, as a tool killed
+        # by SIGPIPE would (the shell's 128 + 13), and keep Python's exit flush off the dead pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except MlagenError as exc:
-        print(f"mlagen: error: {exc}", file=sys.stderr)
+        print(f"mlagen: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mlagen: interrupted", file=sys.stderr)

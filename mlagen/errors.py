@@ -7,6 +7,13 @@ prints `str(error)` and exits 2.
 from __future__ import annotations
 
 
+def one_line(text: str) -> str:
+    """`text` with line breaks and other unprintable characters escaped (\\n, \\x00, \\u2028)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else ascii(ch)[1:-1] for ch in text)
+
+
 class MlagenError(Exception):
     """Base of every user-facing error."""
 
@@ -24,8 +31,9 @@ class SpecError(MlagenError):
         super().__init__(self.render())
 
     def render(self) -> str:
-        where = self.source if self.line is None else f"{self.source}:{self.line}"
-        # A field name comes from the user's YAML; escape it so the message stays one line.
+        # The path and the field name come from the user; escape them so the message stays one line.
+        source = one_line(self.source)
+        where = source if self.line is None else f"{source}:{self.line}"
         field = self.field if self.field is None or self.field.isprintable() else ascii(self.field)
         what = f"{field}: " if field else ""
         return f"{where}: {what}{self.message}"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -188,3 +191,141 @@ def test_process_exit_codes(case, stale_out):
         assert "1152 bytes" in result.stdout and "71.1x" in result.stdout
     if case == "stale":
         assert "module.py" in result.stdout
+
+
+# --- hostile input (issue 14) --------------------------------------------------------------------
+
+# Runs the CLI as `python -m mlagen` would, then reports which heavy modules it imported.
+_IMPORTS = """
+import runpy, sys
+sys.argv = ["mlagen", *sys.argv[1:]]
+code = 0
+try:
+    runpy.run_module("mlagen", run_name="__main__", alter_sys=True)
+except SystemExit as exit:
+    code = exit.code
+print("EXIT", code, "HEAVY", sorted(m for m in ("torch", "triton") if m in sys.modules))
+"""
+
+
+@pytest.mark.parametrize("command", ["check", "generate", "generate_check", "graph", "from_hf"])
+def test_compiler_commands_do_not_import_torch(tmp_path, command):
+    argv = {
+        "check": ["check", "specs/deepseek_v3.yaml"],
+        "generate": ["generate", "specs/tiny_mla.yaml", "specs/tiny_gqa.yaml", "--out", str(tmp_path)],
+        # renders every file to compare; exits 1 because tmp_path holds no package yet
+        "generate_check": ["generate", "--check", "specs/tiny_mla.yaml", "--out", str(tmp_path)],
+        "graph": ["graph", "specs/tiny_mla.yaml", "-o", str(tmp_path / "tiny_mla.dot")],
+        "from_hf": ["from-hf", "tests/hf_configs/llama3_8b.json", "-o", str(tmp_path / "llama.yaml")],
+    }[command]
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORTS, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    code = 1 if command == "generate_check" else 0
+    assert result.stdout.strip().splitlines()[-1] == f"EXIT {code} HEAVY []", result.stdout + result.stderr
+
+
+def test_closed_stdout_ends_quietly():
+    # The reader is gone before mlagen writes (what `| head -1` does to a long output): no traceback.
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "mlagen", "check", "specs/deepseek_v3.yaml"],
+            cwd=ROOT,
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
+def test_piped_into_head_prints_the_first_line_only():
+    result = subprocess.run(
+        f"{shlex.quote(sys.executable)} -m mlagen check specs/deepseek_v3.yaml | head -1",
+        shell=True,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.stdout.startswith("deepseek_v3: family mla") and result.stdout.count("\n") == 1
+    assert result.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["check"], "the following arguments are required: spec (see `mlagen check --help`)"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
+        (
+            ["inspect", "specs/tiny_mla.yaml", "--batch", "0"],
+            "argument --batch: '0': give a whole number >= 1",
+        ),
+        (["tune", "specs/tiny_mla.yaml", "--workers", "two"], "'two': give a whole number >= 1"),
+        (["run", "specs/tiny_mla.yaml", "--device", "tpu"], "'tpu': use cpu, cuda or cuda:N"),
+        (["check", "a.yaml", "extra\nline"], "unrecognized arguments: extra\\nline"),
+    ],
+    ids=["missing_spec", "unknown_command", "batch_zero", "workers_word", "device_tpu", "newline_argument"],
+)
+def test_usage_mistake_is_one_error_line(capsys, argv, expected):
+    with pytest.raises(SystemExit) as exit:
+        main(argv)
+    captured = capsys.readouterr()
+    assert (exit.value.code, captured.out) == (2, "")
+    assert_one_error_line(captured.err)
+    assert expected in captured.err
+
+
+def test_path_with_a_line_break_is_one_error_line(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "check", str(tmp_path / "two\nlines.yaml"))
+    assert code == 2
+    assert_one_error_line(err)
+    assert "two\\nlines.yaml: no such file" in err
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="no /dev/zero")
+def test_check_dev_zero_returns_at_once():
+    result = mlagen_process("check", "/dev/zero")
+    assert result.returncode == 2
+    assert_one_error_line(result.stderr)
+    assert "/dev/zero: is not a regular file" in result.stderr
+
+
+SHADOWING_SPEC = (
+    "name: {name}\nfamily: mqa\nd_model: 32\nheads: 2\nhead_dim: 16\nrope:\n  theta: 10000\ndtype: fp32\n"
+)
+
+
+def test_generate_into_an_import_root_refuses_an_installed_module_name(capsys, tmp_path, monkeypatch):
+    # `yaml` (PyYAML, a dependency) is installed: ./yaml/ would hide it from `import yaml` here.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "yaml_spec.yaml").write_text(SHADOWING_SPEC.format(name="yaml"), encoding="utf-8")
+    code, _, err = run_cli(capsys, "generate", "yaml_spec.yaml", "--out", ".")
+    assert code == 2
+    assert_one_error_line(err)
+    assert "yaml_spec.yaml:1: name: 'yaml' is also an installed module" in err and "--out generated" in err
+    assert not (tmp_path / "yaml").exists()
+
+    # In a subfolder it is only generated.yaml, which hides nothing.
+    assert run_cli(capsys, "generate", "yaml_spec.yaml", "--out", "generated")[0] == 0
+    assert (tmp_path / "generated" / "yaml" / "module.py").is_file()
+
+
+def test_generate_into_an_import_root_accepts_its_own_earlier_package(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "spec.yaml").write_text(SHADOWING_SPEC.format(name="my_attention"), encoding="utf-8")
+    assert run_cli(capsys, "generate", "spec.yaml", "--out", ".")[0] == 0
+    code, out, _ = run_cli(capsys, "generate", "spec.yaml", "--out", ".")
+    assert code == 0 and out.strip() == "my_attention: unchanged"
+
+
+def test_graphviz_failure_is_one_error_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: "false")  # a `dot` that always fails
+    code, out, err = run_cli(capsys, "graph", "specs/tiny_mla.yaml", "-o", str(tmp_path / "g.dot"))
+    assert code == 2
+    assert_one_error_line(err)
+    assert "graphviz could not write" in err and (tmp_path / "g.dot").is_file()

@@ -1,16 +1,24 @@
 """Graph -> files of generated/<spec>/ (rendered from templates/), written atomically.
 
 Rendering is a pure function of the spec and the templates, so output is
-byte-for-byte reproducible. Writing swaps the whole package directory at once
-under a lock, and only when some file changed: a crash leaves the previous
-package intact, and two processes generating the same spec agree.
+byte-for-byte reproducible. Writing stages the new package beside the old one
+and swaps the two directories in one step (Linux renameat2 RENAME_EXCHANGE),
+under a lock and only when some file changed: `import generated.<spec>` finds
+the old or the new package at every instant, whenever the writer is killed,
+and two processes generating the same spec agree. Where no atomic exchange
+exists the swap takes two renames, and a package retired by a crash between
+them is put back by the next generate. Each generate first removes what
+crashed writers left (staged or retired directories).
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +29,8 @@ import jinja2
 from mlagen.codegen.module_code import forward_body, submodules
 from mlagen.errors import GenerateError
 from mlagen.ir import Graph, OpKind
-from mlagen.runtime.attention import padded
 from mlagen.spec import GqaSpec, LatentSpec, MlaSpec, Spec
+from mlagen.tiles import padded
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -187,7 +195,7 @@ def _lock_for(package_dir: Path) -> filelock.FileLock:
 
 
 def write_package(files: dict[str, str], package_dir: Path) -> list[str]:
-    """Replace package_dir by `files` in one rename if anything differs; return what changed."""
+    """Replace package_dir by `files` in one atomic swap if anything differs; return what changed."""
     root = package_dir.parent
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -205,6 +213,7 @@ def write_package(files: dict[str, str], package_dir: Path) -> list[str]:
                     (staging / name).write_text(text, encoding="utf-8")
                 _swap_in(staging, package_dir)
             finally:
+                # Before the swap this is the unfinished new package; after an exchange, the old one.
                 shutil.rmtree(staging, ignore_errors=True)
             return changed
     except OSError as exc:
@@ -214,29 +223,68 @@ def write_package(files: dict[str, str], package_dir: Path) -> list[str]:
 
 
 def _recover(package_dir: Path) -> None:
-    """Put back a package retired by a swap that crashed between its two renames."""
-    if not package_dir.exists():
-        retired = sorted(package_dir.parent.glob(f".{package_dir.name}.old-*"))
-        if retired:
-            os.rename(retired[-1], package_dir)
+    """Clear up after writers that died (the caller holds the lock, so no live writer owns
+    anything here): put back a package that a two-rename swap retired just before it died,
+    then remove every staged (`.NAME.new-*`) and retired (`.NAME.old-*`) directory."""
+    root = package_dir.parent
+    retired = sorted(root.glob(f".{package_dir.name}.old-*"))
+    if retired and not package_dir.exists():
+        os.rename(retired.pop(), package_dir)
+    for leftover in [*retired, *root.glob(f".{package_dir.name}.new-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)  # one left behind is removed next time
 
 
 def _swap_in(staging: Path, package_dir: Path) -> None:
-    """Move the staged package into place. The old one is renamed away first and
-    removed only after the new one is in place, so a crash leaves one of them whole."""
-    retired = None
-    if package_dir.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{package_dir.name}.old-", dir=package_dir.parent))
-        retired.rmdir()
-        os.rename(package_dir, retired)
+    """Move the staged package into place so that the old or the new one is importable at
+    every instant. After an exchange `staging` holds the old package, for the caller to remove."""
+    if not package_dir.exists():
+        os.rename(staging, package_dir)  # nothing to replace: one rename is atomic
+        return
+    if _exchange(staging, package_dir):
+        return
+    # No atomic exchange here: the old package is renamed away first and removed only after
+    # the new one is in place. Between the two renames there is no package; a writer killed
+    # there leaves the old one as `.NAME.old-*`, which the next generate's _recover puts back.
+    retired = Path(tempfile.mkdtemp(prefix=f".{package_dir.name}.old-", dir=package_dir.parent))
+    retired.rmdir()
+    os.rename(package_dir, retired)
     try:
         os.rename(staging, package_dir)
     except OSError:
-        if retired is not None:
-            os.rename(retired, package_dir)
+        os.rename(retired, package_dir)
         raise
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
+    shutil.rmtree(retired, ignore_errors=True)
+
+
+AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
+RENAME_EXCHANGE = 2  # <linux/fs.h>
+
+
+def _renameat2():
+    """glibc's renameat2 (2.28 and later), or None where the C library has none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+        function.restype = ctypes.c_int
+    return function
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two existing directories in one step. False where the C library, the kernel
+    (ENOSYS) or the filesystem (EINVAL) cannot, so the caller falls back to two renames."""
+    if _RENAMEAT2 is None:
+        return False
+    if _RENAMEAT2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE) == 0:
+        return True
+    error = ctypes.get_errno()
+    if error in (errno.EINVAL, errno.ENOSYS):
+        return False
+    raise OSError(error, os.strerror(error), str(first), None, str(second))
 
 
 def _umask() -> int:

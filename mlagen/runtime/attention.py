@@ -8,6 +8,7 @@ import torch
 import triton.language as tl
 
 from mlagen.runtime import reference
+from mlagen.tiles import padded as padded  # re-exported: mlagen.autotune imports it from here
 
 LOG2E = 1.4426950408889634
 GROUP_MASK_CODES = {None: 0, "same": 1, "earlier": 2}
@@ -24,11 +25,6 @@ class AttentionDims:
     d_a: int
     d_b: int
     d_v: int
-
-
-def padded(dim: int) -> int:
-    """Tile width for a head dim: a power of two, at least 16 (the tensor-core K step)."""
-    return max(16, 1 << (dim - 1).bit_length()) if dim else 0
 
 
 def last_dim_contiguous(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import difflib
 import keyword
 import re
+import stat
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +32,16 @@ from mlagen.spec.schema import (
 )
 
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,62}\Z")
+# A generated package must not be mistaken for one of these by `import`: the standard library
+# (whose names mean the same on every machine) and mlagen, which every generated module imports.
+RESERVED_NAMES = frozenset(sys.stdlib_module_names) | {"mlagen"}
 SAFE_TAGS = {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null", "map", "seq")}
+# A spec is a few hundred bytes. The cap keeps a wrong path (a log, a dump) from stalling the
+# pure-Python YAML parser: 64 KiB of the slowest YAML parses in about half a second.
+MAX_SPEC_BYTES = 64 << 10
+# Longer integers are refused before conversion: int() of over 4300 digits raises, and the range
+# message would echo every digit. Shorter ones reach the field's own "must be at most" check.
+MAX_INT_DIGITS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +58,10 @@ class FieldRule:
     multiple_of: int | None = None
     choices: tuple[str, ...] | None = None
     why: str = ""
+    low_why: str = ""
+    # (name other tools use, the choice to write instead): suggested, never accepted, so a
+    # spec has one spelling per meaning.
+    hints: tuple[tuple[str, str], ...] = ()
 
 
 def _dims(name: str, high: int = 256, why: str = "") -> FieldRule:
@@ -66,9 +81,27 @@ COMMON = (
     FieldRule("description", str, required=False),
     FieldRule("d_model", int, low=8, high=65536, multiple_of=8, why="rows load as 16-byte vectors"),
     FieldRule("heads", int, low=1, high=1024),
-    FieldRule("dtype", str, required=False, default="bf16", choices=DTYPES),
+    FieldRule(
+        "dtype",
+        str,
+        required=False,
+        default="bf16",
+        choices=DTYPES,
+        hints=(
+            ("bfloat16", "'bf16'"),
+            ("float16", "'fp16'"),
+            ("half", "'fp16'"),
+            ("float32", "'fp32'"),
+            ("float", "'fp32'"),
+        ),
+    ),
     FieldRule("max_position", int, required=False, default=4096, low=1, high=1 << 24),
 )
+
+# The two rotary layouts under the names other code gives them. transformers' Llama (and
+# every checkpoint converted to it) rotates halves; Meta's original Llama code rotates pairs.
+_HALF = "'half' (rotates x[i] with x[i + d/2], rotate_half: NeoX and transformers' Llama)"
+_INTERLEAVE = "'interleave' (rotates x[2i] with x[2i+1]: GPT-J and Meta's original Llama code)"
 
 YARN = (
     FieldRule("type", str, required=False, default="yarn", choices=("yarn",)),
@@ -82,7 +115,15 @@ YARN = (
 
 ROPE = (
     FieldRule("theta", float, low=2.0, high=1e12),
-    FieldRule("layout", str, required=False, default="half", choices=ROPE_LAYOUTS),
+    FieldRule(
+        "layout",
+        str,
+        required=False,
+        default="half",
+        choices=ROPE_LAYOUTS,
+        hints=tuple((alias, _HALF) for alias in ("neox", "gpt_neox", "gpt-neox", "llama", "rotate_half"))
+        + tuple((alias, _INTERLEAVE) for alias in ("gptj", "gpt-j", "gpt_j", "pairs", "complex")),
+    ),
     FieldRule("scaling", dict, required=False, nullable=True),
 )
 
@@ -109,7 +150,16 @@ FAMILY_FIELDS: dict[str, tuple[FieldRule, ...]] = {
         _dims("qk_rope_head_dim", why="rope dims are multiples of 8 so rows load as 16-byte vectors"),
         _dims("v_head_dim"),
         FieldRule("rope", dict),
-        FieldRule("norm_eps", float, required=False, default=1e-6, low=0.0, high=1.0),
+        FieldRule(
+            "norm_eps",
+            float,
+            required=False,
+            default=1e-6,
+            low=1e-30,
+            high=1.0,
+            low_why="eps keeps rsqrt(mean(x^2) + eps) finite for an all-zero row; "
+            "0, or a value that rounds to 0 in fp32, turns that row into NaN",
+        ),
         FieldRule("causal", bool, required=False, default=True),
         FieldRule("attention_bias", bool, required=False, default=False),
         FieldRule("page_size", int, required=False, default=64, low=1, high=4096),
@@ -193,6 +243,15 @@ def _to_python(node: yaml.Node, loader: yaml.SafeLoader, doc: _Located, path: st
             line=line,
             field=path or None,
         )
+    kind = node.tag.rsplit(":", 1)[1]
+    fits = {"map": yaml.MappingNode, "seq": yaml.SequenceNode}.get(kind, yaml.ScalarNode)
+    if not isinstance(node, fits):
+        raise SpecError(
+            f"the tag !!{kind} does not fit {_NODE_NAMES[type(node)]}; remove the tag",
+            source=doc.source,
+            line=line,
+            field=path or None,
+        )
     if isinstance(node, yaml.MappingNode):
         result: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -224,17 +283,100 @@ def _to_python(node: yaml.Node, loader: yaml.SafeLoader, doc: _Located, path: st
         return result
     if isinstance(node, yaml.SequenceNode):
         return [_to_python(item, loader, doc, path, seen) for item in node.value]
-    return loader.construct_object(node)
+    problem = _scalar_problem(kind, node.value)
+    if problem is None:
+        try:
+            return loader.construct_object(node)
+        except (ValueError, TypeError, yaml.constructor.ConstructorError):
+            # What the checks above miss (an explicit tag on text it cannot convert) ends here.
+            problem = f"{_shown(node.value)} cannot be read as !!{kind}; write a plain value"
+    raise SpecError(problem, source=doc.source, line=line, field=path or None)
+
+
+_NODE_NAMES = {yaml.MappingNode: "a mapping", yaml.SequenceNode: "a list", yaml.ScalarNode: "a single value"}
+# Numbers are plain decimals. YAML 1.1 (PyYAML) and YAML 1.2 (most other tools) read 010,
+# 0x10, 1_000 and 1:04 differently, and a spec must mean the same thing to every reader.
+_DECIMAL = {
+    "int": re.compile(r"[-+]?(?:0|[1-9][0-9]*)\Z"),
+    "float": re.compile(
+        r"[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?\Z|[-+]?\.(?:inf|Inf|INF)\Z|\.(?:nan|NaN|NAN)\Z"
+    ),
+}
+_EXAMPLE = {"int": "a whole number such as 8", "float": "a number such as 10000 or 1e-6"}
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A user's value as Python writes it (escaped: one line), cut short for a message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _scalar_problem(kind: str, text: str) -> str | None:
+    """Why a scalar that YAML reads as `kind` (implicitly or through a !!tag) is refused, or None."""
+    if kind == "bool" and text.lower() not in yaml.constructor.SafeConstructor.bool_values:
+        return f"{_shown(text)} is not a boolean; write true or false"
+    if kind == "null" and text not in ("", "~", "null", "Null", "NULL"):
+        return f"!!null takes no value, got {_shown(text)}; write null, or remove the tag"
+    if kind in _DECIMAL:
+        return _number_problem(kind, text)
+    return None
+
+
+def _number_problem(kind: str, text: str) -> str | None:
+    """Why `text`, read as an int or float, is refused, or None for a plain decimal."""
+    if _DECIMAL[kind].match(text):
+        digits = len(text.lstrip("+-"))
+        if kind == "int" and digits > MAX_INT_DIGITS:
+            return f"a {digits}-digit integer is far beyond any field's range; check the value"
+        return None
+    what = "an integer" if kind == "int" else "a number"
+    return _other_number_form(text) or f"{_shown(text)} is not {what}; write {_EXAMPLE[kind]}"
+
+
+def _other_number_form(text: str) -> str | None:
+    """What to write instead of a number in a form other than plain decimal, if it is one."""
+    body = text.lstrip("+-")
+    sign = text[: len(text) - len(body)]
+    if len(body) > 40:  # no field needs that many characters; do not echo or convert them
+        return None
+    if re.fullmatch(r"[1-9][0-9]*(?::[0-5]?[0-9])+(?:\.[0-9]*)?", body):  # as YAML 1.1 reads it
+        return (
+            f"{text} is base 60 in YAML 1.1 (it reads as {sign}{_base60(body):g}); "
+            "write the number in decimal, or quote text"
+        )
+    if re.fullmatch(r"[0-9][0-9_]*(?:\.[0-9_]*)?", body) and "_" in body:
+        return f"write {sign}{body.replace('_', '')} without underscores (YAML 1.2 reads {text} as text)"
+    if re.fullmatch(r"0[0-7]+", body):
+        return (
+            f"{text} is octal in YAML 1.1 ({sign}{int(body, 8)}) and decimal elsewhere ({sign}{int(body)}); "
+            f"write {sign}{int(body)} (or {sign}{int(body, 8)}) without a leading zero"
+        )
+    if re.fullmatch(r"0[0-9]+", body):
+        return f"write {sign}{int(body)} without a leading zero"
+    base = re.fullmatch(r"0([xX][0-9a-fA-F]+|[oO][0-7]+|[bB][01]+)", body)
+    if base:
+        name = {"x": "hexadecimal", "o": "octal", "b": "binary"}[base.group(1)[0].lower()]
+        return f"{text} is {name}; write {sign}{int(body, 0)} in decimal"
+    return None
+
+
+def _base60(body: str) -> float:
+    """What YAML 1.1 makes of 1:04 (64) or 1:30.5 (90.5), for the message."""
+    value = 0.0
+    for part in body.split(":"):
+        value = value * 60 + float(part)
+    return value
 
 
 class _SpecLoader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-6` as a number (YAML 1.1 wants `1.0e-6`, a classic trap)."""
+    """SafeLoader that reads every plain decimal as a number, as YAML 1.2 does: also `1e-6`,
+    `.1e5` and `-.5`, which YAML 1.1 leaves as text (it wants `1.0e-6`, a classic trap)."""
 
 
 _SpecLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$|^[-+]?\.[0-9_]+$"),
+    list("-+.0123456789"),
 )
 
 
@@ -257,15 +399,58 @@ def _load_yaml(text: str, source: str) -> tuple[Any, _Located]:
             "the YAML is nested too deeply; a spec is a flat mapping with small nested tables", source=source
         ) from None
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        reason = (exc.problem or exc.context or "invalid YAML").strip()
+        line, reason = _syntax_problem(exc, text)
         raise SpecError(f"YAML syntax error: {reason}", source=source, line=line) from None
     except yaml.YAMLError as exc:
         raise SpecError(f"YAML error: {str(exc).splitlines()[0]}", source=source) from None
     finally:
         if loader is not None:
             loader.dispose()
+
+
+def _syntax_problem(exc: yaml.MarkedYAMLError, text: str) -> tuple[int | None, str]:
+    """The line a YAML syntax error belongs to, and what to change.
+
+    PyYAML reports where it gave up (the problem mark), often the line after the mistake;
+    the context mark is where the construct it was reading began."""
+    problem = (exc.problem or "").strip()
+    context = (exc.context or "").strip()
+    at_problem = exc.problem_mark.line + 1 if exc.problem_mark else None
+    at_context = exc.context_mark.line + 1 if exc.context_mark else at_problem
+    if "'\\t'" in problem:
+        return at_problem, "a tab character here; indent with spaces, not tabs (and put a space after ':')"
+    no_colon = "this line has no ':' after its key; write `field: value`"
+    if context == "while scanning a simple key":
+        return at_context, no_colon
+    for what, opening, closing in (("sequence", "[", "]"), ("mapping", "{", "}")):
+        if context == f"while parsing a flow {what}":
+            return at_context, f"the '{opening}' on this line is not closed; add '{closing}'"
+    if "<stream end>" in problem:
+        return at_context, "the file ends inside a [...] or {...} value; close it"
+    if context == "while scanning a quoted scalar":
+        return at_context, "the quote opened on this line is not closed; add the closing quote"
+    if "<block end>" in problem:
+        return at_problem, "this line is indented differently from the fields around it; align it with them"
+    if problem == "mapping values are not allowed here":
+        # `theta 10000` above `layout: half` reads as one text running into this line's ':'.
+        lines = text.splitlines()  # the line breaks YAML counts (others are refused by the reader)
+        row = at_problem - 1 if at_problem else 0
+        above = [i for i in range(row) if lines[i].strip() and not lines[i].lstrip().startswith("#")]
+        if (
+            above
+            and row < len(lines)
+            and ":" not in lines[above[-1]]
+            and _indent(lines[above[-1]]) == _indent(lines[row])
+        ):
+            return above[-1] + 1, no_colon
+        return at_problem, (
+            "unexpected ':' on this line; indent it like the fields around it, or quote a value that holds ': '"
+        )
+    return at_problem or at_context, problem or context or "invalid YAML"
+
+
+def _indent(line: str) -> int:
+    return len(line) - len(line.lstrip(" "))
 
 
 def _check_table(data: Any, rules: tuple[FieldRule, ...], doc: _Located, prefix: str) -> dict[str, Any]:
@@ -292,6 +477,10 @@ def _check_table(data: Any, rules: tuple[FieldRule, ...], doc: _Located, prefix:
     return values
 
 
+def _bound(limit: float) -> str:
+    return f"{limit:g}" if isinstance(limit, float) else str(limit)
+
+
 def _check_value(value: Any, rule: FieldRule, doc: _Located, path: str) -> Any:
     if value is None:
         if rule.nullable:
@@ -301,17 +490,27 @@ def _check_value(value: Any, rule: FieldRule, doc: _Located, path: str) -> Any:
         value = float(value)
     # bool is a subclass of int in Python, but `heads: true` is a mistake, not 1.
     if not isinstance(value, rule.kind) or (rule.kind is not bool and isinstance(value, bool)):
-        raise doc.error(path, f"must be {_type_name(rule.kind())}, got {_type_name(value)} {value!r}")
+        got = f"must be {_type_name(rule.kind())}, got {_type_name(value)} {_shown(value)}"
+        if isinstance(value, str) and rule.kind in (int, float):
+            text = value.strip()
+            if _DECIMAL[rule.kind.__name__].match(text) and len(text) <= 40:
+                got = f"{got}; write {text} without quotes"
+            elif hint := _other_number_form(text):
+                got = f"{got}; {hint}"
+        raise doc.error(path, got)
     if rule.kind is float and value != value:
         raise doc.error(path, "must be a number, got NaN")
     if rule.choices is not None and value not in rule.choices:
+        lower = str(value).lower()
+        alias = dict(rule.hints).get(lower) or (repr(lower) if lower in rule.choices else None)
         close = difflib.get_close_matches(str(value), rule.choices, n=1, cutoff=0.6)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise doc.error(path, f"{value!r} is not one of {', '.join(rule.choices)}{hint}")
+        hint = f"; did you mean {alias}?" if alias else f"; did you mean {close[0]!r}?" if close else ""
+        raise doc.error(path, f"{_shown(value)} is not one of {', '.join(rule.choices)}{hint}")
     if rule.low is not None and value < rule.low:
-        raise doc.error(path, f"{rule.name}={value}: must be at least {rule.low:g}")
+        why = f" ({rule.low_why})" if rule.low_why else ""
+        raise doc.error(path, f"{rule.name}={value}: must be at least {_bound(rule.low)}{why}")
     if rule.high is not None and value > rule.high:
-        raise doc.error(path, f"{rule.name}={value}: must be at most {rule.high:g}")
+        raise doc.error(path, f"{rule.name}={value}: must be at most {_bound(rule.high)}")
     if rule.multiple_of and value % rule.multiple_of:
         why = f" ({rule.why})" if rule.why else ""
         raise doc.error(path, f"{rule.name}={value}: must be a multiple of {rule.multiple_of}{why}")
@@ -341,6 +540,13 @@ def _resolve_name(values: dict[str, Any], source: str, doc: _Located) -> str:
             "name",
             f"{name!r} from {origin} is not a safe module name; use lowercase "
             "letters, digits and underscores, starting with a letter",
+        )
+    if name in RESERVED_NAMES:
+        what = "mlagen itself" if name == "mlagen" else "a Python standard-library module"
+        raise doc.error(
+            "name",
+            f"{name!r} from {origin} is the name of {what}; a generated package of that name "
+            f"would hide it from `import {name}`; rename the spec (e.g. {name}_attn)",
         )
     return name
 
@@ -413,6 +619,8 @@ FAMILY_RULES: dict[str, tuple[RuleCheck, type]] = {
 
 def parse_spec(text: str, source: str = "<spec>") -> Spec:
     """Parse and validate a spec from YAML text; `source` is used in messages."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_SPEC_BYTES:
+        raise SpecError(_too_large(), source=source)
     data, doc = _load_yaml(text, source)
     if not isinstance(data, dict):
         raise SpecError(f"a spec is a mapping of fields, got {_type_name(data)}", source=source, line=1)
@@ -441,17 +649,38 @@ def parse_spec(text: str, source: str = "<spec>") -> Spec:
     return cls(name=name, source=source, field_lines=lines, **values)
 
 
+def _too_large() -> str:
+    return (
+        f"is larger than {MAX_SPEC_BYTES >> 10} KiB, the limit for a spec (a spec is a few hundred "
+        "bytes of YAML); check the path"
+    )
+
+
 def load_spec(path: str | Path) -> Spec:
-    """Read and validate a spec file."""
+    """Read and validate a spec file (a regular file of at most MAX_SPEC_BYTES)."""
     path = Path(path)
+    source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        mode = path.stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise SpecError("is a directory; give a .yaml spec file", source=source)
+        if not stat.S_ISREG(mode):
+            # A device or a pipe may never end (/dev/zero) or block on open (a FIFO).
+            raise SpecError(
+                "is not a regular file (a device, pipe or socket); give a .yaml spec file", source=source
+            )
+        with path.open("rb") as file:
+            data = file.read(MAX_SPEC_BYTES + 1)
     except FileNotFoundError:
-        raise SpecError("no such file; check the path", source=str(path)) from None
-    except IsADirectoryError:
-        raise SpecError("is a directory; give a .yaml spec file", source=str(path)) from None
-    except UnicodeDecodeError:
-        raise SpecError("is not UTF-8 text; a spec is a YAML text file", source=str(path)) from None
+        raise SpecError("no such file; check the path", source=source) from None
     except OSError as exc:
-        raise SpecError(f"cannot read: {exc.strerror}", source=str(path)) from None
-    return parse_spec(text, str(path))
+        raise SpecError(f"cannot read: {exc.strerror}", source=source) from None
+    except ValueError:  # a NUL byte in the path
+        raise SpecError("is not a valid file path", source=source) from None
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError(_too_large(), source=source)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError("is not UTF-8 text; a spec is a YAML text file", source=source) from None
+    return parse_spec(text, source)
