@@ -806,6 +806,8 @@ def static_tune(
     with write=True store the winners in the cache for "sm_<arch>"."""
     import tempfile
 
+    if write:
+        tuning_cache.check_writable()  # before minutes of compiling, not after
     with tempfile.TemporaryDirectory(prefix="mlagen-tune-") as tmp:
         kernels_file = render_kernels(spec, Path(tmp))
         constexprs = jit_constexprs(kernels_file.read_text(encoding="utf-8"))
@@ -873,6 +875,7 @@ def tune_spec(
     identity = tuning_cache.gpu_identity(device)
     if identity is None:
         raise MlagenError(f"tuning times kernels on a CUDA device, not {device}")
+    tuning_cache.check_writable()  # before timing anything, not after
     gpu, arch = identity
     kernels = mlagen.load(spec_path, out_root).kernels
     constexprs = jit_constexprs(Path(kernels.__file__).read_text(encoding="utf-8"))

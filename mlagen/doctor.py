@@ -44,21 +44,33 @@ def report() -> list[str]:
             else "off, kernels need CUDA tensors"
         )
     )
-    path = tuning_cache.cache_path()
-    entries, problem = tuning_cache.read_file(path)
-    if problem:
-        state = f"{problem} (ignored; the next `mlagen tune` replaces it)"
-    elif not path.exists():
-        state = "none yet (`mlagen tune` writes it)"
-    else:
-        targets = {name for name, _ in gpus} | {arch for _, arch in gpus}
-        usable = sum(
-            1 for e in entries.values() if e.get("triton") == triton.__version__ and e.get("gpu") in targets
-        )
-        where = "this GPU" if gpus else "a GPU here"
-        count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
-        state = f"{count}, {usable} for {where} and triton {triton.__version__}"
-    lines.append(f"tuning cache: {path}: {state}")
+    lines.append(f"tuning cache: {_cache_state(gpus)}")
     aot = "found" if CUOBJDUMP.exists() else "missing (mlagen inspect needs triton's bundled cuobjdump)"
     lines.append(f"AOT compile (sm_80 / sm_90, no GPU needed): cuobjdump {aot}")
     return lines
+
+
+def _cache_state(gpus: list[tuple[str, str]]) -> str:
+    """One line on the tuning cache. read_file never raises on what the file holds, so a
+    corrupt cache is a finding of the report, not a crash of it."""
+    path = tuning_cache.cache_path()
+    entries, problem = tuning_cache.read_file(path)
+    if not path.exists():
+        return f"{path}: none yet (`mlagen tune` writes it)"
+    if problem and not entries:
+        remedy = (
+            "the next `mlagen tune` replaces it"
+            if path.is_file()
+            else "remove it: `mlagen tune` cannot write there"
+        )
+        return f"{path}: {problem} (ignored; {remedy})"
+    targets = {name for name, _ in gpus} | {arch for _, arch in gpus}
+    usable = sum(
+        1 for e in entries.values() if e.get("triton") == triton.__version__ and e.get("gpu") in targets
+    )
+    where = "this GPU" if gpus else "a GPU here"
+    count = f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}"
+    state = f"{path}: {count}, {usable} for {where} and triton {triton.__version__}"
+    return (
+        f"{state}; {problem} (ignored until the next `mlagen tune` rewrites the file)" if problem else state
+    )

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mlagen.runtime import reference
+from mlagen.runtime.launch import INTERPRETER_CONFIG
 from tests.helpers import assert_close_to_golden, generated, max_error
 
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -175,3 +176,91 @@ def test_long_sequences_spanning_many_blocks(case, dtype):
     # 300 tokens are 19 query blocks and 19 key blocks under the interpreter's 16-wide tiles.
     out, eager, golden, _, _ = _run(case, dtype)
     assert_close_to_golden(out, eager, golden, atol=ATOL[dtype], what=f"{case.id} {dtype}")
+
+
+# --- NaN in a key or value ------------------------------------------------------------------------
+
+# (case, the token whose key and value are NaN): the last token of a causal sequence, a key in the
+# tile after the diagonal of a block continuing a prefix, the first token of a sliding window (later
+# queries' windows have moved past it), a key of the latent family's chunk mask, a key only the
+# last queries see when more queries than keys leave the first ones seeing nothing.
+NAN_CASES = [
+    (Case("causal-last-token", seqlen_q=40, seqlen_k=40), 39),
+    (Case("gqa-causal-last-token", heads_q=4, heads_k=2, seqlen_q=40, seqlen_k=40), 39),
+    (Case("split-dots-causal-last-token", package="tiny_mla", heads_q=4, heads_k=4, seqlen_q=40, seqlen_k=40), 39),
+    (Case("causal-continuing-a-prefix", seqlen_q=20, seqlen_k=40), 38),
+    (Case("window-first-token", heads_q=4, heads_k=2, window=7, seqlen_q=40, seqlen_k=40), 0),
+    (Case("latent-encode-same-chunk", causal=False, seqlen_q=40, seqlen_k=80, group_mask=("same", 4, 8)), 60),
+    (Case("causal-more-queries-than-keys", seqlen_q=40, seqlen_k=7), 6),
+]
+
+
+def _nan_at(operands, token):
+    """The operands with the keys (both parts) and value of `token` made NaN."""
+    poisoned = [None if t is None else t.clone() for t in operands]
+    for index in (2, 3, 4):  # k_a, k_b, v
+        if poisoned[index] is not None:
+            poisoned[index][:, token] = float("nan")
+    return poisoned
+
+
+def _seen_by(case: Case, token: int) -> torch.Tensor:
+    """Bool [Sq]: the queries that may see `token`."""
+    return reference.visible(case.seqlen_q, case.seqlen_k, causal=case.causal, window=case.window,
+                             group_mask=case.group_mask)[:, token]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case, token", NAN_CASES, ids=[c.id for c, _ in NAN_CASES])
+def test_in_the_reference_a_nan_key_and_value_reach_exactly_the_queries_that_may_see_them(case, token, dtype):
+    """A masked key adds exactly nothing, NaN or not: the other queries' outputs are bit for bit
+    those with a finite key there; a query that may see it is NaN, as in FlashAttention and eager."""
+    _, operands = _operands(case, dtype)
+    options = dict(scale=0.25, causal=case.causal, window=case.window, group_mask=case.group_mask)
+    sees = _seen_by(case, token)
+    assert sees.any() and not sees.all()
+    clean = reference.attention(*operands, **options)
+    out = reference.attention(*_nan_at(operands, token), **options)
+    assert out[:, sees].isnan().all()
+    assert torch.equal(out[:, ~sees], clean[:, ~sees])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case, token", NAN_CASES, ids=[c.id for c, _ in NAN_CASES])
+def test_in_the_kernel_a_nan_key_and_value_reach_no_query_block_that_may_not_see_them(case, token, dtype):
+    """README "Numerics and NaN": a key no query of a block may see is read as zeros, and a
+    query that sees no key at all gives zeros, so those outputs are bit for bit those with a finite
+    key there. A query that may see it is NaN. Only queries sharing a block with one that may see
+    it can be NaN too (0 * NaN in P @ V): the interpreter's blocks are 16 queries."""
+    entry, operands = _operands(case, dtype)
+    options = dict(scale=0.25, causal=case.causal, window=case.window, group_mask=case.group_mask)
+    sees = _seen_by(case, token)
+    block = INTERPRETER_CONFIG.block_m
+    block_sees = torch.stack([rows.any() for rows in sees.split(block)]).repeat_interleave(block)[: len(sees)]
+    sees_nothing = ~reference.visible(case.seqlen_q, case.seqlen_k, causal=case.causal, window=case.window,
+                                      group_mask=case.group_mask).any(-1)
+    unaffected = ~block_sees | sees_nothing
+    assert unaffected.any()
+    clean = entry(*operands, **options)
+    out = entry(*_nan_at(operands, token), **options)
+    assert out[:, sees].isnan().all()
+    assert torch.equal(out[:, unaffected], clean[:, unaffected])
+    assert torch.equal(out[:, sees_nothing], torch.zeros_like(out[:, sees_nothing]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("package", ["tiny_gqa", "tiny_mla"])
+def test_earlier_queries_ignore_a_nan_last_token(package, dtype):
+    """The reference: every earlier query; the kernel: every query before the last token's block."""
+    case = Case("causal", package=package, seqlen_q=40, seqlen_k=40)
+    entry, operands = _operands(case, dtype)
+    without_last = [None if t is None else t[:, :-1] for t in operands]
+    first_of_last_block = (39 // INTERPRETER_CONFIG.block_m) * INTERPRETER_CONFIG.block_m
+    for attend, finite_rows in ((reference.attention, 39), (entry, first_of_last_block)):
+        out = attend(*_nan_at(operands, -1), scale=0.25, causal=True)
+        assert out[:, :finite_rows].isfinite().all() and out[:, -1].isnan().all()
+        expected = attend(*without_last, scale=0.25, causal=True)[:, :finite_rows]
+        if attend is entry:  # the same tiles in the same order: the NaN row was never read
+            assert torch.equal(out[:, :finite_rows], expected)
+        else:
+            torch.testing.assert_close(out[:, :finite_rows], expected)

@@ -92,7 +92,7 @@ def test_a_write_is_atomic_and_leaves_no_temp_files(cache_dir, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(tuning_cache.os, "replace", broken_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(MlagenError, match="cannot write the tuning cache .*: disk full"):
         tuning_cache.store({"b": {"config": {"block_m": 32, "block_n": 16, "num_warps": 4, "num_stages": 1}}})
     assert (cache_dir / "tuning.json").read_bytes() == before
     assert sorted(p.name for p in cache_dir.iterdir()) == ["tuning.json", "tuning.json.lock"]
@@ -149,6 +149,105 @@ def test_a_write_over_a_corrupt_cache_replaces_it(cache_dir, capsys):
     tuning_cache.store({"k": {"config": {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}}})
     assert "replacing the tuning cache" in capsys.readouterr().err
     assert list(tuning_cache.read_file(cache_dir / "tuning.json")[0]) == ["k"]
+
+
+GOOD_CONFIG = {"block_m": 16, "block_n": 16, "num_warps": 4, "num_stages": 1}
+
+
+def _cache_text(entries) -> str:
+    return json.dumps({"format": tuning_cache.FORMAT, "entries": entries})
+
+
+# name -> (what to put at the cache path, what the one-line report says). Each of these
+# crashed entries(), `mlagen doctor` or `tune --write` before it was read defensively.
+CORRUPT = {
+    "not-utf8": (b'{"format": 1, "entries": {"\xff\xfe": {}}}', "not UTF-8"),
+    "nested-100000-deep": ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "a-5000-digit-integer": ('{"format": 1, "entries": {}, "n": 1' + "0" * 4999 + "}", "too many digits"),
+    "truncated": (_cache_text({"k": {"config": GOOD_CONFIG, "ms": 0.5}})[:40], "corrupt JSON"),
+    "a-huge-power-of-two-tile": (_cache_text({"k": {"config": {**GOOD_CONFIG, "block_m": 2**64}}}),
+                                 "block_m=18446744073709551616 is not a power of two from 16 to 256"),
+    "an-infinite-time": (_cache_text({"k": {"config": GOOD_CONFIG, "ms": math.inf}}), "ms=inf is not a finite"),
+    "a-nan-time": (_cache_text({"k": {"config": GOOD_CONFIG, "ms": math.nan}}), "ms=nan is not a finite"),
+    "wrong-types": (_cache_text({"a": [16], "b": {"config": "16x16"}, "c": {"config": GOOD_CONFIG, "gpu": ["H100"]},
+                                 "d": {"config": {**GOOD_CONFIG, "num_warps": 4.0}}}), "4 corrupt entries"),
+    "a-directory": (None, "cannot read it (Is a directory)"),
+}
+
+
+def _write_corrupt(cache_dir, variant):
+    content, _ = CORRUPT[variant]
+    path = cache_dir / "tuning.json"
+    cache_dir.mkdir(exist_ok=True)
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    return path
+
+
+@pytest.mark.parametrize("variant", CORRUPT)
+def test_a_corrupt_cache_is_one_warning_and_never_breaks_a_launch(variant, cache_dir, fake_gpu):
+    _write_corrupt(cache_dir, variant)
+    kernels = generated(TINY).kernels
+    q, k, v = _tiny_inputs()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = kernels.attention_fwd_qk32_v32_launch(q, None, k, None, v, scale=0.2, causal=False)
+        kernels.attention_fwd_qk32_v32_launch(q[:, :8], None, k, None, v, scale=0.2, causal=False)
+    (reported,) = [str(w.message) for w in caught]
+    assert CORRUPT[variant][1] in reported and "\n" not in reported
+    assert tuning_cache.entries() == {}
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("variant", CORRUPT)
+def test_doctor_reports_a_corrupt_cache_in_one_line(variant, cache_dir):
+    _write_corrupt(cache_dir, variant)
+    done = subprocess.run([sys.executable, "-m", "mlagen", "doctor"], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "MLAGEN_CACHE_DIR": str(cache_dir)}, timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if "tuning cache" in line]
+    assert CORRUPT[variant][1] in line and "(ignored; " in line
+
+
+@pytest.mark.parametrize("variant", [name for name in CORRUPT if name != "a-directory"])
+def test_a_write_over_a_corrupt_cache_says_so_in_one_line_and_replaces_it(variant, cache_dir, capsys):
+    _write_corrupt(cache_dir, variant)
+    tuning_cache.store({"new": {"config": GOOD_CONFIG}})
+    (said,) = capsys.readouterr().err.splitlines()
+    assert said.startswith("mlagen: replacing the tuning cache") and CORRUPT[variant][1] in said
+    assert tuning_cache.read_file(cache_dir / "tuning.json") == ({"new": {"config": GOOD_CONFIG}}, None)
+
+
+def test_well_formed_entries_beside_corrupt_ones_are_kept(cache_dir, capsys):
+    cache_dir.mkdir()
+    good = {"config": GOOD_CONFIG, "ms": 0.5}
+    (cache_dir / "tuning.json").write_text(_cache_text({"good": good, "bad": {"config": {**GOOD_CONFIG,
+                                                                                         "num_stages": 0}}}))
+    with pytest.warns(UserWarning, match="ignoring part of the tuning cache .*1 corrupt entry .'bad': num_stages=0"):
+        assert tuning_cache.entries() == {"good": BlockConfig(16, 16, 4, 1)}
+    tuning_cache.store({"new": {"config": GOOD_CONFIG}})
+    assert "replacing the tuning cache" in capsys.readouterr().err
+    assert tuning_cache.read_file(cache_dir / "tuning.json") == ({"good": good, "new": {"config": GOOD_CONFIG}}, None)
+
+
+def test_tune_write_refuses_a_directory_in_place_of_the_cache_before_any_work(cache_dir, monkeypatch, capsys):
+    _write_corrupt(cache_dir, "a-directory")
+
+    def compile_all(*args, **kwargs):
+        raise AssertionError("compiled before finding that the cache cannot be written")
+
+    monkeypatch.setattr(autotune, "compile_all", compile_all)
+    code = cli.main(["tune", str(SPECS / "tiny_mla.yaml"), "--static", "--seq-lens", "64", "--write"])
+    (said,) = capsys.readouterr().err.splitlines()
+    assert code == 2
+    assert said == (f"mlagen: error: cannot write the tuning cache {cache_dir / 'tuning.json'}: it is not a file; "
+                    "remove it or set MLAGEN_CACHE_DIR")
+    with pytest.raises(MlagenError, match="it is not a file"):
+        tuning_cache.store({"new": {"config": GOOD_CONFIG}})
 
 
 def test_entries_for_another_triton_version_or_gpu_are_ignored(fake_gpu):

@@ -1,29 +1,56 @@
-"""MLA inference: the absorbed decode IR, the paged latent cache, and prefill followed by
-decode matching the full causal forward at every position."""
+"""MLA inference: the absorbed decode IR, the paged latent cache, prefill followed by
+decode matching the full causal forward at every position, and right padding that changes
+no real token (causal and non-causal)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 
+import mlagen
 from mlagen.ir import S, T, lower
 from mlagen.ir.ops import OpKind
 from mlagen.passes import run_pipeline
 from mlagen.runtime.mla_decode import CachedTokens
-from mlagen.spec import load_spec
+from mlagen.spec import load_spec, parse_spec
 from tests.helpers import SPECS, assert_close_to_golden, generated, max_error
 
 MLA_SPECS = ["tiny_mla", "tiny_mla_yarn"]
 SHIPPED_MLA = ["deepseek_v3", "deepseek_v2_lite", "kimi_k2"]
 
 
-def _module(name: str, dtype=torch.float32) -> torch.nn.Module:
+def tiny_mla_package(causal: bool, out_root: Path) -> ModuleType:
+    """tiny_mla as shipped (causal), or the same spec with `causal: false` generated under
+    out_root: no shipped mla spec is bidirectional."""
+    if causal:
+        return generated("tiny_mla")
+    text = (SPECS / "tiny_mla.yaml").read_text(encoding="utf-8")
+    text = text.replace("name: tiny_mla", "name: tiny_mla_bidirectional").replace("causal: true", "causal: false")
+    package = mlagen.load(parse_spec(text, "tiny_mla_bidirectional.yaml"), out_root)
+    assert package.SPEC["causal"] is False
+    return package
+
+
+def randomized(module: torch.nn.Module, dtype=torch.float32) -> torch.nn.Module:
+    """Random weights in fp64 (rounded once to `dtype`), norm weights too, so they matter."""
     torch.manual_seed(0)
-    module = generated(name).Attention(dtype=torch.float64)
+    module = module.double()
     with torch.no_grad():
-        for param in module.parameters():  # norm weights too, so they matter
+        for param in module.parameters():
             param.copy_(torch.randn_like(param) / param.shape[-1] ** 0.5 + (1.0 if param.dim() == 1 else 0.0))
     return module.to(dtype)
+
+
+def _module(name: str, dtype=torch.float32) -> torch.nn.Module:
+    return randomized(generated(name).Attention(dtype=torch.float64), dtype)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["causal", "non-causal"])
+def mla_package(request, tmp_path_factory) -> ModuleType:
+    return tiny_mla_package(request.param, tmp_path_factory.mktemp("specs"))
 
 
 @pytest.mark.parametrize("name", SHIPPED_MLA + MLA_SPECS)
@@ -53,9 +80,10 @@ def test_prefill_then_decode_equals_full_causal_forward(name, batch, prompt, ste
     full = module.reference_forward(x)
     run = module.forward if path == "kernels" else module.reference_forward
     cache = module.new_cache(batch, seqlen + 3, page_size=page_size)
-    outs = [run(x[:, :prompt], cache=cache)]
-    for start in range(prompt, seqlen, step):
-        outs.append(run(x[:, start : start + step], cache=cache))
+    with torch.no_grad():
+        outs = [run(x[:, :prompt], cache=cache)]
+        for start in range(prompt, seqlen, step):
+            outs.append(run(x[:, start : start + step], cache=cache))
     assert cache.host_lengths() == [seqlen] * batch
     assert max_error(torch.cat(outs, dim=1), full) < 2e-5
 
@@ -67,15 +95,42 @@ def test_ragged_lengths_in_one_batch():
     lengths = [7, 3, 12]
     x = torch.randn(3, 16, 64)
     cache = module.new_cache(3, 20, page_size=4)
-    prefill = module(x[:, :12], cache=cache, new_tokens=lengths)
-    assert cache.host_lengths() == lengths
-    assert torch.equal(prefill[1, 3:], torch.zeros_like(prefill[1, 3:])), "padding outputs are zero"
-    steps = [module(x[:, 12 + i : 13 + i], cache=cache) for i in range(3)]
+    with torch.no_grad():
+        prefill = module(x[:, :12], cache=cache, new_tokens=lengths)
+        assert cache.host_lengths() == lengths
+        assert torch.equal(prefill[1, 3:], torch.zeros_like(prefill[1, 3:])), "padding outputs are zero"
+        steps = [module(x[:, 12 + i : 13 + i], cache=cache) for i in range(3)]
     for row, length in enumerate(lengths):
         sequence = torch.cat([x[row, :length], x[row, 12:15]])[None]
         expected = module.reference_forward(sequence)[0]
         got = torch.cat([prefill[row, :length]] + [s[row] for s in steps])
         assert max_error(got, expected) < 2e-5, f"sequence {row}"
+
+
+@pytest.mark.parametrize("path", ["kernels", "reference"])
+def test_right_padding_changes_no_real_token_and_gives_zeros(mla_package, path):
+    """README: right padding "gives zeros", and nothing else: every real token's output equals
+    running its row alone, in a prefill into an empty cache and in a decode step of several new
+    tokens. Non-causal attention over the padded rows would let real tokens see the padding."""
+    module = randomized(mla_package.Attention())
+    run = module.forward if path == "kernels" else module.reference_forward
+    prompt_counts, step_counts = [3, 5, 1, 0], [2, 3, 0, 1]
+    prompts, steps = torch.randn(4, 5, 64), torch.randn(4, 3, 64)
+    cache = module.new_cache(4, 8, page_size=2)
+    with torch.no_grad():
+        prefill = run(prompts, cache=cache, new_tokens=prompt_counts)
+        step = run(steps, cache=cache, new_tokens=step_counts)
+        for row, (prompt, new) in enumerate(zip(prompt_counts, step_counts)):
+            # Alone: the row's real tokens so far (without a cache); the newest tokens of a
+            # non-causal row see every token before and beside them.
+            prompt_alone = module.reference_forward(prompts[row : row + 1, :prompt])[0]
+            history = torch.cat([prompts[row, :prompt], steps[row, :new]])[None]
+            step_alone = module.reference_forward(history)[0, prompt:]
+            # (assert_close: a row without new tokens compares empty tensors)
+            torch.testing.assert_close(prefill[row, :prompt], prompt_alone, atol=2e-5, rtol=0)
+            torch.testing.assert_close(step[row, :new], step_alone, atol=2e-5, rtol=0)
+            assert not prefill[row, prompt:].any() and not step[row, new:].any(), f"padding of row {row}"
+    assert cache.host_lengths() == [p + n for p, n in zip(prompt_counts, step_counts)]
 
 
 def test_split_kv_partials_merge_exactly():
@@ -86,7 +141,8 @@ def test_split_kv_partials_merge_exactly():
                   and "append" not in name)
     cache = module.new_cache(2, 80, page_size=8)
     x = torch.randn(2, 70, 64)
-    module(x, cache=cache)
+    with torch.no_grad():
+        module(x, cache=cache)
     q_latent = torch.randn(2, 3, 2, 32)
     q_rope = torch.randn(2, 3, 2, 16)
     cached = CachedTokens(cache, cache.lengths - 3, (3, 3))
@@ -105,8 +161,9 @@ def test_decode_in_fp16_follows_the_error_rule():
     def run(module, dtype, kernels):
         cache = module.new_cache(2, 16, page_size=4)
         forward = module.forward if kernels else module.reference_forward
-        outs = [forward(x[:, :8].to(dtype), cache=cache)]
-        outs += [forward(x[:, t : t + 1].to(dtype), cache=cache) for t in range(8, 12)]
+        with torch.no_grad():
+            outs = [forward(x[:, :8].to(dtype), cache=cache)]
+            outs += [forward(x[:, t : t + 1].to(dtype), cache=cache) for t in range(8, 12)]
         return torch.cat(outs, dim=1)
 
     golden = run(module64, torch.float64, kernels=False)
@@ -118,13 +175,15 @@ def test_cache_allocates_appends_and_frees_pages():
     module = _module("tiny_mla")
     cache = module.new_cache(2, 10, page_size=4)
     assert cache.buffer.shape == (2 * 3, 4, 32 + 8) and cache.bytes_per_token == 40 * 4
-    module(torch.randn(2, 6, 64), cache=cache, new_tokens=[6, 2])
+    with torch.no_grad():
+        module(torch.randn(2, 6, 64), cache=cache, new_tokens=[6, 2])
     assert cache.host_lengths() == [6, 2]
     used = {int(p) for p in cache.page_table[0, :2]} | {int(cache.page_table[1, 0])}
     assert len(used) == 3, "each sequence has its own pages"
     cache.free([0])
     assert cache.host_lengths() == [0, 2]
-    module(torch.randn(2, 1, 64), cache=cache, new_tokens=[1, 1])
+    with torch.no_grad():
+        module(torch.randn(2, 1, 64), cache=cache, new_tokens=[1, 1])
     assert cache.host_lengths() == [1, 3]
 
 
@@ -142,18 +201,19 @@ def test_cache_misuse_raises_before_writing(make, message):
     module = _module("tiny_mla")
     cache, x = make(module)
     before = cache.buffer.clone()
-    if message is None:
-        module(x, cache=cache)
-        return
-    with pytest.raises(ValueError, match=message):
-        module(x, cache=cache)
+    with torch.no_grad():
+        if message is None:
+            module(x, cache=cache)
+            return
+        with pytest.raises(ValueError, match=message):
+            module(x, cache=cache)
     assert torch.equal(cache.buffer, before) and cache.host_lengths() == [0] * cache.batch_size
 
 
 def test_positions_beyond_the_rope_table_are_rejected():
     module = _module("tiny_mla")
     cache = module.new_cache(1, 8)
-    with pytest.raises(ValueError, match="max_position"):
+    with torch.no_grad(), pytest.raises(ValueError, match="max_position"):
         module(torch.randn(1, 2, 64), torch.tensor([[510, 512]]), cache=cache)
 
 

@@ -120,8 +120,16 @@ def _fail_swap_in(monkeypatch):
     monkeypatch.setattr(emit, "_swap_in", swap_in)
 
 
-def _fail_rename_into_place(monkeypatch):
-    # The old package has been renamed away when the new one fails to move in.
+def _fail_exchange(monkeypatch):
+    def exchange(first, second):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(emit, "_exchange", exchange)
+
+
+def _fail_rename_into_place_without_exchange(monkeypatch):
+    # Where no atomic exchange exists, the old package has been renamed away when the new
+    # one fails to move in.
     real = os.rename
 
     def rename(src, dst):
@@ -129,13 +137,15 @@ def _fail_rename_into_place(monkeypatch):
             raise OSError(18, "Invalid cross-device link")
         return real(src, dst)
 
+    monkeypatch.setattr(emit, "_exchange", lambda first, second: False)
     monkeypatch.setattr(os, "rename", rename)
 
 
 FAILURES = {
     "write_text_fails_after_first_file": _fail_write_text_after_first_file,
     "swap_in_fails": _fail_swap_in,
-    "rename_into_place_fails": _fail_rename_into_place,
+    "exchange_fails": _fail_exchange,
+    "rename_into_place_fails_without_exchange": _fail_rename_into_place_without_exchange,
 }
 
 

@@ -31,12 +31,13 @@ def test_cache_of_another_spec_or_dtype_is_rejected(prefilled):
     foreign = generated("tiny_mla_yarn").Attention().new_cache(1, 16)
     wrong_dtype = attn.new_cache(1, 16)
     wrong_dtype.buffer = wrong_dtype.buffer.half()
-    if prefilled:
-        generated("tiny_mla_yarn").Attention()(torch.randn(1, 3, 64), cache=foreign)
-    with pytest.raises(ValueError, match="another spec"):
-        attn(torch.randn(1, 2, 64), cache=foreign)
-    with pytest.raises(ValueError, match="create the cache with new_cache"):
-        attn(torch.randn(1, 2, 64), cache=wrong_dtype)
+    with torch.no_grad():
+        if prefilled:
+            generated("tiny_mla_yarn").Attention()(torch.randn(1, 3, 64), cache=foreign)
+        with pytest.raises(ValueError, match="another spec"):
+            attn(torch.randn(1, 2, 64), cache=foreign)
+        with pytest.raises(ValueError, match="create the cache with new_cache"):
+            attn(torch.randn(1, 2, 64), cache=wrong_dtype)
 
 
 @pytest.mark.parametrize("name", ["tiny_gqa", "tiny_mla"])
@@ -51,6 +52,7 @@ def test_bf16_on_cpu_takes_the_reference_path(name, monkeypatch):
     assert torch.equal(out, attn.reference_forward(hidden))
     if name == "tiny_mla":
         cache = attn.new_cache(1, 8)
-        attn(hidden[:, :5], cache=cache)
-        step = attn(hidden[:, 5:], cache=cache)
+        with torch.no_grad():
+            attn(hidden[:, :5], cache=cache)
+            step = attn(hidden[:, 5:], cache=cache)
         assert max_error(step, out[:, 5:]) <= 0.05 * out.abs().max().item()

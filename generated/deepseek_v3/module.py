@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from mlagen.runtime import reference
-from mlagen.runtime.checks import check_new_tokens, expect_tensor, position_ids_for, zero_padding
+from mlagen.runtime.checks import (
+    check_inference,
+    check_new_tokens,
+    check_no_new_tokens,
+    expect_tensor,
+    position_ids_for,
+    zero_padding,
+)
 from mlagen.runtime.launch import use_kernels
 from mlagen.runtime.mla_decode import DecodeOps, reference_attention, reference_write_rows
 from mlagen.runtime.modules import RMSNorm, Rotary, head_matmul, repeat_chunks
@@ -63,12 +70,14 @@ class Attention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor | None = None,
                 cache: PagedLatentCache | None = None, new_tokens: list[int] | None = None) -> torch.Tensor:
-        """Without a cache: attention within hidden_states. With one: append the new tokens
-        (new_tokens[b] of row b, default all S; the rest is right padding and gives zeros)
-        and attend over everything cached. An empty cache takes the expanded prefill path,
-        a filled one the absorbed decode path."""
+        """Without a cache: attention within hidden_states. With one (inference only: under
+        torch.no_grad() or torch.inference_mode()): append the new tokens (new_tokens[b] of
+        row b, default all S; the rest is right padding, which no real token sees and which
+        gives zeros) and attend over everything cached. An empty cache takes the expanded
+        prefill path, a filled one the absorbed decode path."""
         if cache is not None:
             return self._cached_forward(hidden_states, position_ids, cache, new_tokens, reference_only=False)
+        check_no_new_tokens(new_tokens)
         hidden_states, position_ids = self._check_inputs(hidden_states, position_ids)
         if use_kernels(hidden_states, kernels.KERNELS[0]):
             return self._forward(hidden_states, position_ids, kernels.ATTENTION)
@@ -79,16 +88,23 @@ class Attention(nn.Module):
         """The same layer with attention and the cache handled in plain torch (the oracle for the kernels)."""
         if cache is not None:
             return self._cached_forward(hidden_states, position_ids, cache, new_tokens, reference_only=True)
+        check_no_new_tokens(new_tokens)
         hidden_states, position_ids = self._check_inputs(hidden_states, position_ids)
         return self._forward(hidden_states, position_ids, REFERENCE_ATTENTION)
 
     def _cached_forward(self, hidden_states, position_ids, cache, new_tokens, reference_only):
+        if not isinstance(cache, PagedLatentCache):
+            raise ValueError(f"cache must be a PagedLatentCache from new_cache(), got {type(cache).__name__}")
+        self._check_hidden_states(hidden_states)
+        check_inference(self, hidden_states)
         new_tokens = check_new_tokens(hidden_states, new_tokens, cache, LATENT_DIM, ROPE_DIM)
-        hidden_states, position_ids = self._check_inputs(hidden_states, position_ids, cache.host_lengths())
+        position_ids = position_ids_for(hidden_states, position_ids, MAX_POSITION, cache.host_lengths())
         on_kernels = not reference_only and use_kernels(hidden_states, kernels.KERNELS[0])
         decode = kernels.DECODE if on_kernels else REFERENCE_DECODE
         if cache.is_empty:
-            out = self._forward(hidden_states, position_ids, kernels.ATTENTION if on_kernels else REFERENCE_ATTENTION)
+            attention = kernels.ATTENTION if on_kernels else REFERENCE_ATTENTION
+            # Causal: a real token never sees the right padding after it, so the padded batch runs as one.
+            out = self._forward(hidden_states, position_ids, attention)
             cos, sin = self.rotary_emb(position_ids, hidden_states.dtype)
             decode.append(self.kv_a_proj_with_mqa(hidden_states), self.kv_a_layernorm.weight, 1e-06, cos, sin,
                           cache, new_tokens)
@@ -114,12 +130,15 @@ class Attention(nn.Module):
         out = self.o_proj(attn_merged)
         return out
 
-    def _check_inputs(self, hidden_states, position_ids, start=None):
+    def _check_inputs(self, hidden_states, position_ids):
+        self._check_hidden_states(hidden_states)
+        return hidden_states, position_ids_for(hidden_states, position_ids, MAX_POSITION)
+
+    def _check_hidden_states(self, hidden_states):
         weight = self.q_a_proj.weight
         expect_tensor("hidden_states", hidden_states, ndim=3, dtype=weight.dtype, device=weight.device)
         if hidden_states.shape[-1] != D_MODEL:
             raise ValueError(f"hidden_states must be [batch, seq, {D_MODEL}], got {list(hidden_states.shape)}")
-        return hidden_states, position_ids_for(hidden_states, position_ids, MAX_POSITION, start)
 
     def _forward(self, hidden_states, position_ids, attention):
         batch, seqlen = hidden_states.shape[:2]

@@ -27,10 +27,12 @@ from mlagen.runtime.tuning_cache import attention_key, tuned_config
 @triton.jit
 def _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+               BLOCK_M: tl.constexpr):
     # Keys outside [lo, hi) are masked for every row of the block, so the loop skips them:
     # causal blocks stop at the diagonal, windowed ones start at the window, and the
     # latent family's chunk masks visit only the chunks a block can see (O(N*M), not O(N^2)).
+    # The loop starts at the tile holding lo and reads the keys outside [lo, hi) in its first
+    # and last tiles as zeros, so a NaN there cannot reach the block through 0 * NaN in P @ V.
     first_q = start_m * BLOCK_M
     last_q = tl.minimum(first_q + BLOCK_M, seqlen_q) - 1
     lo = 0
@@ -44,7 +46,7 @@ def _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
         hi = tl.minimum(hi, (last_q // q_group_size + 1) * k_group_size)
     if GROUP_MASK == 2:
         hi = tl.minimum(hi, (last_q // q_group_size) * k_group_size)
-    return (lo // BLOCK_N) * BLOCK_N, hi
+    return lo, hi
 
 
 @triton.jit
@@ -155,10 +157,10 @@ def attention_fwd_qk16_v16(
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, PAD_V], ACC_DTYPE)
     lo, hi = _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
-                        CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+                        CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M)
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         offs_k = start_n + offs_n
-        key_ok = offs_k < seqlen_k
+        key_ok = (offs_k >= lo) & (offs_k < hi)  # hi <= seqlen_k
         k_a = tl.load(k_a_rows + offs_k[None, :] * stride_ka_s + offs_a[:, None],
                       mask=key_ok[None, :] & (offs_a[:, None] < D_A), other=0.0)
         scores = tl.dot(q_a, k_a, input_precision=DOT_PRECISION)
@@ -175,8 +177,10 @@ def attention_fwd_qk16_v16(
         acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    # A row that sees no key stores exact zeros: its acc is 0 * V, NaN when the tile held a NaN
+    # value that another row of the block may see (one select per output, after the loop).
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    out = acc / l_safe[:, None]
+    out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_safe[:, None])
     o_ptrs = O + off_b * stride_o_b + off_h * stride_o_h + offs_m[:, None] * stride_o_s + offs_v[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_v[None, :] < D_V))
     # log-sum-exp in natural log, so partial results over disjoint keys merge exactly.
@@ -316,10 +320,10 @@ def attention_fwd_qk16_v16_bwd_dq(
     v_rows = V + off_b * stride_v_b + off_kh * stride_v_h
 
     lo, hi = _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
-                        CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M, BLOCK_N)
-    for start_n in range(lo, hi, BLOCK_N):
+                        CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M)
+    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
         offs_k = start_n + offs_n
-        key_ok = offs_k < seqlen_k
+        key_ok = (offs_k >= lo) & (offs_k < hi)  # hi <= seqlen_k
         k_a = tl.load(k_a_rows + offs_k[:, None] * stride_ka_s + offs_a[None, :],
                       mask=key_ok[:, None] & (offs_a[None, :] < D_A), other=0.0)
         values = tl.load(v_rows + offs_k[:, None] * stride_v_s + offs_v[None, :],

@@ -54,12 +54,15 @@ class Attention(nn.Module):
         hidden_states, position_ids = self._check_inputs(hidden_states, position_ids)
         return self._forward(hidden_states, position_ids, REFERENCE_ATTENTION)
 
-    def _check_inputs(self, hidden_states, position_ids, start=None):
+    def _check_inputs(self, hidden_states, position_ids):
+        self._check_hidden_states(hidden_states)
+        return hidden_states, position_ids_for(hidden_states, position_ids, MAX_POSITION)
+
+    def _check_hidden_states(self, hidden_states):
         weight = self.q_proj.weight
         expect_tensor("hidden_states", hidden_states, ndim=3, dtype=weight.dtype, device=weight.device)
         if hidden_states.shape[-1] != D_MODEL:
             raise ValueError(f"hidden_states must be [batch, seq, {D_MODEL}], got {list(hidden_states.shape)}")
-        return hidden_states, position_ids_for(hidden_states, position_ids, MAX_POSITION, start)
 
     def _forward(self, hidden_states, position_ids, attention):
         batch, seqlen = hidden_states.shape[:2]

@@ -7,9 +7,13 @@ crash inside a kernel.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+
+INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 
 def expect_tensor(
@@ -34,6 +38,43 @@ def expect_tensor(
     return tensor
 
 
+def shown(value: object) -> str:
+    """A bad argument as one short line for an error message (a tensor's repr spans lines)."""
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def expect_int(name: str, value: object, *, minimum: int | None = None) -> int:
+    """An integer argument: a Python int or anything integral with __index__ (numpy and 0-d
+    torch integers), not a bool (True is not a count) and not a float (a fractional size or
+    count is a bug upstream, and silently truncating it would hide the bug)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        raise ValueError(f"{name} must be an integer, got {shown(value)}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {shown(value)}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {number}")
+    return number
+
+
+def expect_int_list(name: str, values: object) -> list[int]:
+    """A list or tuple of integers, or a 1-D integer tensor, as Python ints. A string is
+    refused although it is a sequence: "12" must not be read as [1, 2]."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1 or values.dtype not in INTEGER_DTYPES:
+            raise ValueError(
+                f"{name} must be a list of integers or a 1-D integer tensor, got {shown(values)}"
+            )
+        return values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name} must be a list of integers or a 1-D integer tensor, got {shown(values)}")
+    return [expect_int(f"{name}[{index}]", value) for index, value in enumerate(values)]
+
+
 def expect_shape(name: str, tensor: torch.Tensor, expected: Sequence[int | None]) -> None:
     """`None` in `expected` matches any size."""
     if len(expected) != tensor.dim() or any(e is not None and e != s for e, s in zip(expected, tensor.shape)):
@@ -53,8 +94,9 @@ def position_ids_for(
     batch, seqlen = hidden_states.shape[:2]
     if position_ids is None:
         first = start or [0] * batch
-        if max(first) + seqlen > max_position:
-            cached = f" after {max(first)} cached tokens" if max(first) else ""
+        longest = max(first, default=0)  # an empty batch has no cached tokens
+        if longest + seqlen > max_position:
+            cached = f" after {longest} cached tokens" if longest else ""
             raise ValueError(
                 f"sequence length {seqlen}{cached} exceeds max_position={max_position} of the spec"
             )
@@ -79,11 +121,33 @@ def position_ids_for(
     return position_ids
 
 
+def check_inference(module: nn.Module, hidden_states: torch.Tensor) -> None:
+    """The paged cache is written in place and read by kernels without a backward, so a
+    gradient through it would be silently missing (kernels) or grow one graph across every
+    decode step (reference): a call that could record a graph is refused."""
+    if torch.is_grad_enabled() and (
+        hidden_states.requires_grad or any(param.requires_grad for param in module.parameters())
+    ):
+        raise ValueError(
+            "the paged cache is for inference: call under torch.no_grad() or torch.inference_mode(), "
+            "or train without cache="
+        )
+
+
+def check_no_new_tokens(new_tokens: object) -> None:
+    """new_tokens marks right padding of tokens appended to a cache; without a cache nothing
+    would read it, and ignoring it would let real tokens attend to the padding."""
+    if new_tokens is not None:
+        raise ValueError(
+            "new_tokens is only read with cache=; without a cache run rows of different lengths separately"
+        )
+
+
 def check_new_tokens(
     hidden_states: torch.Tensor, new_tokens, cache, latent_dim: int, rope_dim: int
 ) -> tuple[int, ...]:
     """Check the cache fits this module; return how many of each row's S tokens are real
-    (the rest is right padding)."""
+    (the rest is right padding). hidden_states has passed the module's input checks."""
     if (cache.latent_dim, cache.rope_dim) != (latent_dim, rope_dim):
         raise ValueError(
             f"the cache holds latent {cache.latent_dim} + rope {cache.rope_dim} per token but this "
@@ -102,9 +166,7 @@ def check_new_tokens(
         )
     if new_tokens is None:
         return (seqlen,) * batch
-    counts = tuple(
-        int(n) for n in (new_tokens.tolist() if isinstance(new_tokens, torch.Tensor) else new_tokens)
-    )
+    counts = tuple(expect_int_list("new_tokens", new_tokens))
     if len(counts) != batch or any(not 0 <= n <= seqlen for n in counts):
         raise ValueError(
             f"new_tokens must give, for each of the {batch} rows, a count in [0, {seqlen}]; got {counts}"

@@ -39,7 +39,10 @@ class DecodeOps:
     ) -> CachedTokens:
         """Reserve pages (raising before anything is written), write the rows, count them."""
         start = cache.reserve(list(new_tokens))
-        self.write_rows(kv_a, norm_weight, eps, cos, sin, cache, start, new_tokens)
+        # The cache holds values, never a graph: the kernel writer cannot record one, and the
+        # reference writer must not either (its buffer would require grad from then on).
+        with torch.no_grad():
+            self.write_rows(kv_a, norm_weight, eps, cos, sin, cache, start, new_tokens)
         cache.commit(list(new_tokens))
         return CachedTokens(cache, start, tuple(new_tokens))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from types import ModuleType
 
 import torch
@@ -59,6 +60,32 @@ class Rotary(nn.Module):
 def repeat_chunks(x: torch.Tensor, batch: int, chunks: int) -> torch.Tensor:
     """[M, D] -> [batch, chunks * M, D]: a view over batch (stride 0), a copy over chunks."""
     return x.repeat(chunks, 1).expand(batch, -1, -1)
+
+
+def run_without_padding(
+    forward: Callable[..., torch.Tensor],
+    hidden_states: torch.Tensor,
+    position_ids: torch.Tensor,
+    new_tokens: tuple[int, ...],
+    *args,
+) -> torch.Tensor:
+    """forward(hidden_states, position_ids, *args), [B, S, D] -> [B, S, D], over each row's
+    first new_tokens[b] tokens only; the rest (right padding) gives zeros. Rows with the same
+    count run together, sliced to it, so attention that is not causal never sees padding
+    (slicing rather than masking keys reuses the kernels as they are); an unpadded batch is
+    one call."""
+    seqlen = hidden_states.shape[1]
+    if all(count == seqlen for count in new_tokens):
+        return forward(hidden_states, position_ids, *args)
+    rows_by_count: dict[int, list[int]] = {}
+    for row, count in enumerate(new_tokens):
+        rows_by_count.setdefault(count, []).append(row)
+    out = hidden_states.new_zeros(hidden_states.shape)
+    for count, rows in rows_by_count.items():
+        if count:
+            index = torch.tensor(rows, device=hidden_states.device)
+            out[index, :count] = forward(hidden_states[index, :count], position_ids[index, :count], *args)
+    return out
 
 
 def head_matmul(

@@ -17,6 +17,8 @@ from collections import deque
 
 import torch
 
+from mlagen.runtime.checks import expect_int, expect_int_list, shown
+
 
 class PagedLatentCache:
     def __init__(
@@ -31,17 +33,25 @@ class PagedLatentCache:
         dtype: torch.dtype = torch.bfloat16,
         device: torch.device | str | None = None,
     ):
-        if batch_size < 1 or max_tokens < 1 or page_size < 1:
-            raise ValueError(
-                f"need batch_size, max_tokens and page_size >= 1, got {batch_size}, {max_tokens}, {page_size}"
-            )
+        batch_size = expect_int("batch_size", batch_size, minimum=1)
+        max_tokens = expect_int("max_tokens", max_tokens, minimum=1)
+        page_size = expect_int("page_size", page_size, minimum=1)
         self.batch_size, self.max_tokens, self.page_size = batch_size, max_tokens, page_size
         self.latent_dim, self.rope_dim = latent_dim, rope_dim
         self.pages_per_sequence = -(-max_tokens // page_size)
-        num_pages = num_pages or batch_size * self.pages_per_sequence
-        self.buffer = torch.zeros(num_pages, page_size, latent_dim + rope_dim, dtype=dtype, device=device)
-        self.page_table = torch.zeros(batch_size, self.pages_per_sequence, dtype=torch.int32, device=device)
-        self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
+        # A pool smaller than batch_size * pages_per_sequence is fine (sequences rarely all
+        # reach max_tokens; reserve() says when it runs out), an empty one is not.
+        if num_pages is None:
+            num_pages = batch_size * self.pages_per_sequence
+        num_pages = expect_int("num_pages", num_pages, minimum=1)
+        # Normal tensors even when created under torch.inference_mode(): the cache is updated
+        # in place, which inference tensors refuse outside inference mode (a later no_grad call).
+        with torch.inference_mode(False):
+            self.buffer = torch.zeros(num_pages, page_size, latent_dim + rope_dim, dtype=dtype, device=device)
+            self.page_table = torch.zeros(
+                batch_size, self.pages_per_sequence, dtype=torch.int32, device=device
+            )
+            self.lengths = torch.zeros(batch_size, dtype=torch.int32, device=device)
         self._lengths = [0] * batch_size
         self._pages: list[list[int]] = [[] for _ in range(batch_size)]
         self._free = deque(range(num_pages))
@@ -65,6 +75,9 @@ class PagedLatentCache:
         """Make room for new_tokens[b] more tokens in every sequence; returns their start
         positions [B] (int32, on the cache's device). Raises ValueError, changing
         nothing, when a sequence would pass max_tokens or the pool runs out of pages."""
+        new_tokens = expect_int_list("new_tokens", new_tokens)
+        if any(count < 0 for count in new_tokens):
+            raise ValueError(f"new_tokens must be counts >= 0, got {shown(new_tokens)}")
         if len(new_tokens) != self.batch_size:
             raise ValueError(
                 f"the cache holds {self.batch_size} sequences but the input has {len(new_tokens)}; "
@@ -96,8 +109,16 @@ class PagedLatentCache:
         self.lengths.copy_(torch.tensor(self._lengths, dtype=torch.int32))
 
     def free(self, rows: list[int] | None = None) -> None:
-        """Forget sequences (all by default) and return their pages to the pool."""
-        for row in range(self.batch_size) if rows is None else rows:
+        """Forget sequences (all by default) and return their pages to the pool. Rows are
+        checked before anything is freed: a negative index would free another sequence."""
+        if rows is None:
+            rows = list(range(self.batch_size))
+        rows = expect_int_list("rows", rows)
+        if any(not 0 <= row < self.batch_size for row in rows) or len(set(rows)) != len(rows):
+            raise ValueError(
+                f"rows must be distinct sequence indices in [0, {self.batch_size}), got {shown(rows)}"
+            )
+        for row in rows:
             self._free.extend(self._pages[row])
             self._pages[row] = []
             self._lengths[row] = 0
@@ -105,6 +126,9 @@ class PagedLatentCache:
 
     def gather(self, row: int) -> torch.Tensor:
         """The cached rows of one sequence, [length, width] (for the reference path and tests)."""
+        row = expect_int("row", row)
+        if not 0 <= row < self.batch_size:
+            raise ValueError(f"row must be a sequence index in [0, {self.batch_size}), got {row}")
         length = self._lengths[row]
         pages = self.buffer[self.page_table[row, : -(-length // self.page_size)].long()]
         return pages.reshape(-1, self.width)[:length]

@@ -2,7 +2,9 @@
 
 `attention` has the same signature as the generated kernel launchers, so a
 generated module can run either; in fp64 it is the golden reference, and in a
-low dtype it is "eager" (softmax in fp32, like transformers' eager path).
+low dtype it is "eager": scores and softmax in fp32, the probabilities rounded
+to the input dtype for P @ V, like transformers' eager path (which, unlike this,
+also rounds q.k to the input dtype; see `attention`).
 """
 
 from __future__ import annotations
@@ -72,28 +74,45 @@ def attention(
 
     q_a [B, Sq, Hq, Da], q_b [B, Sq, Hq, Db] or None, k_a [B, Sk, Hk, Da],
     k_b [B, Sk, Hk or 1, Db] or None, v [B, Sk, Hk, Dv] -> [B, Sq, Hq, Dv].
-    Rows with no visible key give zeros (and lse -inf), never NaN.
+    Rows with no visible key give zeros (and lse -inf), never NaN. A key that a
+    query may not see adds exactly nothing to it, even a NaN one; a NaN or inf
+    key or value that it may see makes its output NaN.
     """
     heads_q, heads_k = q_a.shape[2], k_a.shape[2]
     group = heads_q // heads_k
+    assert group * heads_k == heads_q
+    # q.k accumulates and stays in fp32 (fp64 for the golden), as in the kernels and SDPA.
+    # transformers' eager path rounds q.k to fp16/bf16 before its fp32 softmax, which turns
+    # scores past 65504 (an fp16 model on activations x100) into inf and the output into NaN
+    # where the kernels are finite; the reference has to be finite wherever they are.
+    score_dtype = torch.float64 if q_a.dtype == torch.float64 else torch.float32
 
     def per_query_head(t: torch.Tensor) -> torch.Tensor:  # [B, S, h, D] -> [B, Hq, S, D]
         t = t.transpose(1, 2)
         return t.repeat_interleave(heads_q // t.shape[1], dim=1) if t.shape[1] != heads_q else t
 
-    scores = per_query_head(q_a) @ per_query_head(k_a).transpose(-1, -2)
+    def score(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        return per_query_head(q).to(score_dtype) @ per_query_head(k).to(score_dtype).transpose(-1, -2)
+
+    scores = score(q_a, k_a)
     if q_b is not None:
         assert k_b is not None
-        scores = scores + per_query_head(q_b) @ per_query_head(k_b).transpose(-1, -2)
-    assert group * heads_k == heads_q
-    scores = scores.to(torch.float32 if scores.dtype != torch.float64 else torch.float64) * scale
+        scores = scores + score(q_b, k_b)
+    scores = scores * scale
+    # A masked key's probability is exactly 0, but 0 * NaN is NaN in P @ V. So a value row
+    # holding NaN or inf is zeroed, and its NaN moves into the key's scores, where the mask
+    # drops it for the queries that may not see the key and keeps it for those that may.
+    values = per_query_head(v)
+    finite = values.isfinite().all(-1)  # [B, Hq, Sk]
+    values = values.masked_fill(~finite[..., None], 0)
+    scores = scores.masked_fill(~finite[..., None, :], float("nan"))
     allowed = visible(
         q_a.shape[1], k_a.shape[1], causal=causal, window=window, group_mask=group_mask, device=q_a.device
     )
     scores = scores.masked_fill(~allowed, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1)
     probs = torch.exp(scores - lse[..., None].masked_fill(lse[..., None] == float("-inf"), 0.0))
-    out = (probs.to(v.dtype) @ per_query_head(v)).transpose(1, 2)
+    out = (probs.to(v.dtype) @ values).transpose(1, 2)
     if return_lse:
         return out, lse.to(torch.float32)
     return out

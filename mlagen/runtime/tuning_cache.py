@@ -10,9 +10,19 @@ on. Shapes are bucketed to powers of two (batch, sequence lengths, heads) and ke
 the flags that change the compiled code (head group, causal, window, group mask).
 
 The file is read once per process; a launch costs one dict lookup after its first
-call. A corrupt or foreign file is reported in one warning and ignored. Writers
-merge under a file lock and replace the file atomically, so tuning processes that
-run at once lose nothing and a reader never sees half a file.
+call. Every launcher on a GPU reads it, so nothing in it may break a launch: a file
+that cannot be read as this format (unreadable, a directory, not UTF-8, not JSON,
+nested too deeply, numbers too long to convert, another format) is reported in one
+warning and ignored, and so are the entries whose config is out of shape (block
+sizes and warps powers of two within what Triton compiles, stages and splits in
+range, ms finite), while the well-formed entries beside them are used.
+
+Writers (`mlagen tune`, `tune --static --write`) merge under a file lock and replace
+the file atomically, so tuning processes that run at once lose nothing and a reader
+never sees half a file. Over a corrupt file or corrupt entries a writer says so in
+one line on stderr and writes the well-formed entries with its own, replacing the
+rest; where the file cannot be replaced (a directory in its place, no permission)
+it stops with one line that says what to change.
 """
 
 from __future__ import annotations
@@ -20,7 +30,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import math
 import os
+import reprlib
 import sys
 import tempfile
 import textwrap
@@ -32,6 +44,7 @@ from typing import Any
 import torch
 import triton
 
+from mlagen.errors import MlagenError
 from mlagen.runtime.launch import BlockConfig, device_arch
 
 FORMAT = 1
@@ -109,56 +122,99 @@ def describe(config: BlockConfig) -> str:
 
 
 def read_file(path: Path) -> tuple[dict[str, dict], str | None]:
-    """(entries, problem): a missing file has no entries and no problem; a corrupt or
-    foreign one has no entries and a one-line problem."""
+    """(entries, problem): the well-formed entries and a one-line problem, or None. A missing
+    file has no entries and no problem; one that cannot be read as this format has no entries."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}, None
     except OSError as exc:
         return {}, f"cannot read it ({exc.strerror})"
+    except UnicodeDecodeError as exc:
+        return {}, f"corrupt: not UTF-8 text (byte {exc.start})"
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         return {}, f"corrupt JSON at line {exc.lineno}"
+    except RecursionError:
+        return {}, "corrupt JSON: nested too deeply to read"
+    except ValueError:  # the only other one json.loads raises: an integer past sys.get_int_max_str_digits()
+        return {}, "corrupt JSON: a number with too many digits to read"
     if not isinstance(data, dict) or not isinstance(data.get("entries"), dict):
         return {}, "corrupt: no 'entries' table"
     if data.get("format") != FORMAT:
-        return {}, f"stale: format {data.get('format')!r}, this mlagen reads format {FORMAT}"
-    entries = data["entries"]
-    for key, entry in entries.items():
+        return {}, f"stale: format {reprlib.repr(data.get('format'))}, this mlagen reads format {FORMAT}"
+    entries, dropped = {}, []
+    for key, entry in data["entries"].items():
         try:
             _config(entry)
-        except (TypeError, ValueError, KeyError):
-            return {}, f"corrupt entry {key!r}"
-    return entries, None
+        except ValueError as exc:
+            dropped.append(f"{reprlib.repr(key)}: {exc}")
+        else:
+            entries[key] = entry
+    if not dropped:
+        return entries, None
+    count = f"{len(dropped)} corrupt entr{'y' if len(dropped) == 1 else 'ies'}"
+    return entries, f"{count} ({dropped[0]}{', ...' if len(dropped) > 1 else ''})"
 
 
-def _config(entry: dict) -> BlockConfig:
+def _powers_of_two(low: int, high: int) -> frozenset[int]:
+    return frozenset(1 << p for p in range(low.bit_length() - 1, high.bit_length()))
+
+
+# What a config read from the file may hold, so that a launch never hands Triton a tile it
+# cannot build: tiles from the tensor-core step (tl.dot needs 16) to 256, at most 32 warps
+# (1024 threads). Wider than any config `mlagen tune` proposes, for hand-edited entries.
+CONFIG_RULES: dict[str, tuple[frozenset[int] | range, str]] = {
+    "block_m": (_powers_of_two(16, 256), "a power of two from 16 to 256"),
+    "block_n": (_powers_of_two(16, 256), "a power of two from 16 to 256"),
+    "num_warps": (_powers_of_two(1, 32), "a power of two from 1 to 32"),
+    "num_stages": (range(1, 9), "from 1 to 8"),
+    "num_splits": (range(1, 257), "from 1 to 256, or null"),
+}
+TEXT_FIELDS = ("kernel", "source_hash", "shape", "dtype", "gpu", "triton", "method")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _config(entry: Any) -> BlockConfig:
+    """The config of a cache entry; ValueError (one line naming the field) when the entry
+    is out of shape."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("config"), dict):
+        raise ValueError("no 'config' table")
     fields = entry["config"]
-    config = BlockConfig(
+    for name, (allowed, rule) in CONFIG_RULES.items():
+        value = fields.get(name)
+        if name == "num_splits" and value is None:
+            continue
+        if not (_is_int(value) and value in allowed):
+            raise ValueError(f"{name}={reprlib.repr(value)} is not {rule}")
+    ms = entry.get("ms")
+    # Comparing, not math.isfinite: that would overflow on a huge integer.
+    if ms is not None and not ((_is_int(ms) or isinstance(ms, float)) and 0 <= ms < math.inf):
+        raise ValueError(f"ms={reprlib.repr(ms)} is not a finite time")
+    for name in TEXT_FIELDS:
+        if not isinstance(entry.get(name, ""), str):
+            raise ValueError(f"{name}={reprlib.repr(entry[name])} is not a string")
+    return BlockConfig(
         **{name: fields[name] for name in ("block_m", "block_n", "num_warps", "num_stages")},
         num_splits=fields.get("num_splits"),
     )
-    values = [config.block_m, config.block_n, config.num_warps, config.num_stages, config.num_splits or 1]
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-        raise ValueError(fields)
-    if any(
-        v & (v - 1) for v in (config.block_m, config.block_n, config.num_warps)
-    ):  # tl.arange needs powers of two
-        raise ValueError(fields)
-    return config
 
 
 def entries() -> dict[str, BlockConfig]:
-    """The cache's configs by key, read once per process."""
+    """The cache's well-formed configs by key, read once per process."""
     global _entries
     if _entries is None:
         path = cache_path()
         raw, problem = read_file(path)
-        if problem:
-            warnings.warn(f"mlagen: ignoring the tuning cache {path}: {problem}", stacklevel=2)
+        # Kept before warning, so that a warning turned into an error fails one call, not every launch.
         _entries = {key: _config(entry) for key, entry in raw.items()}
+        if problem:
+            part = "part of " if raw else ""
+            warnings.warn(f"mlagen: ignoring {part}the tuning cache {path}: {problem}", stacklevel=2)
     return _entries
 
 
@@ -229,27 +285,45 @@ def new_entry(
     return entry_key(source, shape, dtype_name(dtype), gpu), entry
 
 
+def check_writable(path: Path | None = None) -> Path:
+    """The cache path, once it is clear a write could replace what is there (MlagenError
+    otherwise), so that tuning stops before its work rather than after it."""
+    path = path or cache_path()
+    if path.exists() and not path.is_file():
+        raise MlagenError(
+            f"cannot write the tuning cache {path}: it is not a file; remove it or set MLAGEN_CACHE_DIR"
+        )
+    return path
+
+
 def store(new: dict[str, dict], path: Path | None = None) -> Path:
     """Merge `new` into the cache file: under its lock, re-read what other processes wrote,
-    then replace the file atomically (a temp file in the same directory + os.replace)."""
-    from filelock import FileLock
+    then replace the file atomically (a temp file in the same directory + os.replace). What
+    cannot be read is replaced, after one line on stderr; a file that cannot be replaced
+    raises MlagenError."""
+    from filelock import FileLock, Timeout
 
-    path = path or cache_path()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=60):
-        current, problem = read_file(path)
-        if problem:
-            print(f"mlagen: replacing the tuning cache {path}: {problem}", file=sys.stderr)
-        merged = {**current, **new}
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                json.dump({"format": FORMAT, "entries": merged}, out, indent=1, sort_keys=True)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+    path = check_writable(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock", timeout=60):
+            current, problem = read_file(path)
+            if problem:
+                print(f"mlagen: replacing the tuning cache {path}: {problem}", file=sys.stderr)
+            merged = {**current, **new}
+            handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            try:
+                with os.fdopen(handle, "w", encoding="utf-8") as out:
+                    json.dump({"format": FORMAT, "entries": merged}, out, indent=1, sort_keys=True)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(temp, path)
+            except BaseException:
+                Path(temp).unlink(missing_ok=True)
+                raise
+    except OSError as exc:
+        raise MlagenError(f"cannot write the tuning cache {path}: {exc.strerror or exc}") from None
+    except Timeout:
+        raise MlagenError(f"another process holds the lock of the tuning cache {path}; retry") from None
     reset()
     return path
