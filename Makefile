@@ -61,11 +61,13 @@ generate: setup
 
 # Benchmarks against torch SDPA, FlexAttention and the reference (JSON in benchmarks/), then the
 # plots and BENCHMARKS.md. Without a GPU these are smoke runs (tiny shapes under the interpreter,
-# not performance numbers); on a GPU run `make bench BENCH_FLAGS=` for the real ones.
+# not performance numbers); on a GPU run `make bench BENCH_FLAGS=` for the real ones, or
+# scripts/gpu_suite.sh for the GPU suite alone in one device call (README: How to run the GPU suite).
 BENCH_FLAGS ?= --smoke
 bench: setup
 	$(PY) -m mlagen bench specs/deepseek_v3.yaml --mode prefill $(BENCH_FLAGS)
 	$(PY) -m mlagen bench specs/deepseek_v3.yaml --mode train $(BENCH_FLAGS)
 	$(PY) -m mlagen bench specs/deepseek_v3.yaml --mode decode $(BENCH_FLAGS)
 	$(PY) -m mlagen bench specs/llama3_8b.yaml --mode prefill $(BENCH_FLAGS)
+	$(PY) -m mlagen bench --suite gpu $(BENCH_FLAGS)
 	$(PY) -m mlagen bench --plot --report

@@ -4,8 +4,11 @@ ahead-of-time compilation, a static ranking model, and timing on a GPU.
     spec --IR--> attention uses (dims, heads, masks) --> launchers (forward, backward, decode)
       --> candidates: every BLOCK_* constexpr of the launcher's kernels (read from the
           generated source) x num_warps x num_stages, tiles powers of two bounded by the
-          shape and by a register estimate from the head dims
-      --> AOT compile for sm_80 / sm_90: drop spills, shared memory over the limit, failures
+          shape, by a register estimate from the head dims and by a shared-memory estimate
+          from the tiles and stages (cheap rules: nothing compiled yet)
+      --> the launcher called on meta tensors for the arch (mlagen.aot): exactly the kernels a
+          launch builds, each distinct one compiled once (in parallel, cached on disk)
+      --> drop spills, shared memory over the limit, failures
       --> rank statically (tune --static), or time with triton.testing.do_bench (tune)
       --> winners into the per-user cache (mlagen.runtime.tuning_cache)
 """
@@ -13,10 +16,12 @@ ahead-of-time compilation, a static ranking model, and timing on a GPU.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import math
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,24 +30,21 @@ from typing import Any
 import sympy
 import torch
 
-from mlagen.aot import CompiledKernel, CompileJob, compile_jobs
+from mlagen import aot
+from mlagen.aot import ARCHS, Arch, CompiledKernel, Launch
 from mlagen.errors import MlagenError
 from mlagen.ir import lower
 from mlagen.ir.ops import B, Graph, OpKind, S, T
 from mlagen.passes import run_pipeline
 from mlagen.runtime import tuning_cache
-from mlagen.runtime.attention import (
-    GROUP_MASK_CODES,
-    AttentionDims,
-    accumulator,
-    dot_precision,
-    padded,
-)
+from mlagen.runtime.attention import GROUP_MASK_CODES, AttentionDims, padded, split_count
 from mlagen.runtime.launch import (
     BlockConfig,
+    LaunchTarget,
     default_backward_config,
     default_config,
     default_decode_config,
+    launching_for,
 )
 from mlagen.runtime.paged_cache import PagedLatentCache
 from mlagen.spec import MlaSpec, Spec
@@ -52,33 +54,15 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 PAGE = inspect.signature(PagedLatentCache).parameters["page_size"].default
 
 
-# --- the hardware model -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Arch:
-    sm: int
-    gpu: str  # the GPU whose numbers these are
-    sms: int
-    smem_per_block: int  # the most shared memory one CTA may use
-    smem_per_sm: int
-    regs_per_sm: int = 65536
-    max_warps: int = 64
-    max_ctas: int = 32
-    tensor_core: str = "HMMA"
-
-
-ARCHS = {
-    90: Arch(90, "H100 SXM", 132, 227 * 1024, 228 * 1024, tensor_core="HGMMA"),
-    80: Arch(80, "A100", 108, 163 * 1024, 164 * 1024, tensor_core="HMMA"),
-}
+# --- the hardware model (mlagen.aot.ARCHS) -------------------------------------------------------
 
 
 def parse_arch(text: str | int) -> int:
-    value = str(text).removeprefix("sm_")
-    if not value.isdigit() or int(value) not in ARCHS:
-        raise MlagenError(f"--arch {text}: choose one of {', '.join(f'sm_{a}' for a in ARCHS)}")
-    return int(value)
+    """One arch (`sm_90` or `90`), for commands that tune for one."""
+    archs = aot.parse_archs(text)
+    if len(archs) != 1:
+        raise MlagenError(f"--arch {text}: give one arch")
+    return archs[0]
 
 
 def occupancy(compiled: CompiledKernel, arch: Arch) -> int:
@@ -143,10 +127,15 @@ class Shape:
         return f"batch {self.batch}, seq {self.seq_len}"
 
 
+# The kernel families whose launchers autotune can call (their templates' *_launch and
+# *_backward signatures); attention nodes of other families are not tuned or inspected yet.
+LAUNCHABLE = ("attention_fwd_", "mla_decode_")
+
+
 def _uses(graph: Graph, dtype: str) -> list[AttentionUse]:
     uses = []
     for node in graph.nodes:
-        if node.op is not OpKind.ATTENTION:
+        if node.op is not OpKind.ATTENTION or not node.attr("kernel").startswith(LAUNCHABLE):
             continue
         operands = [graph.node(name).shape for name in node.inputs]
         q, k = operands[0], operands[2 if len(operands) == 5 else 1]
@@ -227,11 +216,11 @@ def all_launchers(spec: Spec, dtype: str | None = None) -> list[Launcher]:
 
 def default_for(launcher: Launcher, shape: Shape, arch: int) -> BlockConfig:
     """The launcher's static default on `arch` (what runs when the cache has no entry)."""
-    use, cuda = launcher.use, torch.device("cuda")
+    use, cuda, dtype = launcher.use, torch.device("cuda"), DTYPES[launcher.use.dtype]
     if launcher.role == "decode":
-        return default_decode_config(use.heads_q * use.lengths(shape)[0], cuda)
+        return default_decode_config(use.heads_q * use.lengths(shape)[0], cuda, arch=arch, dtype=dtype)
     choose = default_config if launcher.role == "forward" else default_backward_config
-    return choose(use.d_a + use.d_b, use.d_v, cuda, arch=arch)
+    return choose(use.d_a + use.d_b, use.d_v, cuda, arch=arch, dtype=dtype)
 
 
 def shape_key(launcher: Launcher, shape: Shape) -> str:
@@ -314,9 +303,34 @@ def register_estimate(launcher: Launcher, config: BlockConfig) -> float:
     return values / (32 * config.num_warps)
 
 
-def candidates(launcher: Launcher, constexprs: dict[str, tuple[str, ...]], shape: Shape) -> list[BlockConfig]:
-    """Every config of the launcher's tunable constexprs, warps and stages that the shape
-    and the register estimate allow (powers of two from 16 up to the bound)."""
+def shared_estimate(launcher: Launcher, config: BlockConfig) -> int:
+    """Bytes of shared memory a config needs at least: one buffer of the tiles its loop
+    streams (forward and dQ: K and V of BLOCK_N keys; dK/dV: Q and dO of BLOCK_M queries;
+    decode: BLOCK_N cache rows, keys and values at once), half of one without pipelining.
+    Only a lower bound prunes safely, and Triton does not always give the loop num_stages
+    buffers (1.1 to 3.4 buffers measured for 2 to 4 stages, 0.5 to 3 for one; short and
+    nested loops pipeline less), so this counts what every compiled config had; the
+    arch-matrix test checks it against compiled kernels."""
+    use = launcher.use
+    pad_qk = padded(use.d_a) + padded(use.d_b)
+    pad_v = padded(use.d_v)
+    element = DTYPE_BYTES[use.dtype]
+    m, n = config.block_m, config.block_n
+    if launcher.role == "decode":
+        streamed = n * pad_qk
+    elif launcher.role == "backward":
+        streamed = max(m, n) * (pad_qk + pad_v)  # the larger of dK/dV's (m rows) and dQ's (n keys)
+    else:
+        streamed = n * (pad_qk + pad_v)
+    return streamed * element // (1 if config.num_stages > 1 else 2)
+
+
+def candidates(
+    launcher: Launcher, constexprs: dict[str, tuple[str, ...]], shape: Shape, arch: int | None = None
+) -> list[BlockConfig]:
+    """Every config of the launcher's tunable constexprs, warps and stages that the shape,
+    the register estimate and (for an arch) the shared-memory estimate allow (powers of two
+    from 16 up to the bound)."""
     bounds = tile_bounds(launcher, constexprs, shape)
     fields: dict[str, list[int]] = {"block_m": [MIN_TILE], "block_n": [MIN_TILE]}
     for name, bound in bounds.items():
@@ -327,8 +341,11 @@ def candidates(launcher: Launcher, constexprs: dict[str, tuple[str, ...]], shape
             for warps in WARPS:
                 for stages in STAGES:
                     config = BlockConfig(m, n, warps, stages)
-                    if register_estimate(launcher, config) <= REGISTER_ESTIMATE_LIMIT:
-                        found.append(config)
+                    if register_estimate(launcher, config) > REGISTER_ESTIMATE_LIMIT:
+                        continue
+                    if arch is not None and shared_estimate(launcher, config) > ARCHS[arch].smem_per_block:
+                        continue
+                    found.append(config)
     return found
 
 
@@ -338,137 +355,105 @@ def split_candidates(longest: int, block_n: int) -> list[int]:
     return [1 << p for p in range(most.bit_length()) if 1 << p <= most]
 
 
-# --- compiling ----------------------------------------------------------------------------------
-
-
-def constexpr_values(launcher: Launcher, config: BlockConfig, shape: Shape, arch: Arch) -> dict[str, Any]:
-    """Every constexpr a launcher may pass, as it computes them (see the templates' launchers)."""
-    use = launcher.use
-    dtype = DTYPES[use.dtype]
-    seq_q, seq_k = use.lengths(shape)
-    return {
-        "HEAD_GROUP": use.head_group,
-        "DOT_PRECISION": dot_precision(dtype),
-        "ACC_DTYPE": accumulator(dtype),
-        "CAUSAL": use.causal,
-        "WINDOWED": use.window is not None,
-        "GROUP_MASK": GROUP_MASK_CODES[use.group_mask[0] if use.group_mask else None],
-        "BLOCK_M": config.block_m,
-        "BLOCK_H": config.block_m,
-        "BLOCK_N": config.block_n,
-        "PAGE": PAGE,
-        "D_V": use.d_v,
-        "PAD_V": padded(use.d_v),
-        "PAD_SPLITS": 1 << (decode_splits(config, shape.batch, seq_k, arch) - 1).bit_length(),
-    }
+# --- compiling: the launchers themselves, on meta tensors (mlagen.aot) ---------------------------
 
 
 def decode_splits(config: BlockConfig, batch: int, longest: int, arch: Arch) -> int:
-    """The split count the decode launcher uses (runtime.attention.split_count on `arch`'s
-    SM count, rounded to whole key tiles as the launcher rounds it)."""
-    splits = config.num_splits or max(1, min(-(-longest // 256), -(-2 * arch.sms // max(batch, 1)), 64))
+    """The split count the decode launcher uses on `arch` (runtime.attention.split_count for
+    that arch's SM count, rounded to whole key tiles as the launcher rounds it)."""
+    with launching_for(LaunchTarget(arch.sm, arch.sms)):
+        splits = config.num_splits or split_count(batch, longest, torch.device("meta"))
     per_split = -(-max(config.block_n, -(-longest // splits)) // config.block_n) * config.block_n
     return max(1, -(-longest // per_split))
 
 
-# Launch options of the kernels a launcher starts without a config (Triton's defaults).
-HELPER_WARPS, HELPER_STAGES = 4, 3
+def launch_call(
+    kernels_file: str | Path, launcher: Launcher, shape: Shape, config: BlockConfig, device: str = "meta"
+) -> Callable[[], None]:
+    """A picklable call of the launcher at `shape` with `config`: what mlagen.aot captures.
+    On meta tensors of the launch's shapes, dtypes and strides nothing is allocated; `device`
+    "cpu" gives real tensors (the test that meta tensors specialise as real ones do)."""
+    return functools.partial(_launch, str(kernels_file), launcher, shape, config, device)
 
 
-def compile_job(
-    kernels_file: str,
-    kernel: str,
-    constexprs: dict[str, tuple[str, ...]],
-    values: dict[str, Any],
-    arch: int,
-    dtype: str,
-    num_warps: int,
-    num_stages: int,
-) -> CompileJob:
-    missing = [name for name in constexprs[kernel] if name not in values]
-    if missing:
-        raise MlagenError(
-            f"{kernel} has constexprs {missing} that autotune cannot set; "
-            "add them to mlagen.autotune.constexpr_values"
+def _launch(kernels_file: str, launcher: Launcher, shape: Shape, config: BlockConfig, device: str) -> None:
+    kernels = aot.load_kernels_module(kernels_file)
+    call_maker(kernels, launcher, shape, torch.device(device))(config)()
+    if launcher.role == "decode":  # the cache append runs before every decode step
+        use, dtype = launcher.use, DTYPES[launcher.use.dtype]
+        seq_q, seq_k = use.lengths(shape)
+        cache = PagedLatentCache(
+            shape.batch, seq_k, latent_dim=use.d_a, rope_dim=use.d_b, dtype=dtype, device=device
         )
-    return CompileJob(
-        kernels_file,
-        kernel,
-        arch,
-        dtype,
-        num_warps,
-        num_stages,
-        {name: values[name] for name in constexprs[kernel]},
+        start = cache.reserve([seq_q] * shape.batch)
+        rope = torch.empty(shape.batch, seq_q, use.d_b, dtype=dtype, device=device)
+        getattr(kernels, f"{use.kernel}_append_launch")(
+            torch.empty(shape.batch, seq_q, use.d_a + use.d_b, dtype=dtype, device=device),
+            torch.empty(use.d_a, dtype=dtype, device=device),
+            1e-6,
+            rope,
+            rope,
+            cache,
+            start,
+            [seq_q] * shape.batch,
+        )
+
+
+def kernel_role(launcher: Launcher, kernel: str) -> str:
+    """forward, backward_dkdv, backward_dq, backward_delta, decode, decode_append, decode_combine."""
+    if launcher.kernels == (kernel,):
+        return launcher.role
+    return f"{launcher.role}_{kernel.rsplit('_', 1)[-1]}"
+
+
+def own_launches(launcher: Launcher, launches: Iterable[Launch], helpers: bool = True) -> tuple[Launch, ...]:
+    """The launches of the launcher's kernels (and helpers) among what a call launched (a
+    backward call also runs the forward for its inputs)."""
+    wanted = launcher.kernels + (launcher.helpers if helpers else ())
+    return tuple(launch for launch in launches if launch.kernel in wanted)
+
+
+# Seconds one kernel takes to compile and read on one core, for the estimate printed before a
+# long compile (measured with Triton 3.9 on 2 shared cores: 1-3 s for forward and decode
+# kernels, 3-8 s for the backward ones).
+SECONDS_PER_COMPILE = {"backward": 5.0, "other": 2.0}
+
+
+def announce(what: str, calls: int, todo: list[Launch], cached: int, workers: int) -> None:
+    """One line before compiling: how much there is and about how long it takes."""
+    seconds = sum(SECONDS_PER_COMPILE["backward" if "_bwd" in launch.kernel else "other"] for launch in todo)
+    minutes = seconds / max(1, workers) / 60
+    estimate = f", about {minutes:.0f} min" if minutes >= 1 else f", about {seconds / max(1, workers):.0f} s"
+    print(
+        f"{what}: {calls} launcher calls, {len(todo) + cached} distinct kernels "
+        f"({cached} in the compile cache, {len(todo)} to compile on {workers} worker{'s' * (workers != 1)}"
+        f"{estimate if todo else ''})",
+        file=sys.stderr,
+        flush=True,
     )
 
 
-def launcher_jobs(
-    kernels_file: str,
-    launcher: Launcher,
-    constexprs: dict[str, tuple[str, ...]],
-    config: BlockConfig,
-    shape: Shape,
-    arch: int,
-) -> list[CompileJob]:
-    values = constexpr_values(launcher, config, shape, ARCHS[arch])
-    return [
-        compile_job(
-            kernels_file,
-            kernel,
-            constexprs,
-            values,
-            arch,
-            launcher.use.dtype,
-            config.num_warps,
-            config.num_stages,
-        )
-        for kernel in launcher.kernels
-    ]
-
-
-def helper_jobs(
-    kernels_file: str,
-    launcher: Launcher,
-    constexprs: dict[str, tuple[str, ...]],
-    config: BlockConfig,
-    shape: Shape,
-    arch: int,
-) -> list[CompileJob]:
-    values = constexpr_values(launcher, config, shape, ARCHS[arch])
-    return [
-        compile_job(
-            kernels_file, kernel, constexprs, values, arch, launcher.use.dtype, HELPER_WARPS, HELPER_STAGES
-        )
-        for kernel in launcher.helpers
-    ]
-
-
-def job_key(job: CompileJob) -> tuple:
-    """What makes two compile jobs the same compilation (CompileJob holds a dict: unhashable)."""
-    return (
-        job.kernels_file,
-        job.kernel,
-        job.arch,
-        job.dtype,
-        job.num_warps,
-        job.num_stages,
-        tuple(sorted((name, repr(value)) for name, value in job.constexprs.items())),
-    )
-
-
-def compile_all(
-    jobs: list[CompileJob], workers: int | None = None, desc: str = "compiling"
-) -> dict[tuple, CompiledKernel]:
-    """Compile each distinct job once, in spawned workers; results by job_key(); failures
-    come back with `error` set."""
-    unique = list({job_key(job): job for job in jobs}.values())
-    results = compile_jobs(
-        unique,
-        workers or os.cpu_count() or 2,
-        keep_going=True,
-        progress=lambda items, total: progress(items, total, desc),
-    )
-    return {job_key(job): result for job, result in zip(unique, results)}
+def compile_calls(
+    calls: list[tuple[Callable[[], None], int]],
+    workers: int | None = None,
+    desc: str = "compiling",
+    keep: Callable[[int, tuple[Launch, ...]], tuple[Launch, ...]] | None = None,
+) -> list[tuple[tuple[Launch, CompiledKernel], ...]]:
+    """For each (call, arch): the kernels it launches with their readings. `keep(index,
+    launches)` may narrow what is compiled for each call (what the caller will look at)."""
+    workers = workers or os.cpu_count() or 2
+    started = time.monotonic()
+    with aot.Compiler(workers) as compiler:
+        captured = compiler.capture(calls)
+        if keep is not None:
+            captured = [keep(index, launches) for index, launches in enumerate(captured)]
+        every = [launch for launches in captured for launch in launches]
+        todo = compiler.missing(every)
+        announce(desc, len(calls), todo, len(aot.unique(every)) - len(todo), workers)
+        readings = compiler.compile(every, lambda items, total: progress(items, total, desc))
+    if todo:
+        print(f"{desc}: done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+    return [tuple((launch, readings[launch.cache_key]) for launch in launches) for launches in captured]
 
 
 # --- static pruning and ranking -----------------------------------------------------------------
@@ -726,33 +711,35 @@ def kernel_objects(kernels: Any, launcher: Launcher) -> tuple:
 
 
 def load_kernels_file(path: str | Path) -> Any:
-    from mlagen.aot import _load_module
-
-    return _load_module(str(path))
+    return aot.load_kernels_module(path)
 
 
 def survivors_for(
     kernels_file: str,
     plans: list[tuple[Launcher, Shape, list[BlockConfig]]],
     arch: int,
-    constexprs: dict[str, tuple[str, ...]],
     workers: int | None = None,
 ) -> list[tuple[list[Ranked], list[Ranked]]]:
-    """AOT-compile every candidate of every plan (each distinct compile once) and rank them;
-    a plan's first config is its default (see _with_default)."""
-    jobs = {
-        (id(plan), config): launcher_jobs(kernels_file, plan[0], constexprs, config, plan[1], arch)
-        for plan in plans
-        for config in plan[2]
-    }
-    compiled = compile_all(
-        [job for group in jobs.values() for job in group], workers, f"compiling for sm_{arch}"
-    )
-    ranked = []
+    """Compile every candidate of every plan as its launch would (each distinct kernel once)
+    and rank them; a plan's first config is its default (see _with_default)."""
+    calls, owners = [], []
     for plan in plans:
-        by_config = {
-            config: tuple(compiled[job_key(job)] for job in jobs[(id(plan), config)]) for config in plan[2]
-        }
+        for config in plan[2]:
+            calls.append((launch_call(kernels_file, plan[0], plan[1], config), arch))
+            owners.append(plan[0])
+    # Helpers run with fixed settings (or only follow the tile), so the ranking reads the tuned kernels.
+    compiled = compile_calls(
+        calls,
+        workers,
+        f"compiling candidates for sm_{arch}",
+        keep=lambda index, launches: own_launches(owners[index], launches, helpers=False),
+    )
+    ranked, position = [], 0
+    for plan in plans:
+        by_config = {}
+        for config in plan[2]:
+            by_config[config] = tuple(reading for _, reading in compiled[position])
+            position += 1
         ranked.append(rank(plan[2], by_config, ARCHS[arch], prefer=plan[2][0]))
     return ranked
 
@@ -816,9 +803,9 @@ def static_tune(
             for shape in shapes:
                 default = default_for(launcher, shape, arch)
                 plans.append(
-                    (launcher, shape, _with_default(candidates(launcher, constexprs, shape), default))
+                    (launcher, shape, _with_default(candidates(launcher, constexprs, shape, arch), default))
                 )
-        ranked = survivors_for(str(kernels_file), plans, arch, constexprs, workers)
+        ranked = survivors_for(str(kernels_file), plans, arch, workers)
         rankings = [
             StaticRanking(launcher, shape, shape_key(launcher, shape), configs[0], survivors, dropped)
             for (launcher, shape, configs), (survivors, dropped) in zip(plans, ranked)
@@ -883,11 +870,19 @@ def tune_spec(
     for launcher in all_launchers(spec):
         for shape in shapes:
             default = default_for(launcher, shape, arch)
-            plans.append((launcher, shape, _with_default(candidates(launcher, constexprs, shape), default)))
+            plans.append(
+                (
+                    launcher,
+                    shape,
+                    _with_default(
+                        candidates(launcher, constexprs, shape, arch if arch in ARCHS else None), default
+                    ),
+                )
+            )
     if select is not None:
         plans = [(launcher, shape, select(launcher, shape, configs)) for launcher, shape, configs in plans]
     elif arch in ARCHS:
-        ranked = survivors_for(kernels.__file__, plans, arch, constexprs, workers)
+        ranked = survivors_for(kernels.__file__, plans, arch, workers)
         plans = [
             (launcher, shape, [r.config for r in survivors])
             for (launcher, shape, _), (survivors, _) in zip(plans, ranked)

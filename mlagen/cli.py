@@ -101,6 +101,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     from mlagen.passes import run_pipeline
     from mlagen.spec import load_spec
 
+    if args.spec.endswith(".json"):
+        return _check_config(args)
     spec = load_spec(args.spec)
     graph = run_pipeline(lower(spec), "prefill", verify_each=True)
     print(f"{spec.name}: family {spec.family}, dtype {spec.dtype}, content hash {spec.content_hash}")
@@ -117,6 +119,31 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_config(args: argparse.Namespace) -> int:
+    """A Hugging Face config.json with several attention layer types (DeepSeek-V4): each type's
+    spec is checked, and the model's cache for one sequence at --context tokens is reported."""
+    from mlagen.ir import lower
+    from mlagen.ir.model_cache import ModelCache, describe
+    from mlagen.passes import run_pipeline
+    from mlagen.spec.from_hf import load_hf_config
+    from mlagen.spec.from_hf_v4 import is_layered, layer_specs
+
+    config = load_hf_config(args.spec)
+    if not is_layered(config):
+        raise MlagenError(
+            f"{args.spec}: check reads config.json files of models with several attention layer types "
+            "(DeepSeek-V4); convert others with `mlagen from-hf` and check the spec"
+        )
+    layered = layer_specs(config, "model", args.spec)
+    print(f"{args.spec}: {layered.describe()}")
+    for kind, spec in layered.specs.items():
+        run_pipeline(lower(spec), "prefill", verify_each=True)
+        print(f"  {kind}: {_cache_line(spec)}")
+    counts = tuple((kind, layered.layer_types.count(kind), spec) for kind, spec in layered.specs.items())
+    print("\n".join(describe(ModelCache(counts, args.context))))
+    return 0
+
+
 def _cache_line(spec) -> str:
     from mlagen.ir.analysis import cache_report
 
@@ -125,7 +152,7 @@ def _cache_line(spec) -> str:
         return f"KV cache per token per layer: none ({cache.note})"
     return (
         f"KV cache per token per layer: {cache.values_per_token:g} values = {cache.bytes_per_token:g} bytes in "
-        f"{spec.dtype} ({cache.note}); MHA equivalent {cache.mha_values_per_token:,} values = "
+        f"{cache.storage} ({cache.note}); MHA equivalent {cache.mha_values_per_token:,} values = "
         f"{cache.mha_bytes_per_token:,} bytes, {cache.ratio:.1f}x more"
     )
 
@@ -185,8 +212,16 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_from_hf(args: argparse.Namespace) -> int:
-    from mlagen.spec.from_hf import convert_file, summary
+    from mlagen.spec import from_hf_v4
+    from mlagen.spec.from_hf import convert_file, load_hf_config, summary
 
+    if from_hf_v4.is_layered(load_hf_config(args.config)):
+        results, layered = from_hf_v4.convert_file(args.config, args.output, name=args.name, force=args.force)
+        for result in results:
+            print(f"{result.path}: {'wrote' if result.written else 'unchanged'}")
+            print(f"  {from_hf_v4.summary(result.spec)}")
+        print(f"  {layered.describe()}")
+        return 0
     result = convert_file(args.config, args.output, name=args.name, force=args.force)
     print(f"{result.path}: {'wrote' if result.written else 'unchanged'}")
     print(f"  {summary(result.spec)}")
@@ -197,12 +232,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mlagen.bench import BenchRequest, run_bench, write_plots, write_report
     from mlagen.bench.report import results_table
 
-    if not (args.spec or args.plot or args.report):
-        raise MlagenError("name a spec to benchmark, or use --plot / --report on the JSON files in --out")
+    if not (args.spec or args.suite or args.plot or args.report):
+        raise MlagenError(
+            "name a spec to benchmark, --suite gpu, or --plot / --report on the JSON files in --out"
+        )
+    if args.suite:
+        from mlagen.bench.suite import SuiteRequest, run_suite
+
+        given = [
+            flag
+            for flag, value in (
+                ("a spec", args.spec),
+                ("--mode", args.mode),
+                ("--seq-lens", args.seq_lens),
+                ("--batch", args.batch),
+            )
+            if value
+        ]
+        if given:
+            raise MlagenError(f"--suite gpu runs its own grid: leave out {', '.join(given)}")
+        if args.budget_s is not None and args.budget_s <= 0:
+            raise MlagenError(f"--budget-s {args.budget_s:g}: give the seconds the suite may take, > 0")
+        # A GPU run writes its BENCHMARKS.md section; a smoke run only when --report asks.
+        report_file = args.report_file if (args.report or not args.smoke) else None
+        run_suite(
+            SuiteRequest(
+                smoke=args.smoke,
+                out=args.out,
+                budget_s=args.budget_s,
+                device=args.device,
+                dtype=args.dtype,
+                generated=args.generated,
+                report_file=report_file,
+            )
+        )
+        return 0
+    if args.budget_s is not None:
+        raise MlagenError("--budget-s goes with --suite gpu")
     if args.spec:
         request = BenchRequest(
             args.spec,
-            args.mode,
+            args.mode or "prefill",
             lengths=tuple(args.seq_lens or ()),
             batch=args.batch,
             smoke=args.smoke,
@@ -223,15 +293,28 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from mlagen.autotune import Shape, parse_arch
+    import json
+
+    from mlagen.aot import parse_archs
+    from mlagen.autotune import Shape
     from mlagen.inspect_kernels import format_inspect, inspect_spec
     from mlagen.spec import load_spec
 
-    spec = load_spec(args.spec)
-    arch = parse_arch(args.arch)
+    if args.spec is None and not args.baseline:
+        raise MlagenError("inspect needs a spec, or --baseline for the baseline kernels alone")
+    spec = load_spec(args.spec) if args.spec is not None else None
+    archs = parse_archs(args.arch)
+    dtype = args.dtype or (spec.dtype if spec is not None else "bf16")
+    if args.baseline and dtype == "fp32":
+        raise MlagenError(
+            "the baseline kernels run fp16 and bf16 (as Triton's tutorial); use --dtype bf16 or fp16"
+        )
     shape = Shape(args.batch, args.seq_len)
-    rows = inspect_spec(spec, arch, shape, dtype=args.dtype, workers=args.workers)
-    print("\n".join(format_inspect(spec, arch, shape, rows, args.dtype)))
+    rows = inspect_spec(spec, archs, shape, dtype=dtype, workers=args.workers, baseline=args.baseline)
+    if args.json:
+        print(json.dumps([row.record() for row in rows], indent=1))
+    else:
+        print("\n".join(format_inspect(spec, archs, shape, rows, dtype)))
     return 0
 
 
@@ -251,6 +334,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         print("\n".join(autotune.format_static(rankings, arch, args.top)))
         if args.write:
             print(f"\nwrote the static winners for sm_{arch} to {cache_path()}")
+        else:
+            print(f"\nnothing was stored (add --write to store the winners for sm_{arch} in {cache_path()})")
         return 0
     if not torch.cuda.is_available():
         raise MlagenError(
@@ -311,7 +396,15 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(run=cmd_generate)
 
     check = sub.add_parser("check", help="validate a spec; print shapes, parameters and KV-cache bytes")
-    check.add_argument("spec")
+    check.add_argument(
+        "spec", help="a spec (.yaml), or a DeepSeek-V4 config.json: every layer type and the model's cache"
+    )
+    check.add_argument(
+        "--context",
+        type=_count,
+        default=1 << 20,
+        help="with a config.json: tokens of the sequence (default 1M)",
+    )
     check.set_defaults(run=cmd_check)
 
     run = sub.add_parser(
@@ -343,8 +436,17 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser(
         "bench", help="check and time the kernels against torch SDPA, FlexAttention and the reference"
     )
-    bench.add_argument("spec", nargs="?", help="spec file (.yaml); leave out with --plot / --report")
-    bench.add_argument("--mode", choices=("prefill", "train", "decode"), default="prefill")
+    bench.add_argument("spec", nargs="?", help="spec file (.yaml); leave out with --suite, --plot, --report")
+    bench.add_argument(
+        "--suite",
+        choices=("gpu",),
+        help="gpu: check every kernel in bf16, then time prefill, training and MLA decode beside the peers "
+        "within --budget-s (one process; JSON, roofline PNG, BENCHMARKS.md section)",
+    )
+    bench.add_argument(
+        "--budget-s", type=float, help="with --suite: seconds the suite may take (default 420; smoke 300)"
+    )
+    bench.add_argument("--mode", choices=("prefill", "train", "decode"), help="default: prefill")
     bench.add_argument("--seq-lens", type=_count, nargs="+", help="sequence lengths (decode: cache lengths)")
     bench.add_argument("--batch", type=_count, help="default: 16k tokens / seq len; decode 64; smoke 2")
     bench.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: the spec's; fp32 on CPU")
@@ -353,16 +455,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="benchmarks", help="folder of the JSON files and plots")
     bench.add_argument("--generated", default="generated", help="output root of the generated packages")
     bench.add_argument("--plot", action="store_true", help="write PNG plots from the JSON files in --out")
-    bench.add_argument("--report", action="store_true", help="write BENCHMARKS.md from the JSON files")
+    bench.add_argument(
+        "--report", action="store_true", help="rewrite BENCHMARKS.md's benchmark sections from the JSON files"
+    )
     bench.add_argument("--report-file", default="BENCHMARKS.md", help="where --report writes")
     bench.set_defaults(run=cmd_bench)
 
     inspect = sub.add_parser(
         "inspect",
-        help="compile a spec's kernels for sm_80/sm_90 (no GPU): registers, spills, tensor cores, FLOPs",
+        help="compile a spec's kernels as launched for sm_80..sm_120 (no GPU): registers, spills, "
+        "tensor cores, TMA, hot-loop clocks, FLOPs",
     )
-    inspect.add_argument("spec")
-    inspect.add_argument("--arch", default="sm_90", help="sm_90 (default) or sm_80")
+    inspect.add_argument("spec", nargs="?", help="a spec (optional with --baseline)")
+    inspect.add_argument(
+        "--arch", default="sm_90", help="sm_80, sm_89, sm_90 (default), sm_100, sm_120, a comma list, or all"
+    )
+    inspect.add_argument("--json", action="store_true", help="one JSON record per kernel and arch")
+    inspect.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also the Triton-tutorial-style kernels (mlagen.bench.baseline)",
+    )
     inspect.add_argument(
         "--seq-len", type=_count, default=4096, help="tokens (decode: cached tokens); default 4096"
     )
@@ -378,7 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--seq-lens", type=_count, nargs="+", default=[1024, 4096], help="default: 1024 4096")
     tune.add_argument("--batch", type=_count, nargs="+", default=[1], help="default: 1")
     tune.add_argument("--static", action="store_true", help="no GPU: rank candidates by the static model")
-    tune.add_argument("--arch", default="sm_90", help="with --static: sm_90 (default) or sm_80")
+    tune.add_argument(
+        "--arch", default="sm_90", help="with --static: sm_80, sm_89, sm_90 (default), sm_100 or sm_120"
+    )
     tune.add_argument("--write", action="store_true", help="with --static: store the winners in the cache")
     tune.add_argument("--top", type=_count, default=5, help="with --static: candidates shown per launcher")
     tune.add_argument("--workers", type=_count, help="compile processes (default: CPU count)")

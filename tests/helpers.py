@@ -8,7 +8,10 @@ import torch
 
 from tests.conftest import ROOT, SPECS  # noqa: F401
 
-TINY_SPECS = sorted(p.stem for p in SPECS.glob("tiny_*.yaml"))
+# The compressed family (DeepSeek-V4) counts its windows from each sequence's first token, so
+# it refuses the arbitrary positions the generic module tests feed every tiny spec, and its
+# indexer takes no gradient: tests/test_compressed*.py check the same properties for it.
+TINY_SPECS = sorted(p.stem for p in SPECS.glob("tiny_*.yaml") if not p.stem.startswith("tiny_compressed_"))
 
 
 def generated(name: str):

@@ -13,6 +13,7 @@ to the input dtype, except in fp64, where they are computed in fp64 so that the
 fp64 run is a golden reference with no fp32 rounding left in it.
 
 - `mla_reference`: transformers' DeepseekV3Attention (expanded K = [k_nope, k_pe]).
+- `dsa_reference`: transformers' DeepseekV32Attention (MLA over each query's top-k keys).
 - `gqa_reference`: Llama/Mistral attention through torch's scaled_dot_product_attention.
 - `latent_reference`: DESIGN.md section 2 (Perceiver-style latents), causal variants
   as an explicit loop over chunks, plus the hybrid's sliding-window local path.
@@ -196,7 +197,8 @@ def mla_softmax_scale(spec: dict) -> float:
 
 
 def mla_reference(state_dict: dict[str, torch.Tensor], spec: dict, hidden_states: torch.Tensor,
-                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+                  position_ids: torch.Tensor | None = None, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """`allowed` [B, 1, S, S] bool: the keys each query may see (default: causal, per the spec)."""
     assert spec["family"] == "mla", spec["family"]
     x = hidden_states
     p = _params(state_dict, x.dtype)
@@ -231,10 +233,46 @@ def mla_reference(state_dict: dict[str, torch.Tensor], spec: dict, hidden_states
 
     query_states = torch.cat((q_pass, q_rot), dim=-1)
     key_states = torch.cat((k_pass, k_rot), dim=-1)
-    allowed = _causal_mask(seqlen, None, x.device) if spec["causal"] else None
+    if allowed is None and spec["causal"]:
+        allowed = _causal_mask(seqlen, None, x.device)
     attn = _eager_attention(query_states, key_states, value_states, mla_softmax_scale(spec), allowed)
     assert attn.shape == (batch, H, seqlen, dv)
     return _linear(p, "o_proj", _merge(attn))
+
+
+def dsa_reference(state_dict: dict[str, torch.Tensor], spec: dict, hidden_states: torch.Tensor,
+                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' DeepseekV32Attention: MLA where each query sees only the top index_topk
+    keys of its lightning indexer's scores (the indexer takes no gradient)."""
+    x = hidden_states
+    seqlen = x.shape[1]
+    causal = _causal_mask(seqlen, None, x.device)
+    with torch.no_grad():
+        scores = _index_scores(_params(state_dict, x.dtype), spec, x, _positions(x, position_ids))
+        scores = scores.masked_fill(~causal, float("-inf"))
+        top = scores.topk(min(spec["sparse"]["top_k"], seqlen), dim=-1).indices
+        selected = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, top, True) & causal
+    return mla_reference(state_dict, spec, x, position_ids, allowed=selected[:, None])
+
+
+def _index_scores(p: dict[str, torch.Tensor], spec: dict, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The lightning indexer, [B, S, S] in fp32 (fp64 for fp64): sum over index heads h of
+    w[s, h] * H_I**-0.5 * ReLU(q[s, h] . k[t] * d_I**-0.5), q from c_q and k = LayerNorm(wk(x)),
+    RoPE on their first qk_rope_head_dim dims in the indexer's own layout."""
+    sparse, dr = spec["sparse"], spec["qk_rope_head_dim"]
+    heads, dim = sparse["index_heads"], sparse["index_head_dim"]
+    q_resid = _rms_norm(_linear(p, "q_a_proj", x), p["q_a_layernorm.weight"], spec["norm_eps"])
+    q = _heads(_linear(p, "indexer.wq_b", q_resid), heads)  # [B, H_I, S, d_I]
+    k = F.layer_norm(_linear(p, "indexer.wk", x), (dim,), p["indexer.k_norm.weight"], p["indexer.k_norm.bias"],
+                     1e-6)[:, None]  # [B, 1, S, d_I]
+    cos, sin = _cos_sin(spec["rope"], dr, pos, x.dtype, x.device)
+    layout = sparse["index_rope_layout"]
+    q = torch.cat((_apply_rotary(q[..., :dr], cos, sin, layout), q[..., dr:]), dim=-1)
+    k = torch.cat((_apply_rotary(k[..., :dr], cos, sin, layout), k[..., dr:]), dim=-1)
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    logits = torch.relu(q.to(wide) @ k.to(wide).transpose(-1, -2) * dim**-0.5)  # [B, H_I, S, S]
+    weights = _linear(p, "indexer.weights_proj", x).to(wide) * heads**-0.5  # [B, S, H_I]
+    return torch.einsum("bsh,bhst->bst", weights, logits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,4 +384,6 @@ REFERENCES = {"mla": mla_reference, "mha": gqa_reference, "gqa": gqa_reference, 
 
 
 def reference_for(spec: dict):
+    if spec.get("sparse") is not None:
+        return dsa_reference
     return REFERENCES[spec["family"]]

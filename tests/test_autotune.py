@@ -237,10 +237,10 @@ def test_well_formed_entries_beside_corrupt_ones_are_kept(cache_dir, capsys):
 def test_tune_write_refuses_a_directory_in_place_of_the_cache_before_any_work(cache_dir, monkeypatch, capsys):
     _write_corrupt(cache_dir, "a-directory")
 
-    def compile_all(*args, **kwargs):
+    def compile_calls(*args, **kwargs):
         raise AssertionError("compiled before finding that the cache cannot be written")
 
-    monkeypatch.setattr(autotune, "compile_all", compile_all)
+    monkeypatch.setattr(autotune, "compile_calls", compile_calls)
     code = cli.main(["tune", str(SPECS / "tiny_mla.yaml"), "--static", "--seq-lens", "64", "--write"])
     (said,) = capsys.readouterr().err.splitlines()
     assert code == 2
@@ -308,9 +308,10 @@ def test_candidates_come_from_the_templates_tile_constexprs_bounded_by_the_ir():
         for config in found:
             assert all(v in (16, 32, 64, 128) for v in (config.block_m, config.block_n)), config
             assert autotune.register_estimate(launcher, config) <= autotune.REGISTER_ESTIMATE_LIMIT
-        # the static defaults (spill-free on sm_80 and sm_90) are in the space
-        for arch in (80, 90):
-            assert autotune.default_for(launcher, long, arch) in found, (role, arch)
+        # the static defaults (spill-free on every arch: tests/test_gpu_compile.py) are in the space
+        for arch in autotune.ARCHS:
+            assert autotune.default_for(launcher, long, arch) in autotune.candidates(launcher, constexprs, long,
+                                                                                     arch), (role, arch)
     decode = autotune.candidates(launchers["decode"], constexprs, long)
     # the [64 heads, 512] fp32 accumulator of 8 warps spills (ANCHORS.md): the estimate drops it
     assert not [c for c in decode if c.block_m >= 64]
@@ -371,21 +372,23 @@ def test_static_pruning_drops_spills_shared_memory_overflow_and_failures_then_ra
     assert all(a.score >= b.score for a, b in zip(survivors, survivors[1:]))
 
 
-def _fake_compile(jobs, workers=None, desc=""):
-    """AOT results by a rule, for the ranking logic: big tiles spill, 4 stages overflow shared memory."""
-    results = {}
-    for job in jobs:
-        m = job.constexprs.get("BLOCK_M", job.constexprs.get("BLOCK_H", 16))
-        n = job.constexprs.get("BLOCK_N", 16)
-        spill = 64 if m * n >= 64 * 64 else 0
-        shared = 64 * 1024 * job.num_stages
-        results[autotune.job_key(job)] = CompiledKernel(job.kernel, job.arch, shared, 160, spill, job.num_warps,
-                                                        (("HGMMA", m * n // 256),))
+def _fake_compile(calls, workers=None, desc="", keep=None):
+    """AOT results by a rule, for the ranking logic: big tiles spill, 4 stages overflow shared memory.
+    A call is launch_call(kernels_file, launcher, shape, config, device)."""
+    results = []
+    for call, arch in calls:
+        _, launcher, _, config, _ = call.args
+        spill = 64 if config.block_m * config.block_n >= 64 * 64 else 0
+        shared = 64 * 1024 * config.num_stages
+        results.append(tuple(
+            (None, CompiledKernel(kernel, arch, shared, 160, spill, config.num_warps,
+                                  (("HGMMA", config.block_m * config.block_n // 256),)))
+            for kernel in launcher.kernels))
     return results
 
 
 def test_tune_static_ranks_candidates_and_writes_arch_winners(monkeypatch, capsys, fake_gpu):
-    monkeypatch.setattr(autotune, "compile_all", _fake_compile)
+    monkeypatch.setattr(autotune, "compile_calls", _fake_compile)
     code = cli.main(["tune", str(SPECS / "tiny_mla.yaml"), "--static", "--arch", "sm_90", "--seq-lens", "64",
                      "--write", "--top", "3"])
     out = capsys.readouterr().out
@@ -403,6 +406,13 @@ def test_tune_static_ranks_candidates_and_writes_arch_winners(monkeypatch, capsy
     tuning_cache.reset()
     found = tuning_cache.tuned_config((kernels.attention_fwd_qk16_rope8_v24,), forward["shape"], torch.zeros(1))
     assert found is not None and found.block_m == forward["config"]["block_m"]
+
+
+def test_tune_static_without_write_says_that_nothing_was_stored(monkeypatch, capsys, cache_dir):
+    monkeypatch.setattr(autotune, "compile_calls", _fake_compile)
+    assert cli.main(["tune", str(SPECS / "tiny_mla.yaml"), "--static", "--seq-lens", "64", "--top", "1"]) == 0
+    assert "\nnothing was stored (add --write to store the winners for sm_90 in " in capsys.readouterr().out
+    assert not (cache_dir / "tuning.json").exists()
 
 
 # --- timing ----------------------------------------------------------------------------------------
@@ -488,7 +498,8 @@ def test_tune_without_a_gpu_exits_2_with_one_line(monkeypatch, capsys):
 
 def test_bad_arch_is_one_line(capsys):
     assert cli.main(["tune", str(SPECS / "tiny_mla.yaml"), "--static", "--arch", "sm_70"]) == 2
-    assert capsys.readouterr().err.strip() == "mlagen: error: --arch sm_70: choose one of sm_90, sm_80"
+    assert capsys.readouterr().err.strip() == (
+        "mlagen: error: --arch sm_70: choose from sm_80, sm_89, sm_90, sm_100, sm_120 or all")
 
 
 def test_doctor_reports_versions_gpu_interpreter_and_cache(cache_dir, capsys):

@@ -319,3 +319,246 @@ def test_performance_run_without_gpu_asks_for_smoke(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["bench", "specs/deepseek_v3.yaml"]) == 2
     assert "--smoke" in capsys.readouterr().err
+
+
+# --- the GPU suite (`mlagen bench --suite gpu`), its smoke run on CPU ---------------------------------------
+
+SUITE_RECORD_FIELDS = RECORD_FIELDS | {"section", "target", "seq_q", "tier", "first_call_s"}
+CHECK_FIELDS = {"name", "target", "role", "spec", "status", "reason", "max_error", "tolerance", "eager_error"}
+# What the CPU smoke run can check and time; every other contender records why not.
+RUNS_ON_CPU = {
+    "prefill": {"mlagen", "sdpa-flash"},
+    "train": {"mlagen", "sdpa-flash"},
+    "decode": {"mlagen", "sdpa-latent"},
+}
+
+
+@pytest.fixture(scope="module")
+def suite_smoke(tmp_path_factory):
+    """`mlagen bench --suite gpu --smoke --report`, through the command line, as CI runs it."""
+    out = tmp_path_factory.mktemp("suite")
+    generated = tmp_path_factory.mktemp("generated")
+    report = out / "BENCHMARKS.md"
+    report.write_text("# Benchmarks\n\n## Static reading\n\nWritten by hand, kept by every report.\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(ROOT)
+        argv = ["bench", "--suite", "gpu", "--smoke", "--out", str(out), "--generated", str(generated)]
+        assert main([*argv, "--report", "--report-file", str(report)]) == 0
+    data = json.loads((out / "gpu_suite_cpu_smoke.json").read_text())
+    return out, data, report, generated
+
+
+def test_suite_smoke_writes_the_json_schema(suite_smoke):
+    _, data, _, _ = suite_smoke
+    assert data["schema"] == "mlagen-gpu-suite/1" and data["smoke"] and data["state"] == "finished"
+    assert {"torch", "triton", "cuda", "mlagen", "python"} <= data["versions"].keys()
+    assert data["device"]["type"] == "cpu" and data["dtype"] == "fp32" and data["date"].endswith("Z")
+    assert data["command"].startswith("mlagen bench --suite gpu --smoke")
+    assert 0 < data["elapsed_s"] <= data["budget_s"] and data["estimated_s"] > 0
+    assert data["plot"]["file"] or "matplotlib" in data["plot"]["note"]
+    assert {c["role"] for c in data["checks"]} == {"forward", "backward", "decode"}
+    for check in data["checks"]:
+        assert CHECK_FIELDS <= check.keys(), check
+        assert check["status"] == "pass", check
+        assert check["max_error"] <= check["tolerance"]
+    sections = {r["section"] for r in data["results"]}
+    assert sections == {"prefill", "train", "decode"}
+    for record in data["results"]:
+        assert SUITE_RECORD_FIELDS <= record.keys(), record
+        if record["status"] == "ok":
+            assert record["max_error"] <= record["tolerance"] and record["time_ms"] > 0, record
+            assert record["tflops"] > 0 and record["gbps"] > 0 and record["first_call_s"] >= 0
+            assert record["roofline_fraction"] is None, "a CPU has no roofline"
+        else:
+            assert record["time_ms"] is None and record["reason"], record
+
+
+def test_suite_smoke_every_contender_ran_or_said_why(suite_smoke):
+    _, data, _, _ = suite_smoke
+    for section in ("prefill", "train", "decode"):
+        names = data["contenders"]["decode" if section == "decode" else "prefill"]
+        records = [r for r in data["results"] if r["section"] == section]
+        assert {r["contender"] for r in records} == set(names), section
+        ran = {r["contender"] for r in records if r["status"] == "ok"}
+        assert ran == RUNS_ON_CPU[section], section
+        for record in records:
+            assert record["status"] == "ok" or record["reason"], record
+    reasons = {r["contender"]: r["reason"] for r in data["results"] if r["status"] != "ok"}
+    assert reasons["flex"].startswith("FlexAttention runs on CPU only through torch.compile")
+    assert "float16 or bfloat16" in reasons["baseline"] or "baseline.py" in reasons["baseline"]
+    assert reasons["flashmla"].startswith("not installed") or "GPU" in reasons["flashmla"]
+    assert reasons["flashinfer"].startswith("not installed") or "GPU" in reasons["flashinfer"]
+
+
+def test_suite_smoke_covers_the_grid_of_the_issue(suite_smoke):
+    _, data, _, _ = suite_smoke
+    from mlagen.bench import suite
+
+    targets = {r["target"] for r in data["results"]}
+    assert targets == {t.label for t in suite.PREFILL_TARGETS + suite.DECODE_TARGETS}
+    assert {r["seq_q"] for r in data["results"] if r["section"] == "decode"} == {1, 2}
+    gpu = suite.grid_points(suite.GPU_GRID)
+    assert {p.length for p in gpu if p.section != "decode"} == {1024, 4096, 16384}
+    decode = [p for p in gpu if p.section == "decode"]
+    assert {p.batch for p in decode} == {1, 16, 64, 128} and {p.seq_q for p in decode} == {1, 2}
+    assert {p.length for p in decode} == {1024, 4096, 32768}
+    assert [p.tier for p in gpu] == sorted(p.tier for p in gpu), "tier 1 runs first"
+
+
+def test_suite_report_section_keeps_hand_written_text(suite_smoke):
+    out, data, report, _ = suite_smoke
+    text = report.read_text()
+    assert text.count("## GPU suite: mlagen beside its peers on one GPU") == 1
+    assert "GPU numbers are pending: no GPU session has run the suite yet" in text
+    assert "Written by hand, kept by every report." in text
+    assert "16 of 16 kernel checks passed" in text and data["date"] in text
+    assert main(["bench", "--report", "--out", str(out), "--report-file", str(report)]) == 0
+    assert report.read_text() == text, "the report is a function of the JSON files"
+
+
+def test_suite_report_of_a_gpu_run_shows_tables_and_marks(suite_smoke, tmp_path):
+    """The section a GPU run gets, from the smoke file dressed as one (no GPU here)."""
+    from mlagen.bench.hardware import DeviceInfo
+    from mlagen.bench.report import write_report
+
+    _, data, _, _ = suite_smoke
+    gpu = json.loads(json.dumps(data))
+    gpu.update(smoke=False, note=None, state="running")
+    gpu["device"] = DeviceInfo(
+        "cuda", "NVIDIA H100 80GB HBM3", "9.0", False, known_gpu("NVIDIA H100")
+    ).to_json()
+    mlagen_prefill = next(
+        r for r in gpu["results"] if r["contender"] == "mlagen" and r["section"] == "prefill"
+    )
+    mlagen_prefill.update(status="invalid", reason="timed, but the kernel failed its correctness check: x")
+    gpu["checks"][0].update(status="fail", reason="out: max error 0.5 > tolerance 0.02")
+    (tmp_path / "gpu_suite_nvidia-h100-80gb-hbm3.json").write_text(json.dumps(gpu))
+    text = write_report(tmp_path, tmp_path / "BENCHMARKS.md").read_text()
+    assert "GPU numbers are pending" not in text
+    assert "### NVIDIA H100 80GB HBM3 · fp32" in text and "roofline as H100 SXM" in text
+    assert "**cut off**" in text, "a file still 'running' was cut off from outside"
+    assert "| gqa-d128 forward | tiny_gqa | **FAIL** |" in text
+    assert (
+        "| target | seq len | batch | mlagen | sdpa-flash | sdpa-efficient | sdpa-cudnn | flex | baseline |"
+        in text
+    )
+    assert (
+        "| target | new tokens | batch | cache len | mlagen | sdpa-latent | flashmla | flashinfer |" in text
+    )
+    assert "**invalid**" in text and "First calls" in text
+
+
+def test_suite_stops_at_its_budget_with_partial_results(tmp_path, monkeypatch):
+    """A budget too short for anything: every check and point says why it did not run, the
+    lower tiers are trimmed up front, and the files are still written."""
+    monkeypatch.chdir(ROOT)
+    argv = ["bench", "--suite", "gpu", "--smoke", "--budget-s", "1", "--out", str(tmp_path)]
+    assert main([*argv, "--generated", str(tmp_path / "generated")]) == 0
+    data = json.loads((tmp_path / "gpu_suite_cpu_smoke.json").read_text())
+    assert data["state"] == "stopped early: the time budget ran out"
+    assert all(c["status"] == "skipped" for c in data["checks"])
+    assert all(r["status"] == "skipped" for r in data["results"])
+    reasons = {r["reason"].split(" (")[0] for r in data["results"]}
+    assert reasons == {"the time budget ran out", "trimmed before the run to fit the 1 s budget"}
+    assert {r["tier"] for r in data["results"] if r["reason"].startswith("trimmed")} == {2}
+    assert data["plot"]["file"] is None and data["plot"]["note"]
+
+
+def test_a_failed_kernel_check_marks_its_timings_invalid(tmp_path, monkeypatch):
+    from mlagen.bench import suite
+
+    monkeypatch.chdir(ROOT)
+    for name, value in [
+        ("PREFILL_TARGETS", (suite.GQA,)),
+        ("CHECK_TARGETS", (suite.GQA,)),
+        ("DECODE_TARGETS", ()),
+        ("DECODE_CHECK_TARGETS", ()),
+    ]:
+        monkeypatch.setattr(suite, name, value)
+
+    def failing_forward(check, *args):
+        record = dict(name=check.name, target=check.target.label, role=check.role, seq_q=check.seq_q)
+        passed = check.role != "forward"
+        record.update(
+            status="pass" if passed else "fail", reason=None if passed else "out: max error 1 > 0.1"
+        )
+        return record
+
+    monkeypatch.setattr(suite, "run_check", failing_forward)
+    request = suite.SuiteRequest(smoke=True, out=tmp_path, generated=tmp_path / "generated")
+    data = suite.run_suite(request, echo=lambda _: None).data
+    mlagen = {r["section"]: r for r in data["results"] if r["contender"] == "mlagen"}
+    for section in ("prefill", "train"):  # training runs the forward kernel too
+        record = mlagen[section]
+        assert record["status"] == "invalid" and record["time_ms"] > 0, record
+        assert "gqa-d128 forward: out: max error 1 > 0.1" in record["reason"]
+    assert all(r["status"] != "invalid" for r in data["results"] if r["contender"] != "mlagen")
+
+
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["grouped-kv-repeated", "one-kv-head-per-query-head"])
+def test_baseline_contender_layout_and_gradients(heads, monkeypatch, tmp_path):
+    """mlagen/bench/baseline.py runs bf16 on a GPU only: a stand-in with its signature (q, k, v
+    [B, H, S, D], as many K/V heads as query heads) checks the contender's layouts, the repeated
+    K/V heads and the sums of their gradients, in training."""
+    import sys
+    import types
+
+    import torch.nn.functional as F
+
+    import mlagen
+    from mlagen.bench.contenders import BASELINE
+    from mlagen.bench.problems import AttentionDims, AttentionProblem
+
+    def stand_in(q, k, v, causal, sm_scale):
+        assert q.shape == k.shape == v.shape, "the baseline takes one K/V head per query head"
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=sm_scale)
+
+    monkeypatch.setitem(
+        sys.modules, "mlagen.bench.baseline", types.SimpleNamespace(baseline_attention=stand_in)
+    )
+    dims = AttentionDims(heads[0], heads[1], 16, 0, 16, True, None, 0.25)
+
+    class OneCase:
+        batch, length, dtype, device = 2, 24, torch.float32, torch.device("cpu")
+        problem_ = AttentionProblem(
+            dims, 2, 24, torch.float32, torch.device("cpu"), train=True, check_rows=24
+        )
+
+        def problem(self, kind):
+            return self.problem_
+
+    package = mlagen.load(SPECS / "tiny_gqa.yaml", tmp_path)
+    env = Env(package, torch.device("cpu"), True)
+    record = run_contender(BASELINE, OneCase(), env, "fp32", describe(env.device), ATOL["fp32"])
+    assert record["status"] == "ok", record["reason"]
+    assert record["max_error"] <= record["tolerance"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["bench", "--suite", "gpu", "specs/tiny_mla.yaml", "--smoke"], "leave out a spec"),
+        (["bench", "--suite", "gpu", "--smoke", "--seq-lens", "64"], "leave out --seq-lens"),
+        (["bench", "--suite", "gpu", "--smoke", "--budget-s", "0"], "--budget-s 0"),
+        (["bench", "specs/tiny_mla.yaml", "--smoke", "--budget-s", "10"], "--budget-s goes with --suite gpu"),
+        (["bench", "--suite", "gpu", "--smoke", "--dtype", "bf16"], "bf16 kernels cannot run"),
+    ],
+    ids=["spec-and-suite", "suite-with-lengths", "zero-budget", "budget-without-suite", "bf16-on-cpu"],
+)
+def test_suite_mistakes_are_one_error_line(argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mlagen: error: ") and message in err and len(err.splitlines()) == 1
+
+
+def test_report_blocks_replace_in_place_and_append_when_missing():
+    from mlagen.bench.report import replace_blocks
+
+    text = "# Benchmarks\n\nby hand\n"
+    once = replace_blocks(text, {"gpu-suite": "A\n", "runs": "B"})
+    assert once.index("by hand") < once.index("\nA\n") < once.index("\nB\n")
+    twice = replace_blocks(once + "\nafter, by hand\n", {"gpu-suite": "C"})
+    assert "\nA\n" not in twice and "\nC\n" in twice and "\nB\n" in twice
+    assert twice.endswith("after, by hand\n")
+    assert replace_blocks(twice, {"gpu-suite": "C"}) == twice

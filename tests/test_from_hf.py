@@ -27,6 +27,8 @@ PUBLISHED = {  # config.json -> the shipped spec it must equal
     "kimi_k2": "kimi_k2",
     "llama3_8b": "llama3_8b",
     "mistral_7b": "mistral_7b",
+    "deepseek_v32": "deepseek_v32",  # deepseek-ai/DeepSeek-V3.2-Exp
+    "glm5": "glm5",  # zai-org/GLM-5
 }
 
 
@@ -73,6 +75,29 @@ def test_yaml_comments_name_the_config_keys():
     assert "d_model: 7168" in text and "# hidden_size" in text
     assert "# rope_scaling.original_max_position_embeddings" in text
     assert "# rope_interleave (absent: transformers' default true)" in text
+
+
+def test_sparse_configs_read_transformers_defaults_and_layouts():
+    """DeepSeek-V3.2 and GLM-5 as transformers reads them: MLA rotates interleaved pairs whatever
+    rope_interleave says; the indexer rotates halves (V3.2) or pairs (GLM-5); absent index keys
+    take the config classes' defaults (64 / 32 heads of 128, top 2048)."""
+    v32 = convert(edited("deepseek_v32", index_n_heads=DELETE, index_topk=DELETE, rope_interleave=False))
+    assert (v32.sparse.index_heads, v32.sparse.index_head_dim, v32.sparse.top_k) == (64, 128, 2048)
+    assert (v32.rope.layout, v32.sparse.index_rope_layout) == ("interleave", "half")
+    glm = convert(edited("glm5", index_n_heads=DELETE))
+    assert (glm.sparse.index_heads, glm.sparse.index_rope_layout, glm.rope.layout) == (32, "interleave", "interleave")
+    text = yaml_from_hf_config(edited("deepseek_v32", rope_interleave=False), "v32", "config.json")
+    assert "# Note: rope_interleave=false is ignored, as deepseek_v32 in transformers ignores it" in text
+
+
+def test_glm5_per_layer_top_k_pattern_is_noted_not_refused():
+    """GLM-5.2's index_topk_freq 4 from layer 3: layers 3-5, 7-9 ... reuse the previous full
+    layer's selection, as GlmMoeDsaConfig derives it; the spec describes one layer."""
+    data = edited("glm5", num_hidden_layers=12, index_topk_freq=4, index_skip_topk_offset=3)
+    text = yaml_from_hf_config(data, "glm", "config.json")
+    assert "# Note: layers 3-5, 7-9, 11 reuse the previous full layer's top-k" in text
+    pattern = edited("glm5", num_hidden_layers=4, index_topk_pattern="FSFS")
+    assert "# Note: layers 1, 3 reuse" in yaml_from_hf_config(pattern, "glm", "config.json")
 
 
 # --- how values are read ---------------------------------------------------------------------------
@@ -224,6 +249,19 @@ REFUSALS = {
     "rope_dim_not_multiple_of_8": (
         lambda: edited("deepseek_v3", qk_rope_head_dim=60),
         "qk_rope_head_dim: qk_rope_head_dim=60: must be a multiple of 8",
+    ),
+    # DeepSeek Sparse Attention
+    "sparse_without_q_lora": (
+        lambda: edited("deepseek_v32", q_lora_rank=None),
+        "q_lora_rank: must be set for deepseek_v32: the indexer reads the query latent c_q",
+    ),
+    "index_head_dim_not_multiple_of_16": (
+        lambda: edited("glm5", index_head_dim=100),
+        "index_head_dim: index_head_dim=100: must be a multiple of 16",
+    ),
+    "glm_shared_first_layer": (
+        lambda: edited("glm5", indexer_types=["shared", "full"]),
+        "indexer_types: the first layer is 'shared' but no earlier layer selects keys for it",
     ),
 }
 

@@ -1,69 +1,160 @@
-"""Every shipped spec's kernels compile ahead of time for sm_90 and sm_80 with
-their default block config, without spilling registers, and their attention
-kernels run on tensor cores (HGMMA / HMMA in the SASS; bf16 inputs). No GPU
-needed: Triton compiles for a GPUTarget and cuobjdump reads the cubin."""
+"""The arch matrix: every kernel of every shipped spec, compiled as launched (mlagen.aot: the
+generated launchers called on meta tensors, Triton's own specialisation, the runtime's
+default config for that arch and dtype) for sm_80, sm_89, sm_90, sm_100 and sm_120, in bf16,
+fp16 and fp32 (tf32 dots). No GPU needed: Triton compiles for a GPUTarget and cuobjdump reads
+the cubin.
+
+Every kernel must compile without spilling, within the arch's shared memory, and the matmul
+kernels must run on that arch's tensor cores (HMMA on sm_80/89/120, HGMMA on sm_90, tcgen05
+UTC*MMA on sm_100). What today's kernels miss is listed in GAPS, each with the reason: the
+test fails both on a new miss and on a listed one that no longer happens (then delete it).
+
+One compile session for the whole matrix: a kernel several specs launch alike is compiled
+once, and readings persist in pytest's cache directory between runs (cold: about 8 minutes
+on 2 cores, warm: seconds)."""
 
 from __future__ import annotations
 
-import dataclasses
+from collections import defaultdict
 
 import pytest
-import torch
-import triton.language as tl
 
-from mlagen.aot import CompileJob, compile_jobs
-from mlagen.runtime.launch import default_backward_config, default_config, default_decode_config
-from tests.helpers import ROOT, SPECS, generated
+from mlagen import aot, autotune
+from mlagen.autotune import Shape
+from mlagen.inspect_kernels import inspect_specs
+from mlagen.runtime.launch import BlockConfig
+from mlagen.spec import load_spec
+from tests.helpers import SPECS
 
 SHIPPED = sorted(p.stem for p in SPECS.glob("*.yaml") if not p.stem.startswith("tiny_"))
-ARCHS = (90, 80)
+ARCHS = list(aot.ARCHS)
+DTYPES = ("bf16", "fp16", "fp32")
+SHAPE = Shape(1, 4096)  # prefill 4096 tokens; decode one new token over 4096 cached
+MATMUL_ROLES = ("forward", "backward_dkdv", "backward_dq", "decode")
+
+# Kernel families whose launchers mlagen.autotune cannot call yet (autotune.LAUNCHABLE): this
+# matrix does not reach them; tests/test_sparse_compile.py and tests/test_compressed_compile.py
+# compile them through mlagen.aot the same way. Delete a prefix once autotune knows the family.
+NOT_YET_LAUNCHABLE = (
+    "sparse_mla_",
+    "indexer_logits_",
+    "compressed_attention_",
+    "compress_",
+    "entry_indexer_logits_",
+)
+
+# (kernel role, dtypes, archs) -> why. Today's kernel bodies (issue 15, items 4 and 5, rewrite them):
+GAPS = {
+    # 32-row query tiles (BLOCK_M = 32 < 64) are below wgmma's / tcgen05's M: mma.sync there
+    ("backward_dkdv", "bf16 fp16 fp32", "sm_90 sm_100"): "mma.sync: the backward's 32-row tiles",
+    ("backward_dq", "bf16 fp16 fp32", "sm_90 sm_100"): "mma.sync: the backward's 32-row tiles",
+    ("decode", "bf16 fp16 fp32", "sm_90 sm_100"): "mma.sync: 16 or 32 (token, head) rows per program",
+    # the [16, 512] fp32 latent tile and accumulator need 100 KB at the smallest tiles
+    ("decode", "fp32", "sm_89 sm_120"): "over 99 KB of shared memory: the 512-wide latent is not split",
+}
 
 
-def _jobs() -> list[CompileJob]:
-    jobs: dict[tuple[str, int], CompileJob] = {}
-    for spec in SHIPPED:
-        kernels = generated(spec).kernels
-        for name, (d_a, d_b, d_v) in kernels.HEAD_DIMS.items():
-            for arch in ARCHS:
-                for kernel, choose in ((name, default_config), (f"{name}_bwd_dkdv", default_backward_config),
-                                       (f"{name}_bwd_dq", default_backward_config)):
-                    config = choose(d_a + d_b, d_v, torch.device("cuda"), arch=arch)
-                    # A kernel name fixes its template parameters, so compile each name once.
-                    jobs.setdefault((kernel, arch), CompileJob(
-                        str(ROOT / "generated" / spec / "kernels.py"), kernel, arch, "bf16", config.num_warps,
-                        config.num_stages, dict(HEAD_GROUP=1, DOT_PRECISION="tf32", ACC_DTYPE=tl.float32, CAUSAL=True, WINDOWED=False,
-                                                GROUP_MASK=0, BLOCK_M=config.block_m, BLOCK_N=config.block_n)))
-        kernels_file = str(ROOT / "generated" / spec / "kernels.py")
-        if hasattr(kernels, "DECODE"):  # mla: the cache append, split-KV decode and combine kernels
-            decode = kernels.DECODE.attention.__name__.removesuffix("_launch")
-            for arch, rows in ((90, 128), (80, 128), (90, 8)):  # many heads, and a TP rank's few
-                config = default_decode_config(rows, torch.device("cuda"))
-                flags = dict(CAUSAL=True, DOT_PRECISION="tf32", ACC_DTYPE=tl.float32, BLOCK_H=config.block_m,
-                             BLOCK_N=config.block_n)
-                for kernel, num_warps, constexprs in (
-                    (f"{decode}_append", 4, dict(PAGE=64)),
-                    (decode, config.num_warps, dict(PAGE=64, **flags)),
-                    (f"{decode}_combine", 4, dict(PAD_SPLITS=16)),
-                ):
-                    jobs.setdefault((kernel, arch, rows), CompileJob(kernels_file, kernel, arch, "bf16", num_warps,
-                                                                     config.num_stages, constexprs))
-    ordered = sorted(jobs.values(), key=lambda job: (job.kernel, job.arch))
-    # The mask and grouping flags change the compiled code too: window + GQA, and the latent chunk masks.
-    base = next(job for job in ordered if job.arch == 90 and job.kernel == "attention_fwd_qk128_v128")
-    for flags in (dict(HEAD_GROUP=4, WINDOWED=True), dict(CAUSAL=False, GROUP_MASK=1), dict(CAUSAL=False, GROUP_MASK=2)):
-        ordered.append(dataclasses.replace(base, constexprs={**base.constexprs, **flags}))
-    return ordered
+def _gap_table() -> dict[tuple[str, str, str], str]:
+    return {
+        (role, dtype, arch): why
+        for (role, dtypes, archs), why in GAPS.items()
+        for dtype in dtypes.split()
+        for arch in archs.split()
+    }
+
+
+@pytest.fixture(scope="module")
+def matrix(request, tmp_path_factory):
+    """Every launched kernel's reading: KernelRows of inspect_specs over the whole matrix."""
+    cache = getattr(request.config, "cache", None)
+    where = cache.mkdir("mlagen-arch-matrix") if cache is not None else tmp_path_factory.mktemp("matrix")
+    with pytest.MonkeyPatch.context() as patch:
+        # Readings persist there; the tuning cache there stays empty, so every config is the default.
+        patch.setenv("MLAGEN_CACHE_DIR", str(where))
+        specs = [load_spec(SPECS / f"{name}.yaml") for name in SHIPPED]
+        return inspect_specs(specs, ARCHS, SHAPE, dtypes=list(DTYPES), workers=2)
+
+
+def _problems(row) -> list[str]:
+    c, limit = row.compiled, aot.ARCHS[row.arch].smem_per_block
+    if c.error:
+        return [f"compile failed: {c.error}"]
+    found = []
+    if c.spill_bytes:
+        found.append(f"spills {c.spill_bytes} B")
+    if c.shared_bytes > limit:
+        found.append(f"over {limit // 1024} KB of shared memory ({c.shared_bytes / 1024:.0f} KB)")
+    if not 0 < c.registers <= 255:
+        found.append(f"{c.registers} registers")
+    if row.role in MATMUL_ROLES:
+        family = aot.ARCHS[row.arch].tensor_core
+        if not c.tensor_core_ops:
+            found.append("no tensor-core instructions")
+        elif not aot.mma_count(c, family) or (family != "HMMA" and aot.mma_count(c, "HMMA")):
+            # every dot on the arch's own MMA: a dot of fewer than 64 rows falls back to mma.sync
+            found.append(f"not all {family}: {autotune.mma_text(c)}")
+    return found
+
+
+def _where(row) -> tuple[str, str, str]:
+    return row.role, row.use.dtype, f"sm_{row.arch}"
 
 
 @pytest.mark.slow
-def test_default_forward_and_backward_configs_compile_for_sm90_and_sm80_without_spills_on_tensor_cores():
-    jobs = _jobs()
-    results = compile_jobs(jobs)
-    assert {r.arch for r in results} == set(ARCHS)
-    for job, compiled in zip(jobs, results, strict=True):
-        what = f"{job.kernel} sm_{job.arch}: {compiled}"
-        assert compiled.spill_bytes == 0, what
-        assert 0 < compiled.registers <= 255, what
-        assert compiled.shared_bytes <= (227 if job.arch == 90 else 163) * 1024, what
-        if not job.kernel.endswith(("_append", "_combine")):  # the cache write and the merge have no matmul
-            assert compiled.tensor_core_ops > 0, what
+def test_every_shipped_kernel_compiles_on_every_arch_within_its_limits_on_its_tensor_cores(matrix):
+    gaps, found, seen = _gap_table(), defaultdict(set), set()
+    for row in matrix:
+        seen.add(_where(row))
+        for problem in _problems(row):
+            found[_where(row)].add(f"{row.spec} {row.kernel} {row.settings}: {problem}")
+    unexpected = {where: sorted(what) for where, what in found.items() if where not in gaps}
+    assert not unexpected, "\n".join(f"{where}: {what}" for where, what in sorted(unexpected.items()))
+    fixed = sorted(where for where in gaps if where in seen and where not in found)
+    assert not fixed, f"no longer missing, delete from GAPS: {fixed}"
+    assert {arch for _, _, arch in seen} == {f"sm_{a}" for a in ARCHS} and {d for _, d, _ in seen} == set(
+        DTYPES
+    )
+
+
+@pytest.mark.slow
+def test_the_matrix_reaches_every_kernel_of_every_shipped_spec(matrix):
+    """Every @triton.jit kernel a shipped spec generates is launched in the matrix, but for the
+    families autotune cannot launch yet (NOT_YET_LAUNCHABLE)."""
+    import tempfile
+    from pathlib import Path
+
+    # A kernel's name fixes its template parameters; the specs launch it with their own flags.
+    launched = {row.kernel for row in matrix}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in SHIPPED:
+            source = autotune.render_kernels(load_spec(SPECS / f"{name}.yaml"), Path(tmp)).read_text()
+            kernels = {k for k in autotune.jit_constexprs(source) if _is_kernel(k, source)}
+            missed = sorted(k for k in kernels - launched if not k.startswith(NOT_YET_LAUNCHABLE))
+            assert not missed, f"{name}: kernels the arch matrix never launches: {missed}"
+
+
+def _is_kernel(name: str, source: str) -> bool:
+    """A @triton.jit function some launcher starts (name[grid](...)), not a helper it calls."""
+    return f"{name}[" in source
+
+
+@pytest.mark.slow
+def test_the_shared_memory_estimate_is_a_lower_bound(matrix):
+    """autotune prunes candidates by shared_estimate before compiling: it must never exceed
+    what a compiled config takes, or pruning would drop configs that fit."""
+    by_launch = defaultdict(list)
+    for row in matrix:
+        if row.kind == "mlagen" and not row.compiled.error and row.role in MATMUL_ROLES:
+            by_launch[(row.spec, row.use.node, row.use.dtype, row.arch, row.role.split("_")[0])].append(row)
+    assert by_launch
+    for (spec, node, dtype, arch, role), rows in by_launch.items():
+        (launcher,) = [launcher for launcher in autotune.launchers(rows[0].use) if launcher.role == role]
+        tile = rows[0].launch.constant
+        config = BlockConfig(
+            tile.get("BLOCK_M", tile.get("BLOCK_H")),
+            tile["BLOCK_N"],
+            rows[0].launch.num_warps,
+            rows[0].launch.num_stages,
+        )
+        shared = max(row.compiled.shared_bytes for row in rows)
+        assert autotune.shared_estimate(launcher, config) <= shared, (spec, node, dtype, arch, role, config)

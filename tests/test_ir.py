@@ -13,7 +13,7 @@ from mlagen.errors import ShapeError
 from mlagen.ir import B, Graph, S, lower, verify
 from mlagen.ir.analysis import cache_report, parameter_count
 from mlagen.passes import run_pipeline
-from mlagen.spec import GqaSpec, LatentSpec, MlaSpec, load_spec
+from mlagen.spec import CompressedSpec, GqaSpec, LatentSpec, MlaSpec, load_spec
 from tests.helpers import SPECS, TINY_SPECS, generated
 
 ALL_SPECS = sorted(p.stem for p in SPECS.glob("*.yaml"))
@@ -53,7 +53,9 @@ def test_shapes_are_sympy_expressions_in_batch_and_sequence(name):
     assert graph.node(graph.outputs[0]).shape == (B, S, spec.d_model)
 
 
-@pytest.mark.parametrize("name", [n for n in ALL_SPECS if n.startswith(("deepseek", "kimi", "tiny_mla"))])
+@pytest.mark.parametrize(
+    "name", [n for n in ALL_SPECS if n.startswith(("deepseek", "kimi", "tiny_mla")) and spec_of(n).family == "mla"]
+)
 def test_mla_attention_node_has_heads_by_v_head_dim(name):
     spec = spec_of(name)
     graph = lowered(name)
@@ -243,8 +245,16 @@ def expected_cache(spec) -> tuple[float, int]:
     """(cached values, MHA values) per token per layer, written from DESIGN.md independently."""
     if isinstance(spec, MlaSpec):
         mha = spec.heads * (spec.qk_nope_head_dim + spec.qk_rope_head_dim) + spec.heads * spec.v_head_dim
-        return spec.kv_lora_rank + spec.qk_rope_head_dim, mha
+        index = spec.sparse.index_head_dim if spec.sparse else 0  # DSA: the indexer's key beside the latent
+        return spec.kv_lora_rank + spec.qk_rope_head_dim + index, mha
     kv_pair = 2 * spec.heads * spec.head_dim
+    if isinstance(spec, CompressedSpec):
+        # One head_dim entry (and the indexer's key) per `rate` tokens; the window is a fixed cost.
+        compression = spec.compression
+        if compression is None:
+            return 0, kv_pair
+        index = compression.indexer.head_dim if compression.indexer else 0
+        return (spec.head_dim + index) / compression.rate, kv_pair
     if isinstance(spec, GqaSpec):
         return 2 * spec.kv_heads * spec.head_dim, kv_pair
     assert isinstance(spec, LatentSpec)
@@ -264,6 +274,15 @@ def test_cache_report_formula(name):
     assert report.mha_values_per_token == mha
     assert report.mha_bytes_per_token == mha * spec.dtype_bytes
     assert report.note
+
+
+def test_deepseek_v32_caches_1152_plus_256_bytes_or_656_plus_132_in_fp8():
+    spec = spec_of("deepseek_v32")
+    report = cache_report(spec)
+    assert (report.values_per_token, report.bytes_per_token) == (576 + 128, 1152 + 256)
+    fp8 = cache_report(dataclasses.replace(spec, cache_dtype="fp8"))
+    assert (fp8.bytes_per_token, fp8.storage) == (656 + 132, "fp8 rows")
+    assert "512 e4m3 + 4 fp32 scales + 64 bf16 rope = 656 B" in fp8.note and "= 132 B" in fp8.note
 
 
 def test_deepseek_v3_caches_576_values_71x_less_than_mha():

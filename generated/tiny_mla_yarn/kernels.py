@@ -212,7 +212,8 @@ def attention_fwd_qk16_rope16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal
     mask_code, q_group_size, k_group_size = group_mask_args(group_mask)
     if config is None:
         shape = attention_key(dims, causal=causal, windowed=window is not None, mask_code=mask_code)
-        config = tuned_config((attention_fwd_qk16_rope16_v16,), shape, q_a) or default_config(32, 16, q_a.device)
+        config = (tuned_config((attention_fwd_qk16_rope16_v16,), shape, q_a)
+                  or default_config(32, 16, q_a.device, dtype=q_a.dtype))
     out = torch.empty((dims.batch, dims.seqlen_q, dims.heads_q, 16), dtype=q_a.dtype, device=q_a.device)
     lse = torch.empty((dims.batch, dims.heads_q, dims.seqlen_q), dtype=lse_dtype(q_a.dtype), device=q_a.device)
     grid = (triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)
@@ -400,7 +401,7 @@ def attention_fwd_qk16_rope16_v16_backward(grad_out, q_a, q_b, k_a, k_b, v, out,
     if config is None:
         shape = attention_key(dims, causal=causal, windowed=window is not None, mask_code=mask_code)
         config = (tuned_config((attention_fwd_qk16_rope16_v16_bwd_dkdv, attention_fwd_qk16_rope16_v16_bwd_dq), shape, q_a)
-                  or default_backward_config(32, 16, q_a.device))
+                  or default_backward_config(32, 16, q_a.device, dtype=q_a.dtype))
     delta = torch.empty_like(lse)
     _attention_bwd_delta[(triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], dims.seqlen_q, dims.heads_q,
@@ -614,7 +615,8 @@ def mla_decode_lat32_rope16_launch(q_latent, q_rope, cached, *, scale, causal, n
     longest = max(cache.host_lengths())
     if config is None:
         shape = decode_key(batch, seqlen_q, heads, longest, causal=causal)
-        config = tuned_config((mla_decode_lat32_rope16,), shape, q_latent) or default_decode_config(heads * seqlen_q, q_latent.device)
+        config = (tuned_config((mla_decode_lat32_rope16,), shape, q_latent)
+                  or default_decode_config(heads * seqlen_q, q_latent.device, dtype=q_latent.dtype))
     num_splits = num_splits or config.num_splits or split_count(batch, longest, q_latent.device)
     keys_per_split = max(config.block_n, -(-longest // num_splits))
     keys_per_split = -(-keys_per_split // config.block_n) * config.block_n

@@ -21,7 +21,7 @@ def _pyplot():
         import matplotlib
     except ImportError:
         raise MlagenError(
-            "--plot needs matplotlib: pip install matplotlib (or pip install -e '.[test]')"
+            "plots need matplotlib, which is not installed: pip install matplotlib (or pip install -e '.[test]')"
         ) from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -121,3 +121,17 @@ def write_plots(directory: str | Path) -> list[Path]:
         _roofline(plt, group, path)
         written.append(path)
     return written
+
+
+def write_suite_roofline(data: dict, path: str | Path) -> Path:
+    """The GPU suite's roofline: every correct timing (invalid ones left out) of every section."""
+    plt = _pyplot()
+    runs = []
+    for section in ("prefill", "train", "decode"):
+        results = [r for r in data["results"] if r["section"] == section and r["status"] == "ok"]
+        if results:
+            runs.append(dict(data, mode=section, results=results))
+    if not runs:
+        raise MlagenError("no contender was timed, so there is nothing to plot")
+    _roofline(plt, runs, Path(path))
+    return Path(path)

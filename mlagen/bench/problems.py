@@ -24,7 +24,7 @@ import torch
 from mlagen.bench import flops as work
 from mlagen.ir.lower import softmax_scale
 from mlagen.runtime import reference
-from mlagen.runtime.mla_decode import CachedTokens, reference_attention
+from mlagen.runtime.mla_decode import CachedTokens
 from mlagen.runtime.paged_cache import PagedLatentCache
 from mlagen.spec import GqaSpec, MlaSpec, Spec
 
@@ -79,6 +79,34 @@ def _randn(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.randn(shape, dtype=dtype, device=device)
 
 
+def attention_work(
+    dims: AttentionDims, batch: int, seq_len: int, elem: int, train: bool
+) -> tuple[float, float]:
+    """(FLOPs, bytes) of one attention call by the ANCHORS conventions: every operand read
+    once and the output written once (MLA's rope key once, shared by the heads)."""
+    d = dims
+    forward = work.attention_flops(
+        batch, d.heads_q, seq_len, seq_len, d.dim_qk, d.dim_v, causal=d.causal, window=d.window
+    )
+    per_token = d.heads_q * d.dim_qk + d.heads_k * (d.dim_a + d.dim_v) + d.dim_b + d.heads_q * d.dim_v
+    moved = float(batch * seq_len * per_token * elem)
+    if train:
+        return forward * work.TRAIN_FLOPS_FACTOR, moved * work.TRAIN_BYTES_FACTOR
+    return forward, moved
+
+
+def absorbed_decode_work(
+    spec: MlaSpec, heads: int, batch: int, cache_len: int, seq_q: int, elem: int
+) -> tuple[float, float]:
+    """(FLOPs, bytes) of one absorbed decode step over `batch` caches of `cache_len` tokens."""
+    dim_qk, dim_v = spec.kv_lora_rank + spec.qk_rope_head_dim, spec.kv_lora_rank
+    total = batch * cache_len
+    return (
+        work.decode_flops(seq_q, heads, total, dim_qk, dim_v),
+        work.absorbed_decode_bytes(batch, seq_q, heads, total, dim_qk, dim_v, elem),
+    )
+
+
 class AttentionProblem:
     """The attention kernel alone: q_a [B, S, Hq, Da], q_b [B, S, Hq, Db], k_a [B, S, Hk, Da],
     k_b [B, S, 1, Db] (MLA), v [B, S, Hk, Dv]; forward, or forward + backward when `train`."""
@@ -103,12 +131,16 @@ class AttentionProblem:
         self.k_a = _randn((b, s, d.heads_k, d.dim_a), dtype, device)
         self.k_b = _randn((b, s, 1, d.dim_b), dtype, device) if second else None
         self.v = _randn((b, s, d.heads_k, d.dim_v), dtype, device)
-        self.grad_out = None
+        self.grad_out = self.timing_grad_out = None
         if train:
+            # The check's output gradient is zero outside the checked rows, so the golden of those
+            # rows alone gives every input gradient whole; the timed runs get a random one
+            # everywhere (mostly-zero operands can run faster than real data).
             self.grad_out = torch.zeros((b, s, d.heads_q, d.dim_v), dtype=dtype, device=device)
             self.grad_out[:, s - self.check_rows :] = _randn(
                 (b, self.check_rows, d.heads_q, d.dim_v), dtype, device
             )
+            self.timing_grad_out = _randn((b, s, d.heads_q, d.dim_v), dtype, device)
         self._expected: dict[torch.dtype, Outputs] = {}
 
     @property
@@ -116,25 +148,16 @@ class AttentionProblem:
         return (self.q_a, self.q_b, self.k_a, self.k_b, self.v)
 
     @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("out", "dq_a", "dq_b", "dk_a", "dk_b", "dv") if self.train else ("out",)
+
+    @property
     def flops(self) -> float:
-        d = self.dims
-        forward = work.attention_flops(
-            self.batch,
-            d.heads_q,
-            self.seq_len,
-            self.seq_len,
-            d.dim_qk,
-            d.dim_v,
-            causal=d.causal,
-            window=d.window,
-        )
-        return forward * (work.TRAIN_FLOPS_FACTOR if self.train else 1.0)
+        return attention_work(self.dims, self.batch, self.seq_len, self.q_a.element_size(), self.train)[0]
 
     @property
     def bytes(self) -> float:
-        elements = sum(t.numel() for t in self.operands if t is not None)
-        elements += self.batch * self.seq_len * self.dims.heads_q * self.dims.dim_v  # the output
-        return elements * self.q_a.element_size() * (work.TRAIN_BYTES_FACTOR if self.train else 1.0)
+        return attention_work(self.dims, self.batch, self.seq_len, self.q_a.element_size(), self.train)[1]
 
     def shape(self) -> dict:
         names = ("q_a", "q_b", "k_a", "k_b", "v")
@@ -205,6 +228,10 @@ class ModuleProblem:
         self.grad_out = _randn((batch, seq_len, spec.d_model), dtype, device) if train else None
         self._expected: dict[torch.dtype, Outputs] = {}
 
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return ("out", "d_hidden_states") if self.train else ("out",)
+
     @cached_property
     def linear_weights(self) -> int:
         return sum(m.weight.numel() for m in self.module.modules() if isinstance(m, torch.nn.Linear))
@@ -261,9 +288,34 @@ class ModuleProblem:
         return self._expected[dtype]
 
 
+def filled_cache(
+    spec: MlaSpec, batch: int, cache_len: int, dtype: torch.dtype, device: torch.device
+) -> PagedLatentCache:
+    """A paged latent cache holding `cache_len` random rows per sequence (shareable between
+    decode problems that differ only in heads or new tokens: building the page table is slow)."""
+    cache = PagedLatentCache(
+        batch,
+        cache_len,
+        latent_dim=spec.kv_lora_rank,
+        rope_dim=spec.qk_rope_head_dim,
+        page_size=spec.page_size,
+        dtype=dtype,
+        device=device,
+    )
+    cache.reserve([cache_len] * batch)
+    cache.buffer.normal_()
+    cache.commit([cache_len] * batch)
+    return cache
+
+
 class DecodeInputs:
     """One absorbed-MLA decode step: `seq_q` new tokens per sequence over a paged latent
-    cache of `cache_len` tokens per sequence (the new ones included), random rows."""
+    cache of `cache_len` tokens per sequence (the new ones included), random rows.
+
+    `heads` overrides the spec's query heads (the kernels take any count). Answers are checked
+    on `check_batch` sequences spread over the batch, the last one always among them (its
+    pages sit last in the cache, so a 32-bit offset that overflows shows there); that bounds
+    the fp64 golden at large batches."""
 
     def __init__(
         self,
@@ -273,22 +325,29 @@ class DecodeInputs:
         dtype: torch.dtype,
         device: torch.device,
         seq_q: int = 1,
+        *,
+        heads: int | None = None,
+        cache: PagedLatentCache | None = None,
+        check_batch: int | None = None,
     ):
         self.spec, self.batch, self.cache_len, self.seq_q = spec, batch, cache_len, seq_q
-        heads, latent = spec.heads, spec.kv_lora_rank
-        nope, rope, dim_v = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
-        cache = PagedLatentCache(
-            batch,
-            cache_len,
-            latent_dim=latent,
-            rope_dim=rope,
-            page_size=spec.page_size,
-            dtype=dtype,
-            device=device,
+        self.heads = heads = heads or spec.heads
+        count = min(check_batch or batch, batch)
+        # count indices from 0 to batch - 1, evenly spread; one: the last
+        self.checked_sequences = tuple(
+            batch - 1 - (batch - 1) * i // max(count - 1, 1) for i in range(count)
+        )[::-1]
+        latent, nope, rope, dim_v = (
+            spec.kv_lora_rank,
+            spec.qk_nope_head_dim,
+            spec.qk_rope_head_dim,
+            spec.v_head_dim,
         )
-        cache.reserve([cache_len] * batch)
-        cache.buffer.normal_()
-        cache.commit([cache_len] * batch)
+        if cache is None:
+            cache = filled_cache(spec, batch, cache_len, dtype, device)
+        assert cache.host_lengths() == [cache_len] * batch, (
+            "a shared cache must hold cache_len rows per sequence"
+        )
         self.cached = CachedTokens(cache, cache.lengths - seq_q, (seq_q,) * batch)
         self.scale = softmax_scale(spec.qk_head_dim, spec.rope)
         self.q_nope = _randn((batch, seq_q, heads, nope), dtype, device)
@@ -300,20 +359,38 @@ class DecodeInputs:
 
     def per_head(self, kv_b: torch.Tensor) -> torch.Tensor:
         s = self.spec
-        return kv_b.view(s.heads, s.qk_nope_head_dim + s.v_head_dim, s.kv_lora_rank)
+        return kv_b.view(self.heads, s.qk_nope_head_dim + s.v_head_dim, s.kv_lora_rank)
 
     @property
     def total_keys(self) -> int:
         return self.batch * self.cache_len
 
+    def checked(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The checked sequences' rows of a [B, ...] tensor."""
+        return tensor[list(self.checked_sequences)]
+
+    def reference_latent(self, q_latent: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        """Absorbed attention of the checked sequences (q_* already theirs) over their cached rows,
+        in q_latent's dtype, as mla_decode.reference_attention computes it for every sequence."""
+        cache, outs = self.cached.cache, []
+        for row, seq in enumerate(self.checked_sequences):
+            rows = cache.gather(seq).to(q_latent.dtype)[None, :, None]
+            latent, rope_key = rows[..., : cache.latent_dim], rows[..., cache.latent_dim :]
+            one = slice(row, row + 1)
+            outs.append(
+                reference.attention(
+                    q_latent[one], q_rope[one], latent, rope_key, latent, scale=self.scale, causal=True
+                )
+            )
+        return torch.cat(outs)
+
     def golden_latent(self) -> torch.Tensor:
-        """softmax(q_latent . c_kv + q_rope . k_pe) @ c_kv in fp64, q_latent from the fp64 q_nope and W_UK."""
+        """softmax(q_latent . c_kv + q_rope . k_pe) @ c_kv in fp64 for the checked sequences,
+        q_latent from the fp64 q_nope and W_UK."""
         if self._golden_latent is None:
             w_uk = self.per_head(self.kv_b.double())[:, : self.spec.qk_nope_head_dim]
-            q_latent = torch.einsum("bshd,hdr->bshr", self.q_nope.double(), w_uk)
-            self._golden_latent = reference_attention(
-                q_latent, self.q_rope.double(), self.cached, scale=self.scale, causal=True
-            )
+            q_latent = torch.einsum("bshd,hdr->bshr", self.checked(self.q_nope).double(), w_uk)
+            self._golden_latent = self.reference_latent(q_latent, self.checked(self.q_rope).double())
         return self._golden_latent
 
     @cached_property
@@ -337,23 +414,17 @@ class AbsorbedDecodeProblem:
 
     @property
     def flops(self) -> float:
-        i, s = self.inputs, self.inputs.spec
-        return work.decode_flops(
-            i.seq_q, s.heads, i.total_keys, s.kv_lora_rank + s.qk_rope_head_dim, s.kv_lora_rank
-        )
+        i = self.inputs
+        return absorbed_decode_work(
+            i.spec, i.heads, i.batch, i.cache_len, i.seq_q, i.q_latent.element_size()
+        )[0]
 
     @property
     def bytes(self) -> float:
-        i, s = self.inputs, self.inputs.spec
-        return work.absorbed_decode_bytes(
-            i.batch,
-            i.seq_q,
-            s.heads,
-            i.total_keys,
-            s.kv_lora_rank + s.qk_rope_head_dim,
-            s.kv_lora_rank,
-            i.q_latent.element_size(),
-        )
+        i = self.inputs
+        return absorbed_decode_work(
+            i.spec, i.heads, i.batch, i.cache_len, i.seq_q, i.q_latent.element_size()
+        )[1]
 
     def shape(self) -> dict:
         i = self.inputs
@@ -362,17 +433,20 @@ class AbsorbedDecodeProblem:
             "q_rope": list(i.q_rope.shape),
             "cache": list(i.cached.cache.buffer.shape),
             "cache_len": i.cache_len,
+            "checked_sequences": list(i.checked_sequences),
         }
+
+    output_names = ("out",)
+
+    def view(self, outputs: Outputs) -> Outputs:
+        """[B, Sq, H, latent] -> what `expected` holds: the checked sequences."""
+        return (self.inputs.checked(outputs[0]),)
 
     def expected(self, dtype: torch.dtype) -> Outputs:
         i = self.inputs
         if dtype == torch.float64:
             return (i.golden_latent(),)
-        return (
-            reference_attention(
-                i.q_latent.to(dtype), i.q_rope.to(dtype), i.cached, scale=i.scale, causal=True
-            ),
-        )
+        return (i.reference_latent(i.checked(i.q_latent).to(dtype), i.checked(i.q_rope).to(dtype)),)
 
 
 class ExpandedDecodeProblem:
@@ -384,7 +458,7 @@ class ExpandedDecodeProblem:
     @property
     def flops(self) -> float:
         i, s = self.inputs, self.inputs.spec
-        return work.decode_flops(i.seq_q, s.heads, i.total_keys, s.qk_head_dim, s.v_head_dim)
+        return work.decode_flops(i.seq_q, i.heads, i.total_keys, s.qk_head_dim, s.v_head_dim)
 
     @property
     def bytes(self) -> float:
@@ -392,7 +466,7 @@ class ExpandedDecodeProblem:
         return work.expanded_decode_bytes(
             i.batch,
             i.seq_q,
-            s.heads,
+            i.heads,
             i.total_keys,
             s.qk_nope_head_dim,
             s.qk_rope_head_dim,
@@ -408,15 +482,19 @@ class ExpandedDecodeProblem:
             "k_nope": list(k_nope.shape),
             "k_pe": list(k_pe.shape),
             "v": list(v.shape),
+            "checked_sequences": list(self.inputs.checked_sequences),
         }
+
+    output_names = ("out",)
+
+    def view(self, outputs: Outputs) -> Outputs:
+        return (self.inputs.checked(outputs[0]),)
 
     def expected(self, dtype: torch.dtype) -> Outputs:
         i, s = self.inputs, self.inputs.spec
         if dtype == torch.float64:
             w_uv = i.per_head(i.kv_b.double())[:, s.qk_nope_head_dim :]
             return (torch.einsum("bshr,hdr->bshd", i.golden_latent(), w_uv),)
-        k_nope, k_pe, v = (t.to(dtype) for t in i.expanded)
-        out = reference.attention(
-            i.q_nope.to(dtype), i.q_rope.to(dtype), k_nope, k_pe, v, scale=i.scale, causal=True
-        )
-        return (out,)
+        k_nope, k_pe, v = (i.checked(t).to(dtype) for t in i.expanded)
+        q_nope, q_rope = i.checked(i.q_nope).to(dtype), i.checked(i.q_rope).to(dtype)
+        return (reference.attention(q_nope, q_rope, k_nope, k_pe, v, scale=i.scale, causal=True),)

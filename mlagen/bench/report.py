@@ -1,5 +1,10 @@
 """`mlagen bench --report`: BENCHMARKS.md written from the JSON runs, so no table is
-ever typed by hand; also the result table `mlagen bench` prints after a run."""
+ever typed by hand; also the result table `mlagen bench` prints after a run.
+
+The report owns two blocks of the file, each between begin / end markers: the GPU suite
+(suite_report, from gpu_suite_*.json) and the per-spec runs (from the `mlagen bench SPEC`
+files). Everything outside the markers is left as it is, so hand-written sections live beside
+them; a block whose markers are missing is added at the end."""
 
 from __future__ import annotations
 
@@ -141,13 +146,7 @@ def render_report(runs: list[dict], report_dir: Path) -> str:
     for run in runs:
         key = "decode" if run["mode"] == "decode" else "prefill and train"
         contenders.setdefault(key, {}).update(run["contenders"])
-    lines = [
-        "# Benchmarks",
-        "",
-        "<!-- Written by `mlagen bench --report` from benchmarks/*.json; do not edit by hand:"
-        " re-run the benchmarks and the report. -->",
-        "",
-    ]
+    lines = []
     if not gpu:
         lines += [
             "> **GPU numbers are pending a GPU session.** Every run below is a CPU smoke run: test-sized",
@@ -220,14 +219,48 @@ def _model_decode_section(report_dir: Path, runs: list[dict]) -> list[str]:
     return lines
 
 
+SUITE_BLOCK, RUNS_BLOCK = "gpu-suite", "runs"
+FILE_TITLE = "# Benchmarks\n"
+
+
+def _markers(block: str) -> tuple[str, str]:
+    return (
+        f"<!-- begin {block}: written by `mlagen bench --report` from the JSON files; edit the runs, not this -->",
+        f"<!-- end {block} -->",
+    )
+
+
+def replace_blocks(text: str, blocks: dict[str, str]) -> str:
+    """`text` with each named block's content replaced (or appended, markers and all)."""
+    for block, body in blocks.items():
+        begin, end = _markers(block)
+        start, stop = text.find(begin), text.find(end)
+        if start >= 0 and stop > start:
+            text = text[: start + len(begin)] + "\n\n" + body.strip() + "\n\n" + text[stop:]
+        else:
+            text = text.rstrip() + f"\n\n{begin}\n\n{body.strip()}\n\n{end}\n"
+    return text
+
+
 def write_report(directory: str | Path, path: str | Path = "BENCHMARKS.md") -> Path:
-    runs = load_runs(directory)
-    if not runs:
-        raise MlagenError(f"no benchmark JSON files in {directory}; run `mlagen bench SPEC --mode ...` first")
+    """Rewrite the report's blocks of `path` from the JSON files in `directory`: the GPU-suite
+    block always (it says "pending" without a GPU run), the per-spec block when such runs are there."""
+    from mlagen.bench.suite_report import load_suites, render_suite_section
+
+    runs, suites = load_runs(directory), load_suites(directory)
+    if not runs and not suites:
+        raise MlagenError(
+            f"no benchmark JSON files in {directory}; run `mlagen bench SPEC --mode ...` or "
+            "`mlagen bench --suite gpu` first"
+        )
     path = Path(path)
-    text = render_report(runs, path.resolve().parent)
+    report_dir = path.resolve().parent
+    blocks = {SUITE_BLOCK: render_suite_section(suites, report_dir)}
+    if runs:
+        blocks[RUNS_BLOCK] = render_report(runs, report_dir)
     try:
-        path.write_text(text, encoding="utf-8")
+        text = path.read_text(encoding="utf-8") if path.exists() else FILE_TITLE
+        path.write_text(replace_blocks(text, blocks), encoding="utf-8")
     except OSError as exc:
         raise MlagenError(f"cannot write {path}: {exc.strerror}") from None
     return path

@@ -36,6 +36,10 @@ class TimingMethod:
 
 GPU_TIMING = TimingMethod("triton.testing.do_bench", warmup=25, rep=100)
 CPU_TIMING = TimingMethod("time.perf_counter", warmup=0, rep=2)  # the correctness run already warmed up
+# The GPU suite measures a few hundred points in minutes: briefly each. do_bench still takes
+# the median of every run that fits in `rep` (at least one) after `warmup`, L2 flushed before each.
+SUITE_TIMING = TimingMethod("triton.testing.do_bench", warmup=10, rep=40)
+SUITE_SMOKE_TIMING = TimingMethod("time.perf_counter", warmup=0, rep=1)
 
 
 def timing_for(device: torch.device) -> TimingMethod:
@@ -44,7 +48,7 @@ def timing_for(device: torch.device) -> TimingMethod:
 
 def measure_ms(step: Callable[[], object], method: TimingMethod) -> float:
     """Median milliseconds of one call of `step`."""
-    if method is GPU_TIMING:
+    if method.name == "triton.testing.do_bench":
         import triton.testing
 
         return float(

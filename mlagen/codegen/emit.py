@@ -26,10 +26,13 @@ from pathlib import Path
 import filelock
 import jinja2
 
+from mlagen import fp8_layout
+from mlagen.codegen import compressed_code
 from mlagen.codegen.module_code import forward_body, submodules
 from mlagen.errors import GenerateError
 from mlagen.ir import Graph, OpKind
-from mlagen.spec import GqaSpec, LatentSpec, MlaSpec, Spec
+from mlagen.passes import select_kernels
+from mlagen.spec import CompressedSpec, GqaSpec, LatentSpec, MlaSpec, Spec
 from mlagen.tiles import padded
 
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent.parent / "templates"
@@ -87,17 +90,78 @@ class DecodeVariant:
         return padded(self.rope)
 
 
+@dataclass(frozen=True, slots=True)
+class IndexerVariant:
+    """The lightning indexer's logits kernels (prefill and paged) for one index head dim."""
+
+    name: str
+    dim: int
+
+    @property
+    def pad_dim(self) -> int:
+        return padded(self.dim)
+
+
+@dataclass(frozen=True, slots=True)
+class SparseVariant:
+    """The sparse MLA kernels (forward, backward) for one latent/rope width. `combine`: the
+    MLA decode combine kernel that merges its split-KV partials."""
+
+    name: str
+    latent: int
+    rope: int
+    combine: str
+    scale_group: int = fp8_layout.SCALE_GROUP
+
+    @property
+    def pad_latent(self) -> int:
+        return padded(self.latent)
+
+    @property
+    def scale_groups(self) -> int:
+        return fp8_layout.scale_groups(self.latent)
+
+    @property
+    def pad_rope(self) -> int:
+        return padded(self.rope)
+
+
+@dataclass(frozen=True, slots=True)
+class SparseKernels:
+    indexer: IndexerVariant
+    attention: SparseVariant
+    rope_layout: str  # the latent rope key's (FP8 rows are written in torch)
+
+
 def decode_variant(graph: Graph) -> DecodeVariant:
+    """The MLA decode kernels; a sparse spec renders them too, for the cache append and the combine."""
     (node,) = graph.of_kind(OpKind.ATTENTION)
     (append,) = graph.of_kind(OpKind.CACHE_APPEND)
-    return DecodeVariant(
-        node.attr("kernel"), node.attr("d_a"), node.attr("d_b"), append.attr("layout") == "interleave"
+    name = select_kernels.decode_variant(graph, node)["kernel"]
+    return DecodeVariant(name, node.attr("d_a"), node.attr("d_b"), append.attr("layout") == "interleave")
+
+
+def sparse_kernels(graph: Graph, decode: DecodeVariant) -> SparseKernels | None:
+    (scores,) = graph.of_kind(OpKind.INDEX_SCORES) or (None,)
+    if scores is None:
+        return None
+    (node,) = (node for node in graph.of_kind(OpKind.ATTENTION) if node.attr("indexed"))
+    indexer = IndexerVariant(scores.attr("kernel"), scores.attr("d_a"))
+    attention = SparseVariant(
+        node.attr("kernel"), node.attr("d_a"), node.attr("d_b"), f"{decode.name}_combine"
     )
+    return SparseKernels(indexer, attention, decode_layout(decode))
+
+
+def decode_layout(decode: DecodeVariant) -> str:
+    return "interleave" if decode.interleave else "half"
 
 
 def variants(graph: Graph) -> list[Variant]:
     found: dict[str, Variant] = {}
     for node in graph.of_kind(OpKind.ATTENTION):
+        if node.attr("indexed"):
+            continue  # sparse attention has kernels of its own (SparseKernels)
         variant = Variant(
             node.attr("kernel"), node.attr("d_b") > 0, node.attr("d_a"), node.attr("d_b"), node.attr("d_v")
         )
@@ -108,11 +172,18 @@ def variants(graph: Graph) -> list[Variant]:
 def _summary(spec: Spec) -> tuple[str, str]:
     if isinstance(spec, MlaSpec):
         q = "plain q_proj" if spec.q_lora_rank is None else f"q_lora_rank {spec.q_lora_rank}"
-        return (
-            f"DeepSeek Multi-head Latent Attention, {spec.heads} heads, {q}, kv_lora_rank "
-            f"{spec.kv_lora_rank}, qk {spec.qk_nope_head_dim}+{spec.qk_rope_head_dim}, v {spec.v_head_dim}.",
-            "DeepseekV3Attention",
+        mla = (
+            f"{spec.heads} heads, {q}, kv_lora_rank {spec.kv_lora_rank}, "
+            f"qk {spec.qk_nope_head_dim}+{spec.qk_rope_head_dim}, v {spec.v_head_dim}"
         )
+        if spec.sparse is not None:
+            sparse = spec.sparse
+            return (
+                f"DeepSeek Sparse Attention: MLA ({mla}) over the top {sparse.top_k} keys of each query, "
+                f"chosen by a {sparse.index_heads}-head lightning indexer (dim {sparse.index_head_dim}).",
+                "DeepseekV32Attention",
+            )
+        return f"DeepSeek Multi-head Latent Attention, {mla}.", "DeepseekV3Attention"
     if isinstance(spec, GqaSpec):
         window = f", sliding window {spec.window}" if spec.window else ""
         return (
@@ -151,8 +222,11 @@ def render(spec: Spec, graph: Graph, decode_graph: Graph | None = None) -> dict[
     """File name -> content of the package for `spec` (nothing is written). `decode_graph`
     (mla) adds the paged latent cache, its kernels and the absorbed decode path."""
     env = _environment()
+    if isinstance(spec, CompressedSpec):
+        return _render_compressed(env, spec, graph)
     summary, hf_class = _summary(spec)
     linear = next(node for node in graph.nodes if node.op is OpKind.LINEAR)
+    decode = decode_variant(decode_graph) if decode_graph is not None else None
     context = {
         "spec": spec,
         "spec_fields": spec.fields_dict(),
@@ -163,12 +237,39 @@ def render(spec: Spec, graph: Graph, decode_graph: Graph | None = None) -> dict[
         "submodules": submodules(graph),
         "body": forward_body(graph),
         "first_weight": linear.attr("param"),
-        "decode": decode_variant(decode_graph) if decode_graph is not None else None,
+        "decode": decode,
         "decode_body": forward_body(decode_graph) if decode_graph is not None else [],
+        "sparse": sparse_kernels(graph, decode) if decode is not None else None,
+        "compressed": None,
     }
     return {
         name: env.get_template(f"{name}.jinja").render(context)
         for name in ("__init__.py", "kernels.py", "module.py")
+    }
+
+
+def _render_compressed(env: jinja2.Environment, spec: CompressedSpec, graph: Graph) -> dict[str, str]:
+    """A compressed (DeepSeek-V4) package: its own kernels in kernels.py, its own module
+    template (one forward over a table of operations: kernels, reference or a decode cache)."""
+    context = {
+        "spec": spec,
+        "spec_fields": spec.fields_dict(),
+        "torch_dtype": TORCH_DTYPES[spec.dtype],
+        "summary": compressed_code.summary(spec),
+        "variants": [],
+        "decode": None,
+        "sparse": None,
+        "compressed": compressed_code.kernels(graph),
+        "submodules": compressed_code.submodules(graph),
+        "body": compressed_code.forward_body(graph),
+    }
+    templates = {
+        "__init__.py": "__init__.py",
+        "kernels.py": "kernels.py",
+        "module.py": "compressed_module.py",
+    }
+    return {
+        name: env.get_template(f"{template}.jinja").render(context) for name, template in templates.items()
     }
 
 

@@ -26,7 +26,7 @@ from types import ModuleType
 import torch
 from torch import nn
 
-from mlagen.hf.cache import KVCacheLayer, LatentCacheLayer, MlagenCache
+from mlagen.hf.cache import CompressedCacheLayer, KVCacheLayer, LatentCacheLayer, MlagenCache
 from mlagen.hf.compat import check_layer_arguments, layer_cache
 from mlagen.runtime.launch import use_kernels
 from mlagen.runtime.modules import generated_source
@@ -87,9 +87,12 @@ def real_tokens(attention_mask: torch.Tensor | None, seqlen: int) -> torch.Tenso
 
 class TransformersAttention(nn.Module):
     """Mixin for a generated Attention class: transformers' calling convention and caches.
-    Set by mlagen.patch: layer_idx, and the original layer (kept out of the module tree)."""
+    Set by mlagen.patch: layer_idx, the original layer (kept out of the module tree), and
+    `passes_selection`: sparse layers whose decoder layer hands each layer's top-k selection
+    to the next (GLM-5: the layer takes prev_topk_indices and returns its selection third)."""
 
     layer_idx: int
+    passes_selection: bool = False
 
     @property
     def generated(self) -> ModuleType:
@@ -99,6 +102,10 @@ class TransformersAttention(nn.Module):
     @property
     def family(self) -> str:
         return self.generated.SPEC["family"]
+
+    @property
+    def sparse(self) -> bool:
+        return self.generated.SPEC.get("sparse") is not None
 
     def forward(
         self,
@@ -113,6 +120,9 @@ class TransformersAttention(nn.Module):
     ):
         # position_embeddings are transformers' cos/sin of position_ids; the generated
         # module computes the same rotation from position_ids itself.
+        # A GLM-5 decoder layer passes the previous layer's selection (None before the first
+        # layer); mlagen's layers hand each other their own (key positions of the real tokens).
+        previous = kwargs.pop("prev_topk_indices", None) if self.passes_selection else None
         check_layer_arguments(kwargs, causal=self.generated.SPEC["causal"])
         batch, seqlen = hidden_states.shape[:2]
         layer = self._cache_layer(layer_cache(cache, past_key_values))
@@ -124,15 +134,27 @@ class TransformersAttention(nn.Module):
         if packing is not None:
             hidden_states, position_ids = packing.pack(hidden_states), packing.pack(position_ids)
         counts = packing.counts if packing is not None else None
+        if self.family == "compressed":
+            # Each row's real tokens, moved to the front, are at positions 0.. after its cached
+            # ones: the compressed module takes them from there (its windows count from the first).
+            position_ids = None
+        selection = {}
+        if self.sparse:
+            # a layer without an indexer (GLM-5's "shared") reads the previous layer's choice
+            selection = {"selected": previous if self.indexer is None else None, "return_selected": True}
         if layer is None:
-            out = super().forward(hidden_states, position_ids)
-        elif isinstance(layer, LatentCacheLayer):
-            out = super().forward(hidden_states, position_ids, cache=layer.storage(), new_tokens=counts)
+            out = super().forward(hidden_states, position_ids, **selection)
+        elif isinstance(layer, (LatentCacheLayer, CompressedCacheLayer)):
+            out = super().forward(
+                hidden_states, position_ids, cache=layer.storage(), new_tokens=counts, **selection
+            )
         else:
             out = self._cached_kv_forward(hidden_states, position_ids, layer, counts or (seqlen,) * batch)
         if layer is not None:
             layer.seen += seqlen
-        return (packing.unpack(out) if packing is not None else out), None
+        out, selected = out if self.sparse else (out, None)
+        out = packing.unpack(out) if packing is not None else out
+        return (out, None, selected) if self.passes_selection else (out, None)
 
     def _cache_layer(self, cache):
         """This layer's MlagenCache layer, or None to run without a cache. A transformers
@@ -166,18 +188,41 @@ class TransformersAttention(nn.Module):
         table = generated.kernels.ATTENTION if on_kernels else generated.REFERENCE_ATTENTION
         return self._forward(hidden_states, position_ids, _CachedAttention(table, layer, tuple(counts)))
 
-    def new_cache_layer(self, batch_size: int, max_tokens: int, page_size: int | None, num_pages: int | None):
+    def new_cache_layer(
+        self,
+        batch_size: int,
+        max_tokens: int,
+        page_size: int | None,
+        num_pages: int | None,
+        cache_dtype: str | None = None,
+    ):
         weight = next(self.parameters())
         spec = self.generated.SPEC
         if self.family == "mla":
-            width = spec["kv_lora_rank"] + spec["qk_rope_head_dim"]
+            options = {"cache_dtype": cache_dtype} if cache_dtype is not None else {}
 
             def make_storage():
+                return self.new_cache(
+                    batch_size,
+                    max_tokens,
+                    page_size=page_size or spec["page_size"],
+                    num_pages=num_pages,
+                    **options,
+                )
+
+            probe = self.new_cache(1, 1, page_size=1, **options)  # one token's rows: what a token costs
+            return LatentCacheLayer(make_storage, batch_size, max_tokens, probe.bytes_per_token)
+        if self.family == "compressed":
+
+            def make_compressed_storage():
                 return self.new_cache(
                     batch_size, max_tokens, page_size=page_size or spec["page_size"], num_pages=num_pages
                 )
 
-            return LatentCacheLayer(make_storage, batch_size, max_tokens, width, weight.dtype)
+            probe = self.new_cache(1, 1, page_size=1)  # what a token costs: its share of an entry
+            return CompressedCacheLayer(
+                make_compressed_storage, batch_size, max_tokens, probe.bytes_per_token
+            )
         kv_heads = spec.get("kv_heads") or spec["heads"]
         return KVCacheLayer(
             batch_size, max_tokens, kv_heads, spec["head_dim"], spec["head_dim"], weight.dtype, weight.device

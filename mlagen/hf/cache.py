@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from mlagen.runtime.compressed_cache import CompressedCache
 from mlagen.runtime.paged_cache import PagedLatentCache
 
 _WRITE_THROUGH = (
@@ -81,13 +82,12 @@ class LatentCacheLayer(_MlagenLayer):
         make_storage: Callable[[], PagedLatentCache],
         batch_size: int,
         max_tokens: int,
-        width: int,
-        dtype: torch.dtype,
+        bytes_per_token: int,
     ):
         super().__init__(batch_size, max_tokens)
         self._make_storage = make_storage
         self._storage: PagedLatentCache | None = None
-        self._bytes_per_token = width * torch.empty((), dtype=dtype).element_size()
+        self._bytes_per_token = bytes_per_token
 
     def storage(self) -> PagedLatentCache:
         if self._storage is None:
@@ -105,6 +105,40 @@ class LatentCacheLayer(_MlagenLayer):
 
     def __repr__(self) -> str:
         return f"LatentCacheLayer(seen={self.seen}, {self._storage!r})"
+
+
+class CompressedCacheLayer(_MlagenLayer):
+    """One DeepSeek-V4 layer: a CompressedCache (ring of the window's rows, the unfinished
+    window, paged compressed entries), allocated on first use."""
+
+    def __init__(
+        self,
+        make_storage: Callable[[], CompressedCache],
+        batch_size: int,
+        max_tokens: int,
+        bytes_per_token: float,
+    ):
+        super().__init__(batch_size, max_tokens)
+        self._make_storage = make_storage
+        self._storage: CompressedCache | None = None
+        self._bytes_per_token = bytes_per_token
+
+    def storage(self) -> CompressedCache:
+        if self._storage is None:
+            self._storage = self._make_storage()
+            self.is_initialized = True
+        return self._storage
+
+    def bytes_per_token(self) -> float:
+        return self._bytes_per_token
+
+    def reset(self) -> None:
+        if self._storage is not None:
+            self._storage.free()
+        self.seen = 0
+
+    def __repr__(self) -> str:
+        return f"CompressedCacheLayer(seen={self.seen}, {self._storage!r})"
 
 
 class KVCacheLayer(_MlagenLayer):
@@ -180,7 +214,9 @@ class MlagenCache(Cache):
         model(input_ids, attention_mask=mask, cache=cache)
 
     `max_tokens` bounds each row, padding included; `page_size`/`num_pages` size the MLA
-    layers' page pools (default: the spec's page size, and every row at max_tokens)."""
+    layers' page pools (default: the spec's page size, and every row at max_tokens);
+    `cache_dtype="fp8"` stores sparse MLA layers' rows in FlashMLA's FP8 layout (default: the
+    spec's cache_dtype)."""
 
     def __init__(
         self,
@@ -190,6 +226,7 @@ class MlagenCache(Cache):
         *,
         page_size: int | None = None,
         num_pages: int | None = None,
+        cache_dtype: str | None = None,
     ):
         from mlagen.hf.patch import patched_attention_layers
 
@@ -200,8 +237,15 @@ class MlagenCache(Cache):
             )
         if batch_size < 1 or max_tokens < 1:
             raise ValueError(f"need batch_size and max_tokens >= 1, got {batch_size} and {max_tokens}")
+        if cache_dtype is not None and not all(layer.sparse for layer in layers):
+            raise ValueError(
+                "cache_dtype applies to sparse MLA layers (DeepSeek-V3.2, GLM-5); leave it unset"
+            )
         super().__init__(
-            layers=[layer.new_cache_layer(batch_size, max_tokens, page_size, num_pages) for layer in layers]
+            layers=[
+                layer.new_cache_layer(batch_size, max_tokens, page_size, num_pages, cache_dtype)
+                for layer in layers
+            ]
         )
 
     def bytes_per_token(self) -> int:

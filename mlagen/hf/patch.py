@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from mlagen.errors import MlagenError
 from mlagen.hf.attention import TransformersAttention
 from mlagen.hf.cache import MlagenCache
 from mlagen.hf.compat import cache_argument
+from mlagen.hf.deepseek_v4 import is_deepseek_v4, layer_specs_for, transformers_cache_bytes_per_token
 from mlagen.spec.from_hf import spec_from_hf_config, yaml_from_hf_config
 
 ATTN_IMPLEMENTATION = "mlagen"
@@ -63,8 +65,8 @@ class PatchReport:
 
 
 def patch(model: nn.Module, *, out_root: str | Path | None = None, verbose: bool = True) -> PatchReport:
-    """Replace every attention layer of a transformers causal LM (DeepSeek-V2/V3, Kimi K2,
-    Llama, Mistral) with the generated module for its config; print one line saying what
+    """Replace every attention layer of a transformers causal LM (DeepSeek-V2/V3/V3.2, Kimi K2,
+    GLM-5, Llama, Mistral) with the generated module for its config; print one line saying what
     was replaced (verbose) and return it as a PatchReport."""
     if getattr(model, _STATE, None) is not None:
         raise ValueError("the model is already patched by mlagen; call mlagen.unpatch(model) first")
@@ -84,13 +86,25 @@ def patch(model: nn.Module, *, out_root: str | Path | None = None, verbose: bool
         raise ValueError(f"found no `self_attn` attention layers in {type(model).__name__}")
     originals = [parent.self_attn for parent in slots]
     weight = next(originals[0].parameters())
-    spec = _spec_for(config, weight.dtype)
+    # One spec for every layer, or (DeepSeek-V4) one per attention layer type.
+    specs = (
+        layer_specs_for(config, weight.dtype)
+        if is_deepseek_v4(config)
+        else {None: _spec_for(config, weight.dtype)}
+    )
     import mlagen
 
-    package = mlagen.load(spec, out_root if out_root is not None else default_out_root())
-    layer_class = type(f"Mlagen{type(originals[0]).__name__}", (TransformersAttention, package.Attention), {})
-    before = _transformers_cache_bytes(model)
-    replacements = [_replacement(layer_class, original) for original in originals]
+    root = out_root if out_root is not None else default_out_root()
+    packages = {kind: mlagen.load(spec, root) for kind, spec in specs.items()}
+    name = f"Mlagen{type(originals[0]).__name__}"
+    classes = {
+        kind: type(name, (TransformersAttention, package.Attention), {}) for kind, package in packages.items()
+    }
+    v4 = is_deepseek_v4(config)
+    before = transformers_cache_bytes_per_token(model) if v4 else _transformers_cache_bytes(model)
+    replacements = [
+        _replacement(classes[original.layer_type if v4 else None], original) for original in originals
+    ]
     for parent, replacement in zip(slots, replacements):
         parent.self_attn = replacement
     _register_attention_implementation()
@@ -99,9 +113,9 @@ def patch(model: nn.Module, *, out_root: str | Path | None = None, verbose: bool
     report = PatchReport(
         layers=len(replacements),
         layer_class=type(originals[0]).__name__,
-        spec_name=spec.name,
-        family=spec.family,
-        package_dir=Path(package.__file__).parent,
+        spec_name=", ".join(spec.name for spec in specs.values()),
+        family=next(iter(specs.values())).family,
+        package_dir=Path(next(iter(packages.values())).__file__).parent if len(packages) == 1 else Path(root),
         cache_bytes_per_token=MlagenCache(model, batch_size=1, max_tokens=1).bytes_per_token(),
         transformers_cache_bytes_per_token=before,
     )
@@ -156,7 +170,9 @@ def _replacement(layer_class: type, original: nn.Module) -> TransformersAttentio
     """A generated layer built on the meta device whose parameters are then set to the
     original layer's Parameter objects (shared, not copied)."""
     weight = next(original.parameters())
-    layer = layer_class(dtype=weight.dtype, device="meta")
+    # GLM-5's "shared" layers have no indexer: they take the previous layer's selection.
+    options = {"indexer": False} if getattr(original, "indexer", True) is None else {}
+    layer = layer_class(dtype=weight.dtype, device="meta", **options)
     theirs = dict(original.named_parameters())
     ours = dict(layer.named_parameters())
     missing = sorted(set(ours) - set(theirs))
@@ -176,6 +192,7 @@ def _replacement(layer_class: type, original: nn.Module) -> TransformersAttentio
         setattr(layer.get_submodule(owner_name), leaf, parameter)
     layer.rotary_emb.materialize(weight.device)
     layer.layer_idx = original.layer_idx
+    layer.passes_selection = "prev_topk_indices" in inspect.signature(type(original).forward).parameters
     object.__setattr__(layer, _ORIGINAL, original)  # not a child: parameters stay listed once
     return layer
 
@@ -196,7 +213,9 @@ def probe_transformers_cache(model: nn.Module):
 def _transformers_cache_bytes(model: nn.Module) -> int:
     """Bytes per token of the unpatched model's DynamicCache, measured."""
     cache = probe_transformers_cache(model)
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    # sparse layers (DynamicIndexedLayer) also keep the indexer's keys
+    stored = [(layer.keys, layer.values, getattr(layer, "indexer_keys", None)) for layer in cache.layers]
+    return sum(t.numel() * t.element_size() for tensors in stored for t in tensors if t is not None)
 
 
 # What transformers' mask builders pass to a mask interface besides the padding mask and
@@ -235,7 +254,7 @@ def _new_token_padding_mask(
             f"transformers asked mlagen's mask for argument(s) {', '.join(unknown)} it does not understand; "
             "use a transformers version in mlagen's supported range (pyproject.toml) or mlagen.unpatch(model)"
         )
-    if not allow_is_causal_skip:
+    if not allow_is_causal_skip and not _plain_causal(kwargs.get("mask_function")):
         raise ValueError(
             "this call needs a mask beyond causal + padding (packed sequences restarting position_ids "
             "inside a row, or a custom mask function), which mlagen-patched layers do not compute; "
@@ -246,6 +265,15 @@ def _new_token_padding_mask(
     new_count = q_length if q_length is not None else cache_position.shape[0]
     new_tokens = attention_mask[:, -new_count:]
     return None if bool(new_tokens.all()) else new_tokens
+
+
+def _plain_causal(mask_function) -> bool:
+    """Whether a mask builder asked for causal + padding only: sparse models (DeepSeek-V3.2,
+    GLM-5) turn off allow_is_causal_skip for their indexer whatever the mask holds, so the
+    mask function itself says whether another pattern was added."""
+    from transformers.masking_utils import causal_mask_function
+
+    return mask_function is causal_mask_function
 
 
 def _attention_not_used(*args, **kwargs):

@@ -7,6 +7,7 @@ into the form the kernels want. Shapes come from ir.shapes, never by hand.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import astuple
 from typing import Any
 
@@ -15,8 +16,11 @@ import sympy
 from mlagen.errors import ShapeError
 from mlagen.ir.ops import B, Graph, Node, OpKind, S
 from mlagen.ir.shapes import RuleViolation, infer
-from mlagen.spec import GqaSpec, LatentSpec, MlaSpec, Spec
-from mlagen.spec.schema import Rope, softmax_scale
+from mlagen.spec import CompressedSpec, GqaSpec, LatentSpec, MlaSpec, Spec
+from mlagen.spec.schema import Rope, Sparse, softmax_scale
+
+# transformers' DeepseekV32Indexer and DeepSeek's reference build the key norm as LayerNorm(eps=1e-6).
+INDEX_KEY_NORM_EPS = 1e-6
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -68,7 +72,9 @@ class _Builder:
         out_features: int,
         field: str,
         bias: bool = False,
+        dtype: str | None = None,
     ) -> str:
+        """x @ W^T (+ b); `dtype` keeps a projection in its own dtype (input cast to it)."""
         return self.add(
             name,
             OpKind.LINEAR,
@@ -78,15 +84,25 @@ class _Builder:
             in_features=in_features,
             out_features=out_features,
             bias=bias,
+            **({"dtype": dtype} if dtype else {}),
         )
 
-    def rope(self, name: str, x: str, positions: str, rope: Rope, dim: int, field: str) -> str:
+    def rope(
+        self, name: str, x: str, positions: str, rope: Rope, dim: int, field: str, layout: str | None = None
+    ) -> str:
         scaling = rope.scaling
         yarn = (
             None if scaling is None else astuple(scaling)
         )  # (factor, original_max_position, betas, mscales)
         return self.add(
-            name, OpKind.ROPE, (x, positions), field, dim=dim, theta=rope.theta, layout=rope.layout, yarn=yarn
+            name,
+            OpKind.ROPE,
+            (x, positions),
+            field,
+            dim=dim,
+            theta=rope.theta,
+            layout=layout or rope.layout,
+            yarn=yarn,
         )
 
     def graph(self, outputs: tuple[str, ...]) -> Graph:
@@ -130,9 +146,76 @@ def _mla_inputs(g: _Builder, spec: MlaSpec) -> tuple[str, str, str, str]:
     return pos, q_nope, q_pe, kv_a
 
 
-def _mla_attention(g: _Builder, spec: MlaSpec, q_nope: str, q_pe: str, c_kv: str, k_pe: str) -> str:
+def _rotate_leading(g: _Builder, spec: MlaSpec, prefix: str, x: str, pos: str, sparse: Sparse) -> str:
+    """RoPE on the first qk_rope_head_dim dims of the indexer's vectors, the rest passed
+    through (transformers' split, rotate, cat), in the indexer's own layout."""
+    dr, dim = spec.qk_rope_head_dim, sparse.index_head_dim
+    field = "sparse.index_head_dim"
+    part = g.add(f"{prefix}_rope", OpKind.SLICE, (x,), field, start=0, stop=dr)
+    part = g.rope(
+        f"{prefix}_rot", part, pos, spec.rope, dr, "qk_rope_head_dim", layout=sparse.index_rope_layout
+    )
+    if dim == dr:
+        return part
+    rest = g.add(f"{prefix}_pass", OpKind.SLICE, (x,), field, start=dr, stop=dim)
+    return g.add(prefix, OpKind.CONCAT, (part, rest), field)
+
+
+def _index_key(g: _Builder, spec: MlaSpec, x: str, pos: str) -> str:
+    """The indexer key of each token, [B, S, 1, d_I]: LayerNorm(wk(x)), rotated."""
+    assert spec.sparse is not None
+    dim = spec.sparse.index_head_dim
+    key = g.linear("index_k", x, "indexer.wk", spec.d_model, dim, "sparse.index_head_dim")
+    key = g.add(
+        "index_k_normed",
+        OpKind.LAYER_NORM,
+        (key,),
+        "sparse.index_head_dim",
+        param="indexer.k_norm",
+        dim=dim,
+        eps=INDEX_KEY_NORM_EPS,
+    )
+    key = g.add(
+        "index_k_one_head", OpKind.SPLIT_HEADS, (key,), "sparse.index_head_dim", heads=1, head_dim=dim
+    )
+    return _rotate_leading(g, spec, "index_key", key, pos, spec.sparse)
+
+
+def _select_keys(g: _Builder, spec: MlaSpec, x: str, pos: str, keys: Callable[[], str]) -> str:
+    """The lightning indexer (DESIGN.md section 5) and the top-k selection: per query, the
+    positions of the top_k keys of I[s, t] = sum_h w[s, h] ReLU(q_I[s, h] . k_I[t]) d_I**-0.5.
+    `keys()` lowers the keys scored (the new tokens', or the cache's); it runs between the
+    query and the head weights, so parameters register in transformers' order."""
+    sparse = spec.sparse
+    assert sparse is not None and spec.q_lora_rank is not None
+    heads, dim = sparse.index_heads, sparse.index_head_dim
+    query = g.linear("index_q", "c_q", "indexer.wq_b", spec.q_lora_rank, heads * dim, "sparse.index_heads")
+    query = g.add(
+        "index_q_heads", OpKind.SPLIT_HEADS, (query,), "sparse.index_heads", heads=heads, head_dim=dim
+    )
+    query = _rotate_leading(g, spec, "index_query", query, pos, sparse)
+    index_key = keys()
+    # transformers keeps weights_proj in fp32 (`_keep_in_fp32_modules`), as DeepSeek's reference does.
+    weights = g.linear(
+        "index_weights", x, "indexer.weights_proj", spec.d_model, heads, "sparse.index_heads", dtype="float32"
+    )
+    scores = g.add(
+        "index_scores",
+        OpKind.INDEX_SCORES,
+        (query, index_key, weights),
+        "sparse.index_heads",
+        scale=dim**-0.5,
+        weight_scale=heads**-0.5,
+    )
+    return g.add("selected", OpKind.TOP_K, (scores,), "sparse.top_k", k=sparse.top_k)
+
+
+def _mla_attention(
+    g: _Builder, spec: MlaSpec, q_nope: str, q_pe: str, c_kv: str, k_pe: str, selected: str | None = None
+) -> str:
     """Expand the latent per head (kv_b_proj), attend, project out: the form transformers
-    writes, with K = concat(k_nope, k_pe expanded over heads)."""
+    writes, with K = concat(k_nope, k_pe expanded over heads). Sparse attention (`selected`)
+    is the same attention with an index operand."""
     H, dn, dr, dv, r = (
         spec.heads,
         spec.qk_nope_head_dim,
@@ -147,15 +230,17 @@ def _mla_attention(g: _Builder, spec: MlaSpec, q_nope: str, q_pe: str, c_kv: str
     query = g.add("query", OpKind.CONCAT, (q_nope, q_pe), "qk_nope_head_dim, qk_rope_head_dim")
     k_pe_all = g.add("k_pe_all_heads", OpKind.EXPAND_HEADS, (k_pe,), "heads", heads=H)
     key = g.add("key", OpKind.CONCAT, (k_nope, k_pe_all), "qk_nope_head_dim, qk_rope_head_dim")
+    indexed = {"indexed": True} if selected is not None else {}
     o = g.add(
         "attn",
         OpKind.ATTENTION,
-        (query, key, v),
+        (query, key, v) + ((selected,) if selected is not None else ()),
         "heads, v_head_dim",
         scale=softmax_scale(dn + dr, spec.rope),
         causal=spec.causal,
         window=None,
         group_mask=None,
+        **indexed,
     )
     o = g.add("attn_merged", OpKind.MERGE_HEADS, (o,), "heads, v_head_dim")
     out = g.linear("out", o, "o_proj", H * dv, spec.d_model, "d_model", bias=spec.attention_bias)
@@ -173,7 +258,11 @@ def _lower_mla(spec: MlaSpec) -> Graph:
     k_pe = g.add("k_pe_raw", OpKind.SLICE, (kv_a,), "qk_rope_head_dim", start=r, stop=r + dr)
     k_pe = g.add("k_pe_one_head", OpKind.SPLIT_HEADS, (k_pe,), "qk_rope_head_dim", heads=1, head_dim=dr)
     k_pe = g.rope("k_pe", k_pe, pos, spec.rope, dr, "qk_rope_head_dim")
-    return g.graph((_mla_attention(g, spec, q_nope, q_pe, c_kv, k_pe),))
+    selected = None
+    if spec.sparse is not None:
+        x = g.nodes[0].name
+        selected = _select_keys(g, spec, x, pos, lambda: _index_key(g, spec, x, pos))
+    return g.graph((_mla_attention(g, spec, q_nope, q_pe, c_kv, k_pe, selected),))
 
 
 def _lower_mla_decode(spec: MlaSpec) -> Graph:
@@ -198,7 +287,24 @@ def _lower_mla_decode(spec: MlaSpec) -> Graph:
     c_kv = g.add("c_kv", OpKind.SLICE, (cached,), "kv_lora_rank", start=0, stop=r)
     k_pe = g.add("k_pe_cached", OpKind.SLICE, (cached,), "qk_rope_head_dim", start=r, stop=r + dr)
     k_pe = g.add("k_pe", OpKind.SPLIT_HEADS, (k_pe,), "qk_rope_head_dim", heads=1, head_dim=dr)
-    return g.graph((_mla_attention(g, spec, q_nope, q_pe, c_kv, k_pe),))
+    selected = None
+    if spec.sparse is not None:
+        # The new tokens' indexer keys go into the cache beside their latent rows; the
+        # indexer then scores each new token against every cached key.
+        x = g.nodes[0].name
+
+        def cached_keys() -> str:
+            return g.add(
+                "index_cached",
+                OpKind.CACHE_WRITE,
+                (_index_key(g, spec, x, pos), cached),
+                "sparse.index_head_dim",
+                width=spec.sparse.index_head_dim,
+                buffer="index_keys",
+            )
+
+        selected = _select_keys(g, spec, x, pos, cached_keys)
+    return g.graph((_mla_attention(g, spec, q_nope, q_pe, c_kv, k_pe, selected),))
 
 
 def _lower_gqa(spec: GqaSpec) -> Graph:
@@ -316,5 +422,10 @@ def lower(spec: Spec, mode: str = "prefill") -> Graph:
         return _lower_mla(spec)
     if isinstance(spec, GqaSpec):
         return _lower_gqa(spec)
+    if isinstance(spec, CompressedSpec):
+        # Imported here: lower_compressed builds on this module's _Builder.
+        from mlagen.ir.lower_compressed import lower_compressed
+
+        return lower_compressed(spec)
     assert isinstance(spec, LatentSpec), type(spec)
     return _lower_latent(spec)

@@ -39,6 +39,16 @@ class OpKind(enum.Enum):
     )
     #                                the whole cached sequence [B, T, r + dr] (a view, never materialised)
     HEAD_MATMUL = "head_matmul"  # x[..., h, :] @ W_h per head, W_h a slice of a linear's weight (absorption)
+    LAYER_NORM = "layer_norm"  # nn.LayerNorm (weight and bias): the lightning indexer's key norm
+    INDEX_SCORES = "index_scores"  # lightning indexer: sum_h w[s, h] * ReLU(q[s, h] . k[t]) * scale, causal
+    TOP_K = "top_k"  # the k best-scoring keys per query: [B, S, min(k, T)] key positions, -1 where none
+    CACHE_WRITE = "cache_write"  # write rows as they are into a cache buffer beside an append's rows;
+    #                              the result is the whole cached sequence (a view, never materialised)
+    COMPRESS = "compress"  # gated pooling of every `rate` tokens (with overlap: 2 * rate slots) into one
+    #                        entry, then its RMSNorm and RoPE at the window's first position: [B, W, 1, D]
+    KEY_MASK = "key_mask"  # which keys a query sees: a causal window over the raw tokens, then the
+    #                        compressed entries closed before it (and among its selected ones) [B, S, S + W]
+    GROUPED_LINEAR = "grouped_linear"  # [..., G, in] -> [..., G, out]: a linear per group (block-diagonal)
     OUTPUT = "output"
 
 
@@ -106,6 +116,27 @@ class Graph:
     def location(self, spec_field: str) -> str:
         first = spec_field.split(",")[0].strip()
         return dict(self.field_locations).get(first, "")
+
+
+# Operands an attention node may take after its score and value operands, in this order, each
+# present when the node's attribute of the same name is set: compressed entries (keys = values
+# after the raw ones), the index (the keys, or with entries the entries, each query reads),
+# a key mask [B, Sq, Sk] (bool), the per-head sink logits, and the query positions (for RoPE
+# fused into the epilogue).
+ATTENTION_EXTRAS = ("entries", "indexed", "masked", "sinks", "output_rope")
+
+
+def attention_extras(node: Node) -> dict[str, str]:
+    """The operands an attention node takes beyond q/k/v, by role (see ATTENTION_EXTRAS)."""
+    roles = [role for role in ATTENTION_EXTRAS if node.attr(role)]
+    return dict(zip(roles, node.inputs[len(node.inputs) - len(roles) :]))
+
+
+def attention_operands(node: Node) -> tuple[tuple[str, ...], str | None]:
+    """An attention node's score and value operands ((q, k, v) or (q_a, q_b, k_a, k_b, v)) and
+    its index operand (sparse attention: the keys each query reads), or None."""
+    extras = attention_extras(node)
+    return node.inputs[: len(node.inputs) - len(extras)], extras.get("indexed")
 
 
 def format_shape(shape: tuple[sympy.Expr, ...]) -> str:

@@ -11,7 +11,7 @@ import sympy
 
 from mlagen.errors import ShapeError
 from mlagen.ir.ops import Graph, Node, OpKind, format_shape
-from mlagen.ir.shapes import RuleViolation, infer
+from mlagen.ir.shapes import MIXED_DTYPE_OPS, NON_FLOAT_DTYPES, RuleViolation, infer
 
 
 def _fail(graph: Graph, node: Node, message: str) -> ShapeError:
@@ -35,8 +35,8 @@ def verify(graph: Graph) -> Graph:
             if inputs:
                 raise _fail(graph, node, "an input or parameter takes no operands")
         else:
-            floating = {n.dtype for n in inputs if n.dtype != "int64"}
-            if len(floating) > 1:
+            floating = {n.dtype for n in inputs if n.dtype not in NON_FLOAT_DTYPES}
+            if len(floating) > 1 and node.op not in MIXED_DTYPE_OPS:
                 raise _fail(graph, node, f"operands mix dtypes {sorted(floating)}")
             try:
                 shape, dtype = infer(node.op, dict(node.attrs), inputs)

@@ -447,6 +447,11 @@ def _generated_package(module: nn.Module):
             f"{name}: context parallelism does not support a sliding window (window={spec['window']}); "
             "use a spec with window: null"
         )
+    if spec.get("sparse") is not None:
+        raise ValueError(
+            f"{name}: context parallelism does not support sparse attention (each query's selected keys "
+            "may lie in any rank's chunk); use tensor_parallel, or a spec without a sparse block"
+        )
     return package
 
 

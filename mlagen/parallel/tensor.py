@@ -174,6 +174,11 @@ def tensor_parallel(module: nn.Module, group: dist.ProcessGroup | None = None) -
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     if rank < 0:
         raise ValueError("tensor_parallel: this process is not in `group`; pass a group it belongs to")
+    if spec["family"] == "compressed":
+        raise ValueError(
+            f"tensor_parallel: {spec['name']} is a compressed (DeepSeek-V4) layer, which mlagen does not shard "
+            "yet; run it unsharded on each rank (data-parallel attention, as DeepSeek's own inference does)"
+        )
     heads = spec["heads"]
     if heads % world_size:
         raise ValueError(
@@ -307,6 +312,11 @@ def _shard_mla(module: nn.Module, spec: dict, shard: HeadShard, input_grad: _Inp
         "kv_a_proj_with_mqa",
         lambda old: _linear(SharedKeyLinear, old, old.weight, old.bias, shared_width=dr, group=group),
     )
+    if spec.get("sparse"):
+        # Sparse (absorbed) attention reads the normalised latent itself, not through
+        # kv_b_proj's column-parallel input: every rank's heads read all of it, so its
+        # gradient is summed here, before kv_a_layernorm's weight and kv_a take theirs.
+        module.kv_a_layernorm.register_forward_hook(lambda _, __, out: _SumGradOverRanks.apply(out, group))
 
 
 def _shard_gqa(module: nn.Module, spec: dict, shard: HeadShard, input_grad: _InputGradSum, group) -> None:

@@ -14,8 +14,10 @@ from types import ModuleType
 from mlagen.errors import ShapeError
 from mlagen.ir import Graph, verify
 from mlagen.passes import (
-    absorb_for_decode,
+    absorb_latent,
+    attend_compressed_entries,
     eliminate_dead_nodes,
+    fuse_output_rope,
     hoist_linear_over_repeat,
     select_kernels,
     split_attention_dots,
@@ -34,12 +36,29 @@ def _register(*modules: ModuleType) -> dict[str, Pass]:
 
 
 PASSES = _register(
-    split_attention_dots, hoist_linear_over_repeat, absorb_for_decode, eliminate_dead_nodes, select_kernels
+    split_attention_dots,
+    hoist_linear_over_repeat,
+    absorb_latent,
+    attend_compressed_entries,
+    fuse_output_rope,
+    eliminate_dead_nodes,
+    select_kernels,
 )
 
+# A pass leaves alone what it does not apply to (absorption: decode graphs and sparse
+# attention; hoisting: the latent family; compressed entries and the output rope: the
+# compressed family), so every family runs the same pipeline.
 PIPELINES: dict[str, tuple[str, ...]] = {
-    "prefill": ("split_attention_dots", "hoist_linear_over_repeat", "eliminate_dead_nodes", "select_kernels"),
-    "decode": ("split_attention_dots", "absorb_for_decode", "eliminate_dead_nodes", "select_kernels"),
+    "prefill": (
+        "split_attention_dots",
+        "hoist_linear_over_repeat",
+        "absorb_latent",
+        "attend_compressed_entries",
+        "fuse_output_rope",
+        "eliminate_dead_nodes",
+        "select_kernels",
+    ),
+    "decode": ("split_attention_dots", "absorb_latent", "eliminate_dead_nodes", "select_kernels"),
 }
 
 

@@ -7,7 +7,7 @@ of the launch, so one template serves MLA, GQA, MQA and the latent family.
 
 from __future__ import annotations
 
-from mlagen.ir.ops import Graph, Node, OpKind
+from mlagen.ir.ops import Graph, Node, OpKind, attention_operands
 
 NAME = "select_kernels"
 
@@ -39,10 +39,56 @@ def decode_variant(graph: Graph, node: Node) -> dict[str, object]:
     }
 
 
+def sparse_variant(graph: Graph, node: Node) -> dict[str, object]:
+    """Absorbed attention over each query's selected latent rows (prefill, training and decode:
+    contiguous rows or the paged cache, one kernel)."""
+    q_latent, q_rope, latent, _, values = (graph.node(name) for name in attention_operands(node)[0])
+    assert latent.name == values.name, f"{node.name}: sparse attention reads the latent as keys and values"
+    width, rope = int(q_latent.shape[-1]), int(q_rope.shape[-1])
+    return {"kernel": f"sparse_mla_lat{width}_rope{rope}", "d_a": width, "d_b": rope, "d_v": width}
+
+
+def indexer_variant(graph: Graph, node: Node) -> dict[str, object]:
+    """The lightning indexer's logits, named by the index head dim (the head count is a loop bound)."""
+    dim = int(graph.node(node.inputs[0]).shape[-1])
+    return {"kernel": f"indexer_logits_d{dim}", "d_a": dim}
+
+
+def compressed_variant(graph: Graph, node: Node) -> dict[str, object]:
+    """Attention over raw K = V rows and compressed entries with sinks and the output's inverse
+    RoPE (DeepSeek-V4): one kernel for every layer type, named by the head and rope dims."""
+    dim, rope = int(graph.node(node.inputs[1]).shape[-1]), node.attr("rope")[0]
+    return {"kernel": f"compressed_attention_d{dim}_rope{rope}", "d_a": dim, "d_b": rope, "d_v": dim}
+
+
+def compress_variant(graph: Graph, node: Node) -> dict[str, object]:
+    """The compressor (pooling, RMSNorm, RoPE, the write), named by the entry and rope dims."""
+    return {"kernel": f"compress_d{node.attr('dim')}_rope{node.attr('rope_dim')}"}
+
+
+def entry_indexer_variant(graph: Graph, node: Node) -> dict[str, object]:
+    """The lightning indexer over compressed entries (visible by causal threshold, not token by token)."""
+    dim = int(graph.node(node.inputs[0]).shape[-1])
+    return {"kernel": f"entry_indexer_logits_d{dim}", "d_a": dim}
+
+
+def _variant(graph: Graph, node: Node) -> dict[str, object] | None:
+    if node.op is OpKind.COMPRESS:
+        return compress_variant(graph, node)
+    if node.op is OpKind.INDEX_SCORES:
+        return (entry_indexer_variant if node.attr("rate") else indexer_variant)(graph, node)
+    if node.op is not OpKind.ATTENTION:
+        return None
+    if node.attr("output_rope"):
+        return compressed_variant(graph, node)
+    if node.attr("indexed"):
+        return sparse_variant(graph, node)
+    return (decode_variant if graph.mode == "decode" else attention_variant)(graph, node)
+
+
 def run(graph: Graph) -> Graph:
-    choose = decode_variant if graph.mode == "decode" else attention_variant
-    nodes = tuple(
-        node.with_attrs(**choose(graph, node)) if node.op is OpKind.ATTENTION else node
-        for node in graph.nodes
-    )
-    return graph.with_nodes(nodes)
+    nodes = []
+    for node in graph.nodes:
+        variant = _variant(graph, node)
+        nodes.append(node.with_attrs(**variant) if variant is not None else node)
+    return graph.with_nodes(tuple(nodes))

@@ -8,7 +8,7 @@ one score and never materialises K (or k_pe copied per head) in memory.
 
 from __future__ import annotations
 
-from mlagen.ir.ops import Graph, Node, OpKind
+from mlagen.ir.ops import Graph, Node, OpKind, attention_operands
 
 NAME = "split_attention_dots"
 
@@ -28,15 +28,16 @@ def _unexpanded(graph: Graph, name: str) -> str:
 def run(graph: Graph) -> Graph:
     nodes: list[Node] = []
     for node in graph.nodes:
-        if node.op is OpKind.ATTENTION and len(node.inputs) == 3:
-            q_parts, k_parts = _parts(graph, node.inputs[0]), _parts(graph, node.inputs[1])
+        operands, index = attention_operands(node) if node.op is OpKind.ATTENTION else ((), None)
+        if len(operands) == 3:
+            q_parts, k_parts = _parts(graph, operands[0]), _parts(graph, operands[1])
             if q_parts and k_parts:
                 (q_a, q_b), (k_a, k_b) = q_parts, k_parts
                 if graph.node(q_a).shape[-1] == graph.node(k_a).shape[-1]:
                     node = Node(
                         node.name,
                         node.op,
-                        (q_a, q_b, k_a, _unexpanded(graph, k_b), node.inputs[2]),
+                        (q_a, q_b, k_a, _unexpanded(graph, k_b), operands[2]) + ((index,) if index else ()),
                         node.shape,
                         node.dtype,
                         node.attrs,

@@ -8,6 +8,7 @@ import torch
 import triton.language as tl
 
 from mlagen.runtime import reference
+from mlagen.runtime.launch import multiprocessor_count
 from mlagen.tiles import padded as padded  # re-exported: mlagen.autotune imports it from here
 
 LOG2E = 1.4426950408889634
@@ -85,9 +86,11 @@ def check_operands(
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 and fp64 inputs get exact products: tf32 (Triton's GPU default for fp32) would
-    make an fp32 module 1e-3 accurate. 16-bit inputs ignore the setting."""
-    return "ieee" if dtype in (torch.float32, torch.float64) else "tf32"
+    """fp32 dots run on tensor cores as tf32 (about 1e-3 relative, like cuBLAS with TF32
+    allowed): in "ieee" they are FFMA loops that spill and overflow shared memory at the
+    shipped head dims on every arch (issue 15). fp64 inputs (gradcheck) get exact products;
+    16-bit inputs ignore the setting; the interpreter computes every dot exactly."""
+    return "ieee" if dtype == torch.float64 else "tf32"
 
 
 def accumulator(dtype: torch.dtype) -> tl.dtype:
@@ -134,7 +137,7 @@ def check_decode_operands(
 def split_count(batch: int, longest: int, device: torch.device) -> int:
     """Split-KV factor: enough CTAs to fill the GPU when the batch is small and the cache
     long (decode is bound by reading the cache); one split per 64 keys under the interpreter."""
-    if device.type != "cuda":
+    sms = multiprocessor_count(device)
+    if sms is None:
         return max(1, min(8, -(-longest // 64)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(-(-longest // 256), -(-2 * sms // max(batch, 1)), 64))

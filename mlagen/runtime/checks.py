@@ -153,9 +153,9 @@ def check_new_tokens(
             f"the cache holds latent {cache.latent_dim} + rope {cache.rope_dim} per token but this "
             f"module writes {latent_dim} + {rope_dim}: the cache belongs to another spec"
         )
-    if cache.buffer.dtype != hidden_states.dtype or cache.buffer.device != hidden_states.device:
+    if cache.dtype != hidden_states.dtype or cache.buffer.device != hidden_states.device:
         raise ValueError(
-            f"the cache is {cache.buffer.dtype} on {cache.buffer.device} but the input is "
+            f"the cache is {cache.dtype} on {cache.buffer.device} but the input is "
             f"{hidden_states.dtype} on {hidden_states.device}; create the cache with new_cache()"
         )
     batch, seqlen = hidden_states.shape[:2]

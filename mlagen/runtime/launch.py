@@ -8,6 +8,9 @@ tensors, and CPU inputs fall back to the plain-torch reference path.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -34,43 +37,138 @@ def device_arch(device: torch.device) -> int:
     return 10 * major + minor
 
 
+@dataclass(frozen=True, slots=True)
+class LaunchTarget:
+    """The GPU a launch stands for while its tensors are on no GPU. mlagen.aot calls the
+    generated launchers with meta (or CPU) tensors under a stand-in Triton driver to capture
+    exactly what they would launch on that GPU; the launchers' own choices (default tiles,
+    split-KV count) then follow this target as they follow a CUDA device."""
+
+    arch: int  # 90 for sm_90
+    sms: int  # streaming multiprocessors
+
+
+_target: ContextVar[LaunchTarget | None] = ContextVar("mlagen_launch_target", default=None)
+
+
+@contextmanager
+def launching_for(target: LaunchTarget) -> Iterator[None]:
+    token = _target.set(target)
+    try:
+        yield
+    finally:
+        _target.reset(token)
+
+
+def launch_arch(device: torch.device) -> int | None:
+    """The arch a launch on `device` compiles for: a CUDA device's, else the LaunchTarget's
+    while one is set (an AOT capture), else None (the interpreter)."""
+    if device.type == "cuda":
+        return device_arch(device)
+    target = _target.get()
+    return target.arch if target is not None else None
+
+
+def multiprocessor_count(device: torch.device) -> int | None:
+    """SMs of the GPU a launch on `device` runs on (as launch_arch), None under the interpreter."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    target = _target.get()
+    return target.sms if target is not None else None
+
+
+def smem_class(arch: int) -> str:
+    """What a CTA may hold in shared memory on `arch`: "large" (227 KB: sm_90, sm_100 and
+    the other datacenter parts from Hopper on), "ampere" (163 KB: sm_80, sm_87) or "small"
+    (99 KB: sm_86, sm_89 and the sm_12x consumer Blackwells)."""
+    if arch >= 90 and arch // 10 != 12:
+        return "large"
+    return "ampere" if arch in (80, 87) else "small"
+
+
+def _wide_elements(dtype: torch.dtype | None) -> bool:
+    # fp32 (tf32 dots) and fp64 tiles take twice the shared memory and registers of 16-bit ones.
+    return dtype is not None and dtype.itemsize >= 4
+
+
+# The defaults below compile without spills and within the arch's shared memory for the
+# shipped head dims (128/128 and MLA's 192/128), in bf16, fp16 and fp32, on sm_80, sm_89,
+# sm_90, sm_100 and sm_120, as launched (tests/test_gpu_compile.py, the arch matrix);
+# `mlagen tune` replaces them per GPU. Measured with Triton 3.9: `mlagen inspect --arch all`.
+
+
 def default_config(
-    head_dim_qk: int, head_dim_v: int, device: torch.device, arch: int | None = None
+    head_dim_qk: int,
+    head_dim_v: int,
+    device: torch.device,
+    arch: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> BlockConfig:
-    """A static config that compiles without spills for the shipped head dims on
-    sm_80 and sm_90 (checked ahead of time by tests/test_gpu_compile.py);
-    `mlagen tune` replaces it per GPU. `arch` defaults to the device's."""
-    if device.type != "cuda":
+    """The forward's static config on `arch` (default: the device's) for `dtype`."""
+    arch = arch or launch_arch(device)
+    if arch is None:
         return INTERPRETER_CONFIG
-    arch = arch or device_arch(device)
-    if arch >= 90 or head_dim_qk + head_dim_v > 256:
-        # 8 warps split the 128-row tile: 212 registers for d=128 on sm_90, 255 for MLA's 192+128.
-        return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3 if arch >= 90 else 2)
+    room, mla = smem_class(arch), head_dim_qk + head_dim_v > 256
+    if _wide_elements(dtype):
+        if room == "small":
+            return BlockConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)  # 96 KB for MLA
+        if room == "ampere":
+            return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)  # 144 KB for MLA
+        # 128x64 on 8 warps: 192 KB at d=128; MLA's 192-wide K takes 256 KB there, so 64x32.
+        if mla:
+            return BlockConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
+        return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    if room != "ampere" or mla:
+        # 8 warps split the 128-row tile: 181 registers for d=128 on sm_90, 255 for MLA's 192+128;
+        # 3 stages where 227 KB hold them (MLA: 168 KB), 2 elsewhere (MLA: 88 KB). On sm_120
+        # 64 rows on 8 warps spill 8-16 bytes at d=128 (ptxas keeps them to 128 registers).
+        return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3 if room == "large" else 2)
     # On sm_80 the 128-row tile spills at d=128, and 64 rows on 4 warps spill 8 bytes
     # with Triton 3.7; 64 rows on 8 warps fit (249-253 registers) on Triton 3.7 and 3.9.
     return BlockConfig(block_m=64, block_n=64, num_warps=8, num_stages=3)
 
 
 def default_backward_config(
-    head_dim_qk: int, head_dim_v: int, device: torch.device, arch: int | None = None
+    head_dim_qk: int,
+    head_dim_v: int,
+    device: torch.device,
+    arch: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> BlockConfig:
     """The backward kernels hold K, V, dK, dV (or Q, dO, dQ) tiles at once, so tiles are
-    smaller than the forward's; spill-free on sm_80 and sm_90 (tests/test_gpu_compile.py)."""
-    if device.type != "cuda":
+    smaller than the forward's."""
+    arch = arch or launch_arch(device)
+    if arch is None:
         return INTERPRETER_CONFIG
-    arch = arch or device_arch(device)
-    if head_dim_qk + head_dim_v > 256 and arch < 90:
-        # MLA's dK/dV tile (192 + 128 wide, plus the fp32 rope-key partial) spills at 64 keys on sm_80.
+    room, mla = smem_class(arch), head_dim_qk + head_dim_v > 256
+    if _wide_elements(dtype):
+        if mla:  # dK/dV of 32 keys x (192 + 128) in fp32 passes 99 KB; 16 rows per query step fit
+            return BlockConfig(block_m=16 if room == "small" else 32, block_n=32, num_warps=4, num_stages=1)
+        if room == "small":
+            return BlockConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
+        return BlockConfig(block_m=32, block_n=64, num_warps=8, num_stages=1)
+    if mla and room != "large":
+        # MLA's dK/dV tile (192 + 128 wide, plus the fp32 rope-key partial) spills at 64 keys
+        # with mma.sync (sm_80, sm_89, sm_120).
         return BlockConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
     return BlockConfig(block_m=32, block_n=64, num_warps=8, num_stages=1)
 
 
-def default_decode_config(query_rows: int, device: torch.device) -> BlockConfig:
+def default_decode_config(
+    query_rows: int, device: torch.device, arch: int | None = None, dtype: torch.dtype | None = None
+) -> BlockConfig:
     """block_m is the number of (token, head) rows per program, which share each cache page read."""
-    if device.type != "cuda":
+    arch = arch or launch_arch(device)
+    if arch is None:
         return INTERPRETER_CONFIG
+    if _wide_elements(dtype):
+        # The fp32 [16, 512] latent tile and accumulator: 104 KB with 2 stages. On the 99 KB
+        # parts even one stage needs 100 KB: the 512-wide latent must be split (issue 15).
+        return BlockConfig(
+            block_m=16, block_n=16, num_warps=4, num_stages=1 if smem_class(arch) == "small" else 2
+        )
     # The [rows, 512] fp32 accumulator dominates registers: 16 rows fit 4 warps with
-    # 16-key tiles, 32 rows need 8 warps (both spill-free on sm_80 and sm_90).
+    # 16-key tiles, 32 rows need 8 warps (both spill-free on sm_80 ... sm_120).
     if query_rows <= 16:
         return BlockConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)
     return BlockConfig(block_m=32, block_n=32, num_warps=8, num_stages=2)

@@ -47,7 +47,7 @@ class PagedLatentCache:
         # Normal tensors even when created under torch.inference_mode(): the cache is updated
         # in place, which inference tensors refuse outside inference mode (a later no_grad call).
         with torch.inference_mode(False):
-            self.buffer = torch.zeros(num_pages, page_size, latent_dim + rope_dim, dtype=dtype, device=device)
+            self.buffer = self._new_buffer(num_pages, page_size, dtype, device)
             self.page_table = torch.zeros(
                 batch_size, self.pages_per_sequence, dtype=torch.int32, device=device
             )
@@ -55,6 +55,14 @@ class PagedLatentCache:
         self._lengths = [0] * batch_size
         self._pages: list[list[int]] = [[] for _ in range(batch_size)]
         self._free = deque(range(num_pages))
+
+    def _new_buffer(self, num_pages: int, page_size: int, dtype: torch.dtype, device) -> torch.Tensor:
+        return torch.zeros(num_pages, page_size, self.latent_dim + self.rope_dim, dtype=dtype, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the values the cache hands back (and of the modules it serves)."""
+        return self.buffer.dtype
 
     @property
     def width(self) -> int:

@@ -30,7 +30,6 @@ REFUSED = {
     "qwen2": "Qwen2 gives q_proj, k_proj and v_proj a bias but o_proj none; mlagen's attention_bias "
     "covers all four projections",
     "qwen3": "Qwen3 normalises q and k per head (q_norm, k_norm), which no mlagen family has",
-    "deepseek_v32": "DeepSeek-V3.2 adds a sparse top-k token indexer to MLA, which mlagen does not model",
 }
 DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 # transformers' DeepseekV2/V3 attention builds q_a_layernorm and kv_a_layernorm with the
@@ -226,9 +225,18 @@ def _dtype(cfg: _Config, draft: _Draft) -> None:
     draft.set("dtype", DTYPES[value], key)
 
 
+# DeepSeek Sparse Attention models: transformers' config defaults per model type.
+_SPARSE_DEFAULTS = {
+    # model_type: (max_position_embeddings, index_n_heads, indexer RoPE layout)
+    "deepseek_v32": (163840, 64, "half"),
+    "glm_moe_dsa": (202752, 32, "interleave"),
+}
+_MAX_POSITION_DEFAULTS = {"deepseek_v2": 2048, **{k: v[0] for k, v in _SPARSE_DEFAULTS.items()}}
+
+
 def _mla(cfg: _Config, draft: _Draft, model_type: str) -> None:
     draft.set("family", "mla", "model_type")
-    _, heads = _common(cfg, draft, 2048 if model_type == "deepseek_v2" else 4096)
+    _, heads = _common(cfg, draft, _MAX_POSITION_DEFAULTS.get(model_type, 4096))
     kv_heads = cfg.int("num_key_value_heads", None, nullable=True)
     if kv_heads is not None and kv_heads != heads:
         raise cfg.error(
@@ -242,6 +250,13 @@ def _mla(cfg: _Config, draft: _Draft, model_type: str) -> None:
     if model_type == "deepseek_v2":
         # DeepseekV2Attention rotates (2i, 2i+1) pairs as complex numbers; it reads no rope_interleave.
         _rope(cfg, draft, "interleave", "model_type", "deepseek_v2 rotates pairs as complex numbers")
+    elif model_type in _SPARSE_DEFAULTS:
+        # DeepseekV32Attention and GlmMoeDsaAttention always rotate interleaved pairs.
+        if cfg.data.get("rope_interleave") is False:
+            draft.notes.append(
+                f"rope_interleave=false is ignored, as {model_type} in transformers ignores it"
+            )
+        _rope(cfg, draft, "interleave", "model_type", f"{model_type} always rotates interleaved pairs")
     else:
         interleave = cfg.bool("rope_interleave", True)
         note = "" if "rope_interleave" in cfg.data else "absent: transformers' default true"
@@ -255,6 +270,74 @@ def _mla(cfg: _Config, draft: _Draft, model_type: str) -> None:
         )
     draft.set("attention_bias", cfg.bool("attention_bias", False), "attention_bias", "q_a, kv_a and o proj")
     draft.set("causal", True, "model_type", "a decoder")
+    if model_type in _SPARSE_DEFAULTS:
+        _sparse(cfg, draft, model_type)
+
+
+def _sparse(cfg: _Config, draft: _Draft, model_type: str) -> None:
+    """The lightning indexer of DeepSeek-V3.2 / GLM-5, as transformers' DeepseekV32Indexer
+    and GlmMoeDsaIndexer read it (the indexer projects its queries from c_q, so q_lora_rank
+    must be set: transformers builds q_a_proj unconditionally for these models)."""
+    if draft.value("q_lora_rank") is None:
+        raise cfg.error(
+            "q_lora_rank", f"must be set for {model_type}: the indexer reads the query latent c_q"
+        )
+    _, index_heads, layout = _SPARSE_DEFAULTS[model_type]
+    for spec_key, key, default in (
+        ("index_heads", "index_n_heads", index_heads),
+        ("index_head_dim", "index_head_dim", 128),
+        ("top_k", "index_topk", 2048),
+    ):
+        note = "" if key in cfg.data else f"absent: transformers' default {default}"
+        draft.set(f"sparse.{spec_key}", cfg.int(key, default), key, note)
+    draft.set("sparse.index_rope_layout", layout, "model_type", f"{model_type}'s indexer rotates {layout}")
+    if model_type == "glm_moe_dsa":
+        if cfg.data.get("indexer_rope_interleave") is False:
+            draft.notes.append(
+                "indexer_rope_interleave=false is ignored, as transformers' GlmMoeDsaIndexer ignores it"
+            )
+        shared = _shared_indexer_layers(cfg)
+        if shared:
+            draft.notes.append(
+                f"layers {_ranges(shared)} reuse the previous full layer's top-k (indexer_types 'shared'): "
+                "build them with Attention(indexer=False); mlagen.patch does"
+            )
+
+
+def _shared_indexer_layers(cfg: _Config) -> list[int]:
+    """GLM-5's per-layer indexer pattern, as GlmMoeDsaConfig derives it: `indexer_types`, else
+    `index_topk_pattern` ("F"/"S" per layer), else every `index_topk_freq`-th layer from
+    `index_skip_topk_offset` on runs the indexer."""
+    types = cfg.data.get("indexer_types")
+    if types is None:
+        pattern = cfg.data.get("index_topk_pattern")
+        if isinstance(pattern, str):
+            types = ["shared" if char == "S" else "full" for char in pattern]
+        elif pattern is not None:
+            types = list(pattern)
+        else:
+            layers = cfg.int("num_hidden_layers", 78)
+            freq = max(cfg.int("index_topk_freq", 1), 1)
+            offset = cfg.int("index_skip_topk_offset", 2)
+            types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(layers)]
+    if not isinstance(types, list) or any(t not in ("full", "shared") for t in types):
+        raise cfg.error("indexer_types", f"must be a list of 'full' and 'shared', got {types!r}")
+    if types and types[0] == "shared":
+        raise cfg.error(
+            "indexer_types", "the first layer is 'shared' but no earlier layer selects keys for it"
+        )
+    return [layer for layer, kind in enumerate(types) if kind == "shared"]
+
+
+def _ranges(layers: list[int]) -> str:
+    """[3, 4, 5, 7] -> '3-5, 7'."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
 
 
 def _gqa(cfg: _Config, draft: _Draft, model_type: str) -> None:
@@ -293,6 +376,8 @@ CONVERTERS: dict[str, Callable[[_Config, _Draft, str], None]] = {
     "deepseek_v2": _mla,
     "deepseek_v3": _mla,
     "kimi_k2": _mla,
+    "deepseek_v32": _mla,
+    "glm_moe_dsa": _mla,
     "llama": _gqa,
     "mistral": _gqa,
 }
@@ -382,6 +467,12 @@ def summary(spec: Spec) -> str:
             f"{spec.heads} heads, {q}, kv_lora_rank {spec.kv_lora_rank}, "
             f"qk {spec.qk_nope_head_dim}+{spec.qk_rope_head_dim}, v {spec.v_head_dim}"
         )
+        if spec.sparse is not None:
+            sparse = spec.sparse
+            shape += (
+                f", sparse top {sparse.top_k} by a {sparse.index_heads}-head x {sparse.index_head_dim} "
+                f"indexer ({sparse.index_rope_layout} rope)"
+            )
     else:
         assert isinstance(spec, GqaSpec)
         window = f", window {spec.window}" if spec.window else ""

@@ -20,13 +20,18 @@ import yaml
 
 from mlagen.errors import SpecError
 from mlagen.spec.schema import (
+    CACHE_DTYPES,
     DTYPES,
     FAMILIES,
     ROPE_LAYOUTS,
+    CompressedSpec,
+    Compression,
+    EntryIndexer,
     GqaSpec,
     LatentSpec,
     MlaSpec,
     Rope,
+    Sparse,
     Spec,
     Yarn,
 )
@@ -127,6 +132,28 @@ ROPE = (
     FieldRule("scaling", dict, required=False, nullable=True),
 )
 
+SPARSE = (
+    # The paged indexer puts every index head of a token on the rows of one dot product.
+    FieldRule("index_heads", int, low=1, high=128),
+    FieldRule(
+        "index_head_dim",
+        int,
+        low=16,
+        high=512,
+        multiple_of=16,
+        why="the indexer's q.k is a tensor-core dot product; tiles are 16 wide",
+    ),
+    FieldRule("top_k", int, low=1, high=1 << 20),
+    FieldRule(
+        "index_rope_layout",
+        str,
+        required=False,
+        default="half",
+        choices=ROPE_LAYOUTS,
+        hints=(("deepseek", "'half' (DeepSeek-V3.2's indexer)"), ("glm", "'interleave' (GLM-5's indexer)")),
+    ),
+)
+
 FAMILY_FIELDS: dict[str, tuple[FieldRule, ...]] = {
     "mla": (
         FieldRule(
@@ -163,6 +190,15 @@ FAMILY_FIELDS: dict[str, tuple[FieldRule, ...]] = {
         FieldRule("causal", bool, required=False, default=True),
         FieldRule("attention_bias", bool, required=False, default=False),
         FieldRule("page_size", int, required=False, default=64, low=1, high=4096),
+        FieldRule("sparse", dict, required=False, nullable=True),
+        FieldRule(
+            "cache_dtype",
+            str,
+            required=False,
+            default="model",
+            choices=CACHE_DTYPES,
+            hints=(("float8", "'fp8'"), ("e4m3", "'fp8'"), ("fp8_e4m3", "'fp8'"), ("bf16", "'model'")),
+        ),
     ),
     "gqa": (
         FieldRule("kv_heads", int, low=1, high=1024),
@@ -187,6 +223,61 @@ FAMILY_FIELDS["mha"] = tuple(
     for r in FAMILY_FIELDS["gqa"]
 )
 FAMILY_FIELDS["mqa"] = FAMILY_FIELDS["mha"]
+
+COMPRESSION = (
+    FieldRule("rate", int, low=1, high=1 << 16),
+    FieldRule("overlap", bool, required=False, default=False),
+    FieldRule("indexer", dict, required=False, nullable=True),
+)
+ENTRY_INDEXER = (
+    FieldRule("heads", int, low=1, high=1024),
+    FieldRule(
+        "head_dim",
+        int,
+        low=16,
+        high=1024,
+        multiple_of=16,
+        why="the indexer's q.k is a tensor-core dot product; tiles are 16 wide",
+    ),
+    FieldRule("top_k", int, low=1, high=1 << 20),
+)
+FAMILY_FIELDS["compressed"] = (
+    FieldRule(
+        "head_dim",
+        int,
+        low=32,
+        high=1024,
+        multiple_of=32,
+        why="K = V is split into its even and odd columns (the RoPE pairs), each a tensor-core tile 16 wide",
+    ),
+    FieldRule("rope_head_dim", int, low=2, high=1024),
+    FieldRule("rope", dict),
+    FieldRule(
+        "q_lora_rank",
+        int,
+        low=16,
+        high=8192,
+        multiple_of=16,
+        why="the rank is a matmul dimension; tensor-core tiles are 16 wide",
+    ),
+    FieldRule("o_groups", int, low=1, high=1024),
+    FieldRule("o_lora_rank", int, low=1, high=65536),
+    FieldRule("window", int, low=1, high=1 << 20),
+    FieldRule("sinks", bool, required=False, default=True),
+    FieldRule("compression", dict, required=False, nullable=True),
+    FieldRule(
+        "norm_eps",
+        float,
+        required=False,
+        default=1e-6,
+        low=1e-30,
+        high=1.0,
+        low_why="eps keeps rsqrt(mean(x^2) + eps) finite for an all-zero row; "
+        "0, or a value that rounds to 0 in fp32, turns that row into NaN",
+    ),
+    FieldRule("causal", bool, required=False, default=True),
+    FieldRule("page_size", int, required=False, default=64, low=1, high=4096),
+)
 
 
 class _Located:
@@ -559,6 +650,36 @@ def _rules_mla(v: dict[str, Any], doc: _Located) -> None:
         raise doc.error(
             "qk_rope_head_dim", f"qk_rope_head_dim={v['qk_rope_head_dim']}: must be even (RoPE rotates pairs)"
         )
+    if v["sparse"] is not None:
+        v["sparse"] = _parse_sparse(v, doc)
+    elif v["cache_dtype"] == "fp8":
+        raise doc.error(
+            "cache_dtype",
+            "cache_dtype fp8 is implemented for sparse MLA (its decode kernels read the FP8 rows they "
+            "select); add a sparse block or remove cache_dtype",
+        )
+
+
+def _parse_sparse(v: dict[str, Any], doc: _Located) -> Sparse:
+    sparse = Sparse(**_check_table(v["sparse"], SPARSE, doc, "sparse"))
+    if v["q_lora_rank"] is None:
+        raise doc.error(
+            "sparse",
+            "the indexer projects its queries from c_q, the normalised query latent (q_a_proj, "
+            "q_a_layernorm), so a sparse spec needs q_lora_rank; DeepSeek-V3.2 and GLM-5 have one",
+            near="q_lora_rank",
+        )
+    if not v["causal"]:
+        raise doc.error(
+            "sparse", "the indexer selects among earlier tokens only; a sparse spec needs causal: true"
+        )
+    if sparse.index_head_dim < v["qk_rope_head_dim"]:
+        raise doc.error(
+            "sparse.index_head_dim",
+            f"index_head_dim={sparse.index_head_dim}: must be at least qk_rope_head_dim="
+            f"{v['qk_rope_head_dim']} (RoPE rotates the first qk_rope_head_dim dims of the indexer key)",
+        )
+    return sparse
 
 
 def _rules_gqa(v: dict[str, Any], doc: _Located) -> None:
@@ -608,12 +729,61 @@ def _rules_latent(v: dict[str, Any], doc: _Located) -> None:
         )
 
 
+def _rules_compressed(v: dict[str, Any], doc: _Located) -> None:
+    if not v["causal"]:
+        raise doc.error(
+            "causal", "compressed entries summarise earlier windows for causal decoders; set causal: true"
+        )
+    rope, head_dim, rope_dim = v["rope"], v["head_dim"], v["rope_head_dim"]
+    if rope.layout != "interleave":
+        raise doc.error(
+            "rope.layout",
+            "the compressed family rotates interleaved pairs (2i, 2i+1) in place, as DeepSeek-V4 does "
+            "(K = V, so the rotated layout reaches the output); write layout: interleave",
+        )
+    for name in ("mscale", "mscale_all_dim"):
+        if f"rope.scaling.{name}" in doc.lines:
+            raise doc.error(
+                f"rope.scaling.{name}",
+                "the compressed family takes yarn's frequencies only and never scales cos/sin "
+                "(DeepSeek-V4's attention_factor 1); remove it",
+            )
+    if rope_dim % 2 or rope_dim > head_dim:
+        raise doc.error(
+            "rope_head_dim",
+            f"rope_head_dim={rope_dim}: must be even (RoPE rotates pairs) and at most head_dim={head_dim}",
+        )
+    if v["heads"] % v["o_groups"]:
+        raise doc.error(
+            "o_groups",
+            f"o_groups={v['o_groups']}: must divide heads={v['heads']} "
+            "(the output projection maps each group of heads on its own)",
+        )
+    if v["compression"] is not None:
+        v["compression"] = _parse_compression(v["compression"], rope_dim, doc)
+
+
+def _parse_compression(data: Any, rope_dim: int, doc: _Located) -> Compression:
+    values = _check_table(data, COMPRESSION, doc, "compression")
+    indexer = values.pop("indexer")
+    if indexer is not None:
+        indexer = EntryIndexer(**_check_table(indexer, ENTRY_INDEXER, doc, "compression.indexer"))
+        if indexer.head_dim < rope_dim:
+            raise doc.error(
+                "compression.indexer.head_dim",
+                f"head_dim={indexer.head_dim}: must be at least rope_head_dim={rope_dim} "
+                "(RoPE rotates the last rope_head_dim dims of the indexer's queries and keys)",
+            )
+    return Compression(indexer=indexer, **values)
+
+
 FAMILY_RULES: dict[str, tuple[RuleCheck, type]] = {
     "mla": (_rules_mla, MlaSpec),
     "mha": (_rules_gqa, GqaSpec),
     "gqa": (_rules_gqa, GqaSpec),
     "mqa": (_rules_gqa, GqaSpec),
     "latent": (_rules_latent, LatentSpec),
+    "compressed": (_rules_compressed, CompressedSpec),
 }
 
 

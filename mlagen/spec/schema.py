@@ -12,10 +12,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from mlagen import fp8_layout
+
 DTYPES = ("bf16", "fp16", "fp32")
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 ROPE_LAYOUTS = ("half", "interleave")
-FAMILIES = ("mla", "mha", "gqa", "mqa", "latent")
+FAMILIES = ("mla", "mha", "gqa", "mqa", "latent", "compressed")
+# What a decode cache stores: the model's dtype, or FlashMLA's "FP8 with scale" layout.
+CACHE_DTYPES = ("model", "fp8")
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +51,17 @@ def softmax_scale(qk_head_dim: int, rope: Rope | None) -> float:
         mscale = 0.1 * scaling.mscale_all_dim * math.log(scaling.factor) + 1.0
         scale *= mscale * mscale
     return scale
+
+
+@dataclass(frozen=True, slots=True)
+class Sparse:
+    """DeepSeek Sparse Attention (DeepSeek-V3.2, GLM-5): a lightning indexer scores every
+    visible key of a query, and attention reads only the query's top_k keys."""
+
+    index_heads: int  # H_I: the indexer's query heads (one key per token, shared by all of them)
+    index_head_dim: int  # d_I; RoPE rotates its first qk_rope_head_dim dims
+    top_k: int
+    index_rope_layout: str = "half"  # DeepSeek-V3.2 rotates halves, GLM-5 interleaved pairs
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -100,14 +115,43 @@ class MlaSpec(SpecBase):
     norm_eps: float
     attention_bias: bool
     page_size: int  # tokens per page of the paged latent cache
+    sparse: Sparse | None = None  # DeepSeek Sparse Attention (top-k keys per query)
+    cache_dtype: str = "model"  # "fp8": FlashMLA's "FP8 with scale" cache layout
+
+    def fields_dict(self) -> dict[str, Any]:
+        # A spec without the optional blocks means what it meant before they existed, so it
+        # keeps its hash (and its generated package stays byte-for-byte the same).
+        data = SpecBase.fields_dict(self)
+        if data["sparse"] is None:
+            del data["sparse"]
+        if data["cache_dtype"] == "model":
+            del data["cache_dtype"]
+        return data
 
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     def cache_values_per_token(self) -> int:
-        """The compressed cache: the latent plus the one rope key shared by all heads."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
+        """The compressed cache: the latent plus the one rope key shared by all heads (plus
+        the indexer's key when sparse)."""
+        index = self.sparse.index_head_dim if self.sparse else 0
+        return self.kv_lora_rank + self.qk_rope_head_dim + index
+
+    def latent_cache_bytes(self) -> int:
+        if self.cache_dtype == "fp8":
+            return fp8_layout.latent_row_bytes(self.kv_lora_rank, self.qk_rope_head_dim)
+        return (self.kv_lora_rank + self.qk_rope_head_dim) * self.dtype_bytes
+
+    def index_cache_bytes(self) -> int:
+        if self.sparse is None:
+            return 0
+        if self.cache_dtype == "fp8":
+            return fp8_layout.index_row_bytes(self.sparse.index_head_dim)
+        return self.sparse.index_head_dim * self.dtype_bytes
+
+    def cache_bytes_per_token(self) -> int:
+        return self.latent_cache_bytes() + self.index_cache_bytes()
 
     def mha_cache_values_per_token(self) -> int:
         return self.heads * (self.qk_head_dim + self.v_head_dim)
@@ -164,4 +208,85 @@ class LatentSpec(SpecBase):
         return 2 * self.heads * self.head_dim
 
 
-Spec = MlaSpec | GqaSpec | LatentSpec
+@dataclass(frozen=True, slots=True)
+class EntryIndexer:
+    """CSA's lightning indexer: its own compressor makes one `head_dim`-wide key per
+    compressed entry, `heads` query heads score them (sum_h w_h * ReLU(q_h . k)), and each
+    query attends to its `top_k` best visible entries."""
+
+    heads: int
+    head_dim: int
+    top_k: int
+
+
+@dataclass(frozen=True, slots=True)
+class Compression:
+    """Every `rate` tokens become one learned KV entry: a softmax-gated sum of the window's
+    projected rows, RMSNorm, RoPE at the window's first position. `overlap` (CSA): each token
+    projects two series and entry w pools the previous window's first series with this
+    window's second (2 * rate slots). `indexer`: attend to the top-k entries (CSA), else to
+    every visible one (HCA)."""
+
+    rate: int
+    overlap: bool
+    indexer: EntryIndexer | None
+
+    @property
+    def series(self) -> int:
+        """Projected series per token: 2 with overlap, else 1."""
+        return 2 if self.overlap else 1
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CompressedSpec(SpecBase):
+    """Sequence-compressed attention (DeepSeek-V4): one shared KV head with K = V, queries
+    through q_a/q_b with a per-head unweighted RMSNorm, keys = the last `window` raw tokens
+    plus compressed entries (none for sliding layers), a learned sink logit per head in the
+    softmax, inverse RoPE on the output, a grouped low-rank output projection."""
+
+    head_dim: int
+    rope_head_dim: int  # RoPE rotates the last rope_head_dim dims (interleaved pairs, in place)
+    rope: Rope
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
+    window: int
+    sinks: bool
+    compression: Compression | None
+    norm_eps: float
+    page_size: int  # compressed entries per page of the decode cache
+
+    @property
+    def layer_type(self) -> str:
+        """transformers' DeepseekV4 name for this layer's kind."""
+        if self.compression is None:
+            return "sliding_attention"
+        if self.compression.indexer is not None:
+            return "compressed_sparse_attention"
+        return "heavily_compressed_attention"
+
+    def cache_values_per_token(self) -> float:
+        """Decode state that grows with the sequence, amortised per token: one head_dim entry
+        per `rate` tokens, plus the indexer's key per entry (the window's rows and the
+        unfinished window are a fixed cost whatever the length: fixed_cache_values)."""
+        if self.compression is None:
+            return 0.0
+        index = self.compression.indexer.head_dim if self.compression.indexer else 0
+        return (self.head_dim + index) / self.compression.rate
+
+    def fixed_cache_values(self) -> int:
+        """Values held whatever the length: the ring of the last `window` rows, and the raw
+        projections of the unfinished window (and the overlap window) as kv + gate pairs."""
+        values = self.window * self.head_dim
+        compression = self.compression
+        if compression is not None:
+            slots = compression.rate * compression.series  # tokens whose projections are pending
+            widths = self.head_dim + (compression.indexer.head_dim if compression.indexer else 0)
+            values += slots * 2 * compression.series * widths
+        return values
+
+    def mha_cache_values_per_token(self) -> int:
+        return 2 * self.heads * self.head_dim
+
+
+Spec = MlaSpec | GqaSpec | LatentSpec | CompressedSpec

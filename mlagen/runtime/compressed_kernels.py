@@ -1,0 +1,139 @@
+"""What the generated kernels of a `compressed` (DeepSeek-V4) package need at run time: block
+sizes, the autograd Functions around the launchers, and KernelOps, the table of operations
+a generated forward runs on (runtime/compressed.py has the plain-torch ReferenceOps)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from mlagen.runtime.compressed import entry_positions, top_k_reference
+from mlagen.runtime.launch import INTERPRETER_CONFIG, BlockConfig, launch_arch
+
+# --- block sizes --------------------------------------------------------------------------------
+
+
+def compressor_config(rate: int, overlap: bool, device: torch.device) -> BlockConfig:
+    """block_n is the slots pooled per step (a power of two; the window's 2 * rate slots with
+    overlap, else rate, are walked in steps of it)."""
+    slots = 2 * rate if overlap else rate
+    if launch_arch(device) is None:
+        return BlockConfig(
+            block_m=1, block_n=min(16, 1 << (slots - 1).bit_length()), num_warps=1, num_stages=1
+        )
+    # Four [slots, D / 2] fp32 tiles (kv and gate, even and odd columns) per step, 4 slots of a
+    # 512-wide entry: on 4 warps ptxas spills the loop's statistics around the cache-reading
+    # variant's second source (24-56 bytes, fp16 and bf16, sm_89 to sm_100); 8 warps do not.
+    return BlockConfig(block_m=1, block_n=min(4, 1 << (slots - 1).bit_length()), num_warps=8, num_stages=1)
+
+
+def compressed_attention_config(dim: int, heads: int, device: torch.device) -> BlockConfig:
+    """block_m rows are (token, head) pairs, block_n keys per step. The [block_m, D] fp32
+    accumulator (its even and odd halves), the query and a K = V tile [block_n, D] live at once."""
+    if launch_arch(device) is None:
+        return INTERPRETER_CONFIG
+    if dim > 256:
+        return BlockConfig(block_m=16, block_n=32, num_warps=8, num_stages=1)
+    return BlockConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+
+
+def compressed_attention_backward_config(dim: int, heads: int, device: torch.device) -> BlockConfig:
+    """The backward holds the query, dO and the dQ accumulator ([block_m, D] each) and a key tile."""
+    if launch_arch(device) is None:
+        return INTERPRETER_CONFIG
+    if dim > 256:
+        return BlockConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
+    return BlockConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
+
+
+def entry_indexer_config(device: torch.device) -> BlockConfig:
+    if launch_arch(device) is None:
+        return INTERPRETER_CONFIG
+    return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
+
+
+# --- autograd ------------------------------------------------------------------------------------
+
+
+class _Compress(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kv, gate, bias, norm_weight, cos, sin, launch, backward, rate, overlap, eps):
+        ctx.save_for_backward(kv, gate, bias, norm_weight, cos, sin)
+        ctx.options = (backward, rate, overlap, eps)
+        return launch(kv, gate, bias, norm_weight, cos, sin, rate=rate, overlap=overlap, eps=eps)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        kv, gate, bias, norm_weight, cos, sin = ctx.saved_tensors
+        backward, rate, overlap, eps = ctx.options
+        grads = backward(
+            grad_out[:, :, 0], kv, gate, bias, norm_weight, cos, sin, rate=rate, overlap=overlap, eps=eps
+        )
+        return (*grads, None, None, None, None, None, None, None)
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, query, key, entries, selected, sinks, cos, sin, launch, backward, scale, window, rate):
+        out, lse = launch(
+            query, key, entries, selected, sinks, cos, sin, scale=scale, window=window, rate=rate
+        )
+        ctx.save_for_backward(query, key, entries, selected, sinks, cos, sin, out, lse)
+        ctx.options = (backward, scale, window, rate)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, entries, selected, sinks, cos, sin, out, lse = ctx.saved_tensors
+        backward, scale, window, rate = ctx.options
+        d_query, d_key, d_entries, d_sinks = backward(
+            grad_out,
+            query,
+            key,
+            entries,
+            selected,
+            sinks,
+            cos,
+            sin,
+            out,
+            lse,
+            scale=scale,
+            window=window,
+            rate=rate,
+        )
+        return d_query, d_key, d_entries, None, d_sinks, None, None, None, None, None, None, None
+
+
+# --- the operation table --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KernelOps:
+    """The generated kernels of a package, by kernel name: compressors and attentions as
+    (launch, backward), indexers as launch. Same methods as compressed.ReferenceOps."""
+
+    compressors: Mapping[str, tuple[Callable, Callable]]
+    indexers: Mapping[str, Callable]
+    attentions: Mapping[str, tuple[Callable, Callable]]
+
+    def compress(self, name, kv, gate, bias, norm_weight, rotary, *, rate, overlap, eps, kernel):
+        batch, seqlen = kv.shape[:2]
+        cos, sin = rotary(entry_positions(0, seqlen // rate, rate, batch, kv.device), kv.dtype)
+        launch, backward = self.compressors[kernel]
+        return _Compress.apply(kv, gate, bias, norm_weight, cos, sin, launch, backward, rate, overlap, eps)
+
+    def index_scores(self, query, keys, weights, *, scale, weight_scale, rate, kernel):
+        # The selection is not differentiable: the scores are computed from values only.
+        query, keys, weights = query.detach(), keys.detach(), weights.detach()
+        return self.indexers[kernel](query, keys, weights, scale=scale, weight_scale=weight_scale, rate=rate)
+
+    def top_k(self, scores, k):
+        return top_k_reference(scores, k).to(torch.int32)
+
+    def attention(self, query, key, entries, selected, sinks, cos, sin, *, scale, window, rate, kernel):
+        launch, backward = self.attentions[kernel]
+        return _Attention.apply(
+            query, key, entries, selected, sinks, cos, sin, launch, backward, scale, window, rate
+        )
