@@ -46,7 +46,7 @@ def report() -> list[str]:
     )
     lines.append(f"tuning cache: {_cache_state(gpus)}")
     aot = "found" if CUOBJDUMP.exists() else "missing (mlagen inspect needs triton's bundled cuobjdump)"
-    lines.append(f"AOT compile (sm_80 / sm_90, no GPU needed): cuobjdump {aot}")
+    lines.append(f"AOT compile (sm_80 to sm_120, no GPU needed): cuobjdump {aot}")
     return lines
 
 
