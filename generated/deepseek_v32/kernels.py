@@ -358,41 +358,76 @@ def _e4m3_to_float32(bits):
 
 @triton.jit
 def indexer_logits_d128(
-    Q, K, W, OUT,
-    stride_q_b, stride_q_s, stride_q_h, stride_k_b, stride_k_t, stride_w_b, stride_w_s, stride_o_b, stride_o_s,
-    seqlen_q, seqlen_k, heads, scale,
-    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    Q, W, KEYS, PAGE_TABLE, FIRST_NEW, KEY_COUNTS, OUT,
+    stride_q_b, stride_q_s, stride_q_h, stride_w_b, stride_w_s, stride_k_b, stride_k_e, stride_table_b,
+    stride_o_b, stride_o_s,
+    seqlen_q, entries, heads, rate, scale,
+    PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: BLOCK_M queries x BLOCK_N keys of one sequence, looping over the index heads
+    # One program: BLOCK_M queries x BLOCK_N entries of one sequence, looping over the index heads
     # so each key tile is read once for all of them.
-    # Q: [B, Sq, H_I, 128]  K: [B, Sk, 128] (the one key head)  W: [B, Sq, H_I] fp32  OUT: [B, Sq, Sk] fp32
-    # Key t is visible to query s when t <= s + Sk - Sq (the last query sees the last key).
+    # Q: [B, Sq, H_I, 128] (token i of sequence b at position FIRST_NEW[b] + i)  W: [B, Sq, H_I]
+    # KEYS: [B, W, 1, 128] (PAGE 0) or pages [*, PAGE, 128] through PAGE_TABLE; KEY_COUNTS: [B]
+    # OUT: [B, Sq, entries] fp32 (fp64 for fp64 inputs)
     D: tl.constexpr = 128
     PAD_D: tl.constexpr = 128
     start_m = tl.program_id(0)
     start_n = tl.program_id(1)
-    off_b = tl.program_id(2)
+    seq = tl.program_id(2)
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, PAD_D)
     row_ok = offs_m < seqlen_q
-    key_ok = offs_n < seqlen_k
-    offset = seqlen_k - seqlen_q
-    visible = row_ok[:, None] & key_ok[None, :] & (offs_n[None, :] <= offs_m[:, None] + offset)
+    threshold = tl.minimum((tl.load(FIRST_NEW + seq) + offs_m + 1) // rate, tl.load(KEY_COUNTS + seq))
+    key_ok = offs_n < tl.load(KEY_COUNTS + seq)
+    visible = row_ok[:, None] & (offs_n[None, :] < threshold[:, None])
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
-    last_q = tl.minimum(start_m * BLOCK_M + BLOCK_M, seqlen_q) - 1
-    # Tiles wholly above the causal diagonal are -inf: no head loop, no key read.
-    if start_n * BLOCK_N <= last_q + offset:
-        keys = tl.load(K + off_b * stride_k_b + offs_n[None, :] * stride_k_t + offs_d[:, None],
-                       mask=key_ok[None, :] & (offs_d[:, None] < D), other=0.0)
+    # Tiles no query of the block may see yet are -inf: no head loop, no key read.
+    if start_n * BLOCK_N < tl.max(tl.where(row_ok, threshold, 0), 0):
+        index = tl.where(key_ok, offs_n, 0)
+        if PAGE > 0:
+            page = tl.load(PAGE_TABLE + seq * stride_table_b + index // PAGE, mask=key_ok, other=0)
+            rows = KEYS + (page.to(tl.int64) * PAGE + index % PAGE) * D
+        else:
+            rows = KEYS + seq * stride_k_b + index.to(tl.int64) * stride_k_e
+        keys = tl.load(rows[None, :] + offs_d[:, None], mask=key_ok[None, :] & (offs_d[:, None] < D), other=0.0)
         for head in range(heads):
-            q = tl.load(Q + off_b * stride_q_b + offs_m[:, None] * stride_q_s + head * stride_q_h + offs_d[None, :],
+            q = tl.load(Q + seq * stride_q_b + offs_m[:, None] * stride_q_s + head * stride_q_h + offs_d[None, :],
                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-            w = tl.load(W + off_b * stride_w_b + offs_m * stride_w_s + head, mask=row_ok, other=0.0)
-            logits = tl.dot(q, keys, input_precision=DOT_PRECISION).to(ACC_DTYPE) * scale
-            acc += tl.maximum(logits, 0.0) * w.to(ACC_DTYPE)[:, None]
-    tl.store(OUT + off_b * stride_o_b + offs_m[:, None] * stride_o_s + offs_n[None, :],
-             tl.where(visible, acc, float("-inf")), mask=row_ok[:, None] & key_ok[None, :])
+            w = tl.load(W + seq * stride_w_b + offs_m * stride_w_s + head, mask=row_ok, other=0.0)
+            logits = tl.dot(q, keys, input_precision=DOT_PRECISION).to(ACC_DTYPE)
+            acc += tl.maximum(logits, 0.0) * scale * w.to(ACC_DTYPE)[:, None]
+    tl.store(OUT + seq * stride_o_b + offs_m[:, None] * stride_o_s + offs_n[None, :],
+             tl.where(visible, acc, float("-inf")), mask=row_ok[:, None] & (offs_n[None, :] < entries))
+
+
+def indexer_logits_d128_launch(query, key, weights, *, scale, weight_scale, config=None):
+    """Index scores of every query over the keys of its own sequence (prefill, training):
+    query [B, Sq, H_I, 128], key [B, Sk, 1, 128], weights [B, Sq, H_I] -> [B, Sq, Sk] fp32
+    (fp64 for fp64 inputs), -inf where a key is not visible (key t to query s when t <= s + Sk - Sq)."""
+    check_indexer_operands(query, key, weights, dim=128)
+    query, key = last_dim_contiguous(query), last_dim_contiguous(key)
+    batch, seqlen_q, heads, _ = query.shape
+    seqlen_k = key.shape[1]
+    config = config or indexer_config(query.device)
+    scores_dtype = lse_dtype(query.dtype)
+    head_weights = (weights.to(scores_dtype) * weight_scale).contiguous()
+    out = torch.empty((batch, seqlen_q, seqlen_k), dtype=scores_dtype, device=query.device)
+    if batch == 0 or seqlen_q == 0 or seqlen_k == 0:
+        return out
+    # One key per token (rate 1); the queries are the last Sq tokens, so the first sits at Sk - Sq.
+    first_new = torch.full((batch,), seqlen_k - seqlen_q, dtype=torch.int32, device=query.device)
+    counts = torch.full((batch,), seqlen_k, dtype=torch.int32, device=query.device)
+    grid = (triton.cdiv(seqlen_q, config.block_m), triton.cdiv(seqlen_k, config.block_n), batch)
+    indexer_logits_d128[grid](
+        query, head_weights, key, head_weights, first_new, counts, out,
+        *query.stride()[:3], *head_weights.stride()[:2], key.stride(0), key.stride(1), 0, *out.stride()[:2],
+        seqlen_q, seqlen_k, heads, 1, scale,
+        PAGE=0, DOT_PRECISION=dot_precision(query.dtype), ACC_DTYPE=accumulator(query.dtype),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
 
 
 # The new tokens' count (seqlen_q) and the tokens per program (1 in decode, up to 4 with
@@ -452,29 +487,6 @@ def indexer_logits_d128_paged(
         visible = key_ok & (offs_n <= first_new + token) & ((offs_n * 0 + token) < count)
         tl.store(OUT + off_b * stride_o_b + token * stride_o_s + offs_n, tl.where(visible, scores, float("-inf")),
                  mask=(offs_n < seqlen_k) & ((offs_n * 0 + token) < seqlen_q))
-
-
-def indexer_logits_d128_launch(query, key, weights, *, scale, weight_scale, config=None):
-    """Index scores of every query over the keys of its own sequence (prefill, training):
-    query [B, Sq, H_I, 128], key [B, Sk, 1, 128], weights [B, Sq, H_I] -> [B, Sq, Sk] fp32
-    (fp64 for fp64 inputs), -inf where a key is not visible."""
-    check_indexer_operands(query, key, weights, dim=128)
-    query, key = last_dim_contiguous(query), last_dim_contiguous(key)
-    batch, seqlen_q, heads, _ = query.shape
-    seqlen_k = key.shape[1]
-    config = config or indexer_config(query.device)
-    scores_dtype = lse_dtype(query.dtype)
-    head_weights = (weights.to(scores_dtype) * weight_scale).contiguous()
-    out = torch.empty((batch, seqlen_q, seqlen_k), dtype=scores_dtype, device=query.device)
-    grid = (triton.cdiv(seqlen_q, config.block_m), triton.cdiv(seqlen_k, config.block_n), batch)
-    indexer_logits_d128[grid](
-        query, key, head_weights, out,
-        *query.stride()[:3], key.stride(0), key.stride(1), *head_weights.stride()[:2], *out.stride()[:2],
-        seqlen_q, seqlen_k, heads, scale,
-        DOT_PRECISION=dot_precision(query.dtype), ACC_DTYPE=accumulator(query.dtype),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    return out
 
 
 def indexer_logits_d128_paged_launch(query, weights, cached, *, scale, weight_scale, config=None):
