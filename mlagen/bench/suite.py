@@ -118,6 +118,8 @@ class Target:
     check_window: int | None = None  # a window short enough to bite at the check's length (GPU runs)
     cache_dtype: str = "model"  # sparse decode: "fp8" reads FlashMLA's FP8 cache layout
     dense: Target | None = None  # sparse prefill: the dense MLA target of the same shape
+    rank: int = 1  # DSA and V4 targets: 2 for the secondary ones, measured a tier later
+    heads: int | None = None  # decode: query heads other than the spec's (a tensor-parallel rank)
 
 
 GQA = Target("gqa-d128", "llama3_8b", "tiny_gqa")
@@ -139,11 +141,15 @@ DECODE_CHECK_TARGETS = (DECODE_16, DECODE_64, DECODE_128)
 DSA = Target("dsa-h128", "deepseek_v32", "tiny_dsa", dense=MLA_128)
 DSA_DECODE_128 = Target("dsa-decode-h128", "deepseek_v32", "tiny_dsa", smoke_heads=(4, 1))
 DSA_DECODE_128_FP8 = Target("dsa-decode-h128-fp8", "deepseek_v32", "tiny_dsa", smoke_heads=(4, 1), cache_dtype="fp8")
-DSA_DECODE_16 = Target("dsa-decode-h16", "deepseek_v32", "tiny_dsa", smoke_heads=(2, 1))
-DSA_DECODE_16_FP8 = Target("dsa-decode-h16-fp8", "deepseek_v32", "tiny_dsa", smoke_heads=(2, 1), cache_dtype="fp8")
-V4_SLIDING = Target("v4-sliding", "deepseek_v4_flash_sliding", "tiny_compressed_sliding")
+# 16 heads: a tensor-parallel rank of 8 (FlashMLA's sparse kernels would pad it to 64).
+DSA_DECODE_16 = Target("dsa-decode-h16", "deepseek_v32", "tiny_dsa", smoke_heads=(2, 1), rank=2, heads=16)
+DSA_DECODE_16_FP8 = Target(
+    "dsa-decode-h16-fp8", "deepseek_v32", "tiny_dsa", smoke_heads=(2, 1), cache_dtype="fp8", rank=2, heads=16
+)
+# CSA first: the indexer, the top-k and the selected entries; HCA and sliding are its subsets.
 V4_CSA = Target("v4-csa", "deepseek_v4_flash_csa", "tiny_compressed_csa")
-V4_HCA = Target("v4-hca", "deepseek_v4_flash_hca", "tiny_compressed_hca")
+V4_HCA = Target("v4-hca", "deepseek_v4_flash_hca", "tiny_compressed_hca", rank=2)
+V4_SLIDING = Target("v4-sliding", "deepseek_v4_flash_sliding", "tiny_compressed_sliding", rank=2)
 
 SPARSE_TARGETS = (DSA,)
 SPARSE_DECODE_TARGETS = (DSA_DECODE_128, DSA_DECODE_128_FP8, DSA_DECODE_16, DSA_DECODE_16_FP8)
@@ -172,7 +178,8 @@ class Grid:
     # DeepSeek Sparse Attention and DeepSeek-V4 compressed attention.
     family_lengths: tuple[int, ...] = ()  # prefill and training
     family_tokens_per_batch: int = 16384
-    family_core_length: int = 0  # tier 1 of prefill (2 of training)
+    sparse_core_length: int = 0  # tier 1 of DSA prefill (2 of training): long prompts are its case
+    compressed_core_length: int = 0  # of V4's: where its eager reference still fits in memory
     family_decode_batches: tuple[int, ...] = ()
     family_decode_cache_lens: tuple[int, ...] = ()
     family_core_batch: int = 0  # with the longest cache, one new token: tier 1 of decode
@@ -192,19 +199,20 @@ class Grid:
         return 1 if core and seq_q == 1 else 2 if core else 3
 
     def family_tier(self, section: str, length: int, batch: int, seq_q: int, target: Target | None) -> int:
-        """Tier 1: the point each family is deployed for (DSA: 128 heads, long prefill and a
-        full batch over a 32k cache, bf16 and FP8; V4: every layer type at the core length
-        and batch); tier 2: training at the core length, two new tokens, 16 heads; tier 3 the rest."""
-        core = length == self.family_core_length
+        """Tier 1: the point a family is deployed for, on its main target (DSA: 128 heads, a 16k
+        prompt, a batch of 64 over 32k-token caches in bf16 and FP8, one new token; V4: the CSA
+        layer at 4k tokens and that decode batch). One tier later: the secondary targets (16
+        heads; HCA and sliding layers), other lengths, two new tokens, training; tier 3 at most."""
+        core = length == (self.sparse_core_length if section.startswith("sparse") else self.compressed_core_length)
         if section.endswith("prefill"):
-            return 1 if core else 2
-        if section.endswith("train"):
-            return 2 if core else 3
-        longest = length == max(self.family_decode_cache_lens)
-        main_heads = target is None or "h16" not in target.label
-        if batch == self.family_core_batch and longest and main_heads:
-            return 1 if seq_q == 1 else 2
-        return 2 if batch == self.family_core_batch and main_heads else 3
+            tier = 1 if core else 2
+        elif section.endswith("train"):
+            tier = 2 if core else 3
+        elif batch == self.family_core_batch:
+            tier = 1 if length == max(self.family_decode_cache_lens) and seq_q == 1 else 2
+        else:
+            tier = 3
+        return min(3, tier + (target.rank - 1 if target else 0))
 
 
 GPU_GRID = Grid(
@@ -222,7 +230,8 @@ GPU_GRID = Grid(
     decode_check_batch=3,
     decode_checked_sequences=2,
     family_lengths=(4096, 16384),
-    family_core_length=16384,
+    sparse_core_length=16384,
+    compressed_core_length=4096,
     family_decode_batches=(1, 16, 64),
     family_decode_cache_lens=(4096, 32768),
     family_core_batch=64,
@@ -246,7 +255,8 @@ SMOKE_GRID = Grid(
     decode_checked_sequences=2,
     family_lengths=(24,),
     family_tokens_per_batch=24,  # one sequence: the interpreter runs the layers' backward slowly
-    family_core_length=24,
+    sparse_core_length=24,
+    compressed_core_length=24,
     family_decode_batches=(2,),
     family_decode_cache_lens=(30,),
     family_core_batch=2,
@@ -397,7 +407,7 @@ class Targets:
     def decode_heads(self, target: Target) -> int:
         if self.smoke and target.smoke_heads:
             return target.smoke_heads[0]
-        return self.spec(target).heads
+        return target.heads or self.spec(target).heads
 
 
 class SuiteCase:
@@ -1011,6 +1021,62 @@ def _measure_point(session: Session, point: Point) -> list[dict]:
     return records
 
 
+def make_plan(grid: Grid, targets: Targets, estimator: Estimator, seconds: float):
+    """(the checks run before any timing, their seconds, every point's estimate in run order, the
+    points kept, the points trimmed): the lowest tiers are dropped, last points first, until the
+    checks and the points fit `seconds`. A check runs before the timing when a kept point relies on
+    it or when no point does (checked, not timed); one that only trimmed points rely on runs
+    before such a point if time is left for it, or at the end (runner: run_suite)."""
+    checks = grid_checks(grid)
+    estimates = {p: estimator.plan(p, targets, _contenders(p.section)) for p in grid_points(grid)}
+    estimator.families.clear()
+    estimator.caches.clear()
+    relied_on = {c for p in estimates for c in required_checks(p)}
+
+    def upfront(points: list[Point]) -> list[Check]:
+        wanted = {c for p in points for c in required_checks(p)}
+        return [c for c in checks if c in wanted or c not in relied_on]
+
+    def total(points: list[Point]) -> float:
+        return sum(estimator.check_seconds(c) for c in upfront(points)) + sum(estimates[p] for p in points)
+
+    kept = list(estimates)
+    while kept and total(kept) > seconds and kept[-1].tier > 1:
+        kept.pop()  # points are in tier order: the lowest tier goes first
+    first = upfront(kept)
+    return first, sum(estimator.check_seconds(c) for c in first), estimates, kept, set(estimates) - set(kept)
+
+
+def plan_for(gpu_name: str, budget_s: float | None = None, dtype_name: str = "bf16") -> list[str]:
+    """The plan a GPU run would print on `gpu_name` (a known GPU, e.g. "NVIDIA H200"), made on
+    any machine: per section and tier the points kept and their estimated seconds."""
+    gpu = known_gpu(gpu_name)
+    if gpu is None:
+        raise MlagenError(f"--plan-for {gpu_name!r}: not a GPU the roofline table knows (e.g. 'NVIDIA H200')")
+    budget = DEFAULT_BUDGET_S if budget_s is None else budget_s
+    targets = Targets(False, "generated")
+    absent = {name for name, reason in probe_contenders().items() if reason}
+    estimator = Estimator(False, gpu, dtype_name, DTYPES[dtype_name].itemsize, SUITE_TIMING, absent)
+    checks, checks_s, estimates, kept, trimmed = make_plan(GPU_GRID, targets, estimator, budget - RESERVE_S)
+    lines = [f"plan for {gpu.name} ({gpu_name}), {dtype_name}, budget {budget:.0f} s; "
+             f"contenders recorded as absent here: {', '.join(sorted(absent)) or 'none'}"]
+    lines += list(_plan_lines([(p, estimates[p]) for p in kept], checks_s, budget, trimmed))
+    lines.append(
+        f"{len(checks)} of {len(grid_checks(GPU_GRID))} kernel checks before the timing, {checks_s:.0f} s "
+        "(the others only if time is left for the trimmed points that rely on them)"
+    )
+    lines.append("| section | tier | points kept | estimated s | points trimmed |")
+    lines.append("|---|---:|---:|---:|---:|")
+    for section in SECTIONS:
+        for tier in (1, 2, 3):
+            points = [p for p in estimates if p.section == section and p.tier == tier]
+            if points:
+                kept_here = [p for p in points if p not in trimmed]
+                seconds = sum(estimates[p] for p in kept_here)
+                lines.append(f"| {section} | {tier} | {len(kept_here)} | {seconds:.1f} | {len(points) - len(kept_here)} |")
+    return lines
+
+
 def run_suite(request: SuiteRequest, echo: Callable[[str], None] = print) -> SuiteRun:
     """Check, then time, everything side by side; write the JSON file (after every point), the
     roofline plot and, if asked, the BENCHMARKS.md section."""
@@ -1037,15 +1103,7 @@ def run_suite(request: SuiteRequest, echo: Callable[[str], None] = print) -> Sui
     session = Session(request, clock, device, info, dtype_name, grid, timing, targets, estimator)
 
     # 1. The plan: estimates in run order (each family's compile counted once), trimmed to fit.
-    checks = grid_checks(grid)
-    checks_s = sum(estimator.check_seconds(c) for c in checks)
-    estimates = {p: estimator.plan(p, targets, _contenders(p.section)) for p in grid_points(grid)}
-    estimator.families.clear()
-    estimator.caches.clear()
-    kept = list(estimates)
-    while kept and checks_s + sum(estimates[p] for p in kept) > clock.left and kept[-1].tier > 1:
-        kept.pop()  # points are in tier order: the lowest tier goes first
-    trimmed = set(estimates) - set(kept)
+    checks, checks_s, estimates, kept, trimmed = make_plan(grid, targets, estimator, clock.left)
 
     out_dir = Path(request.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1122,14 +1180,16 @@ def run_suite(request: SuiteRequest, echo: Callable[[str], None] = print) -> Sui
         echo(line)
     _write_json(path, data)
 
-    # 2. Correctness, before any timing.
-    for check in checks:
+    done: set[Check] = set()
+
+    def check_now(check: Check, why_not: str = "the time budget ran out before this check") -> None:
         if clock.left < estimator.check_seconds(check):
             record = dict(name=check.name, target=check.target.label, role=check.role, seq_q=check.seq_q)
-            record.update(status="skipped", reason="the time budget ran out before this check")
+            record.update(status="skipped", reason=why_not)
             session.stopped = "the time budget ran out"
         else:
             record = run_check(check, targets, grid, dtype_name, device, request.smoke)
+        done.add(check)
         data["checks"].append(record)
         if record["status"] != "pass":
             session.failed_checks[check.name] = record["reason"] or record["status"]
@@ -1138,18 +1198,26 @@ def run_suite(request: SuiteRequest, echo: Callable[[str], None] = print) -> Sui
             shown = f", {record['worst_output']} max error {record['max_error']:.3g} (tolerance {record['tolerance']:.3g})"
         why = f" ({record['reason']})" if record["reason"] else ""
         echo(f"{clock.stamp()} check {check.name}: {record['status'].upper()}{shown}{why}")
+
+    # 2. Correctness, before any timing: every check a kept point relies on.
+    for check in checks:
+        check_now(check)
     _write_json(path, data)
 
-    # 3. Timing, tier by tier (the trimmed points last: they run if the plan was pessimistic and
-    # time is left); the file is rewritten after every point.
+    # 3. Timing, tier by tier (the trimmed points last: they run, after the checks they rely on,
+    # if the plan was pessimistic and time is left); the file is rewritten after every point.
     skipped_trimmed = 0
     for point in estimates:
         contenders = _contenders(point.section)
-        if point in trimmed and estimator.point_seconds(point, targets, contenders) > clock.left:
+        pending = [c for c in required_checks(point) if c not in done]
+        needed = estimator.point_seconds(point, targets, contenders) + sum(estimator.check_seconds(c) for c in pending)
+        if point in trimmed and needed > clock.left:
             reason = f"trimmed before the run to fit the {request.budget:.0f} s budget (tier {point.tier})"
             records = [_skipped(c.name, point, reason) for c in contenders]
             skipped_trimmed += 1
         else:
+            for check in pending:
+                check_now(check)
             records = _measure_point(session, point)
             echo(f"{clock.stamp()} {point.label}: " + " | ".join(_cell(r, point.section) for r in records))
         for record in records:
@@ -1162,6 +1230,10 @@ def run_suite(request: SuiteRequest, echo: Callable[[str], None] = print) -> Sui
 
     session.caches.clear()
     _free_memory(device)
+    # Every kernel is checked if time is left, those of trimmed points too.
+    for check in grid_checks(grid):
+        if check not in done:
+            check_now(check, "the time budget ran out before this check (the points relying on it were trimmed)")
     data["state"] = f"stopped early: {session.stopped}" if session.stopped else "finished"
     data["trimmed_points"] = skipped_trimmed
     data["elapsed_s"] = clock.elapsed
@@ -1172,7 +1244,7 @@ def run_suite(request: SuiteRequest, echo: Callable[[str], None] = print) -> Sui
         statuses[record["status"]] = statuses.get(record["status"], 0) + 1
     passed = sum(1 for c in data["checks"] if c["status"] == "pass")
     echo(
-        f"{clock.stamp()} {data['state']}: checks {passed}/{len(checks)} pass; records "
+        f"{clock.stamp()} {data['state']}: checks {passed}/{len(data['checks'])} pass; records "
         + ", ".join(f"{n} {status}" for status, n in sorted(statuses.items()))
     )
     echo(f"wrote {path}")
