@@ -614,7 +614,6 @@ def test_suite_family_grid_is_the_issues():
     tier_one = {(p.section, p.target.label) for p in points if p.tier == 1 and "-" in p.section}
     assert tier_one == {
         ("sparse-prefill", "dsa-h128"),
-        ("sparse-decode", "dsa-decode-h128"),
         ("sparse-decode", "dsa-decode-h128-fp8"),
         ("compressed-prefill", "v4-csa"),
         ("compressed-decode", "v4-csa"),

@@ -42,7 +42,10 @@ score is not an error. DeepSeek-V4 (its three layer types: CSA with a 512-entry 
 only): the whole generated layer, prefill and forward + backward at 4k / 16k tokens and decode over its
 compressed cache (batch 1 / 16 / 64; cache 4k / 32k; 1 and 2 new tokens), beside the same layer's eager
 reference_forward (refused, with the size, where its score matrix would not fit) and FlashMLA's MODEL1
-kernels where importable. Their checks run at 2112 tokens, past the selections (2048 keys, 512 entries).
+kernels where importable. DSA's checks run at 2112 tokens, past its 2048-key selection; V4's at 1040 tokens
+(260 entries): in bf16 a whole-layer check would fail, with no bug, wherever the bf16 projections reorder
+CSA's 512th entry differently for the kernels and the eager layer; the fp32 smoke run and
+tests/test_compressed.py check that selection biting.
 
 How their FLOPs and bytes are counted. Sparse attention: 2 x H x (Dqk + Dv) per attended key with Dqk =
 latent + rope (576) and Dv = latent (512), each query attending min(its visible keys, top_k) keys (not the
