@@ -16,6 +16,7 @@ benchmark dtype (eager), on a prefix for prefill and on every checked sequence f
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from functools import cached_property
 
@@ -530,6 +531,7 @@ def compressed_keys(spec, position: int) -> tuple[int, int, int]:
     return raw, min(visible, c.indexer.top_k), visible
 
 
+@functools.lru_cache(maxsize=256)  # the planner asks again for every contender of a point
 def compressed_attention_work(spec, batch: int, start: int, seq_q: int) -> tuple[float, float]:
     """(attention FLOPs, indexer FLOPs) of `seq_q` queries at positions start..start+seq_q-1:
     per query 2 * H * (window keys + attended entries) * (D + D) (K = V, D = head_dim), and
