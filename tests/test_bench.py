@@ -606,7 +606,10 @@ def test_suite_family_grid_is_the_issues():
     assert {p.batch for p in decode} == {1, 16, 64} and {p.length for p in decode} == {4096, 32768}
     assert {p.seq_q for p in decode} == {1, 2}
     assert {(targets.decode_heads(p.target), p.target.cache_dtype) for p in decode} == {
-        (128, "model"), (128, "fp8"), (16, "model"), (16, "fp8")
+        (128, "model"),
+        (128, "fp8"),
+        (16, "model"),
+        (16, "fp8"),
     }
     for section in ("compressed-prefill", "compressed-train", "compressed-decode"):
         layers = {targets.spec(p.target).name for p in points if p.section == section}
@@ -619,7 +622,9 @@ def test_suite_family_grid_is_the_issues():
         ("compressed-decode", "v4-csa"),
     }
     checks = {c.name for c in suite.required_checks(decode[0])}
-    assert checks == {f"{decode[0].target.label} sparse-decode, {decode[0].seq_q} new token" + "s" * (decode[0].seq_q > 1)}
+    assert checks == {
+        f"{decode[0].target.label} sparse-decode, {decode[0].seq_q} new token" + "s" * (decode[0].seq_q > 1)
+    }
 
 
 def test_suite_plan_for_an_h200_fits_its_budget(capsys, monkeypatch):
@@ -673,12 +678,16 @@ def _family_problem(kind: str, cache_dtype: str = "model"):
             cache = families.filled_sparse_cache(spec, 2, 29, torch.float32, cpu, cache_dtype)
             return families.SparseDecodeProblem(spec, package, cache, 2, 3, torch.float32, cpu, 2), package
         train = kind == "sparse-train"
-        return families.SparsePrefillProblem(spec, package, 1, 21, torch.float32, cpu, train=train, check_rows=21), package
+        return families.SparsePrefillProblem(
+            spec, package, 1, 21, torch.float32, cpu, train=train, check_rows=21
+        ), package
     package = generated("tiny_compressed_csa")
     spec = load_spec(SPECS / "tiny_compressed_csa.yaml")
     if kind == "compressed-decode":
         return families.CompressedDecodeProblem(spec, package, 2, 29, 2, torch.float32, cpu, 2), package
-    return families.CompressedPrefillProblem(spec, package, 1, 29, torch.float32, cpu, train=False, check_len=29), package
+    return families.CompressedPrefillProblem(
+        spec, package, 1, 29, torch.float32, cpu, train=False, check_len=29
+    ), package
 
 
 class _OneProblem:
@@ -693,8 +702,14 @@ class _OneProblem:
 
 @pytest.mark.parametrize(
     "kind, cache_dtype",
-    [("sparse-prefill", "model"), ("sparse-train", "model"), ("sparse-decode", "model"), ("sparse-decode", "fp8"),
-     ("compressed-prefill", "model"), ("compressed-decode", "model")],
+    [
+        ("sparse-prefill", "model"),
+        ("sparse-train", "model"),
+        ("sparse-decode", "model"),
+        ("sparse-decode", "fp8"),
+        ("compressed-prefill", "model"),
+        ("compressed-decode", "model"),
+    ],
 )
 def test_family_contenders_pass_and_a_wrong_kernel_is_marked_wrong(kind, cache_dtype):
     """mlagen's contender of each family passes against the fp64 golden; the same contender with
@@ -703,10 +718,14 @@ def test_family_contenders_pass_and_a_wrong_kernel_is_marked_wrong(kind, cache_d
     from mlagen.bench import families
 
     problem, package = _family_problem(kind, cache_dtype)
-    contenders = families.COMPRESSED_CONTENDERS if kind.startswith("compressed") else families.SPARSE_CONTENDERS
+    contenders = (
+        families.COMPRESSED_CONTENDERS if kind.startswith("compressed") else families.SPARSE_CONTENDERS
+    )
     right = contenders[0]
     env = Env(package, torch.device("cpu"), True)
-    record = run_contender(right, _OneProblem(problem), env, "fp32", describe(env.device), 0.0, atol_scale=1e-5)
+    record = run_contender(
+        right, _OneProblem(problem), env, "fp32", describe(env.device), 0.0, atol_scale=1e-5
+    )
     assert record["status"] == "ok", record
 
     out_index = problem.output_names.index("out")
@@ -729,5 +748,7 @@ def test_family_contenders_pass_and_a_wrong_kernel_is_marked_wrong(kind, cache_d
             return Prepared(prepared.step, lambda: wrong(prepared.check()))
 
         bad = Contender("wrong", right.problem, "a wrong kernel", prepare)
-        record = run_contender(bad, _OneProblem(problem), env, "fp32", describe(env.device), 0.0, atol_scale=1e-5)
+        record = run_contender(
+            bad, _OneProblem(problem), env, "fp32", describe(env.device), 0.0, atol_scale=1e-5
+        )
         assert record["status"] == "wrong" and record["time_ms"] is None, record

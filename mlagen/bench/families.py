@@ -82,9 +82,9 @@ def sparse_prefill_work(
     indexer = pairs * 2.0 * s.index_heads * (s.index_head_dim + 1)
     tokens = batch * seq_len
     moved = elem * tokens * (heads * (dim_qk + dim_v) + dim_qk + keys * dim_qk)
-    index_bytes = elem * tokens * (s.index_heads * s.index_head_dim + s.index_head_dim) + FP32_BYTES * tokens * (
-        s.index_heads + 2 * seq_len
-    )
+    index_bytes = elem * tokens * (
+        s.index_heads * s.index_head_dim + s.index_head_dim
+    ) + FP32_BYTES * tokens * (s.index_heads + 2 * seq_len)
     if train:
         return attention * work.TRAIN_FLOPS_FACTOR + indexer, moved * work.TRAIN_BYTES_FACTOR + index_bytes
     return attention + indexer, moved + index_bytes
@@ -107,7 +107,10 @@ def sparse_decode_work(
     if fp8_cache:
         from mlagen.fp8_layout import index_row_bytes, latent_row_bytes
 
-        row, key = latent_row_bytes(spec.kv_lora_rank, spec.qk_rope_head_dim), index_row_bytes(s.index_head_dim)
+        row, key = (
+            latent_row_bytes(spec.kv_lora_rank, spec.qk_rope_head_dim),
+            index_row_bytes(s.index_head_dim),
+        )
     else:
         row, key = elem * dim_qk, elem * s.index_head_dim
     queries = batch * seq_q * (elem * heads * (dim_qk + dim_v) + elem * s.index_heads * s.index_head_dim)
@@ -126,7 +129,12 @@ class SparsePrefillProblem:
 
     def __init__(self, spec, package, batch, seq_len, dtype, device, *, train: bool, check_rows: int):
         self.spec, self.package, self.batch, self.seq_len, self.dtype, self.train = (
-            spec, package, batch, seq_len, dtype, train
+            spec,
+            package,
+            batch,
+            seq_len,
+            dtype,
+            train,
         )
         s = spec.sparse
         self.check_rows = min(check_rows, seq_len)
@@ -154,7 +162,9 @@ class SparsePrefillProblem:
 
     @property
     def work(self) -> tuple[float, float]:
-        return sparse_prefill_work(self.spec, self.batch, self.seq_len, self.q_latent.element_size(), self.train)
+        return sparse_prefill_work(
+            self.spec, self.batch, self.seq_len, self.q_latent.element_size(), self.train
+        )
 
     @property
     def flops(self) -> float:
@@ -194,7 +204,8 @@ class SparsePrefillProblem:
 
     def attention_operands(self, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         return tuple(
-            t.to(dtype) for t in (self.rows(self.q_latent), self.rows(self.q_rope), self.latent, self.rope_key)
+            t.to(dtype)
+            for t in (self.rows(self.q_latent), self.rows(self.q_rope), self.latent, self.rope_key)
         )
 
     def expected(self, dtype: torch.dtype) -> Outputs:
@@ -204,7 +215,9 @@ class SparsePrefillProblem:
         leaves = [t.detach().requires_grad_(self.train) for t in self.attention_operands(dtype)]
         index = self.golden_selection
         with torch.enable_grad():
-            out = reference_sparse_attention(*leaves[:2], leaves[2], leaves[3], leaves[2], index=index, scale=self.scale)
+            out = reference_sparse_attention(
+                *leaves[:2], leaves[2], leaves[3], leaves[2], index=index, scale=self.scale
+            )
             grads = torch.autograd.grad(out, leaves, self.grad_out.to(dtype)) if self.train else ()
         self._expected[dtype] = (*scores, out.detach(), *grads)
         return self._expected[dtype]
@@ -213,7 +226,11 @@ class SparsePrefillProblem:
 
     def select(self) -> torch.Tensor:
         scores = self.package.kernels.SPARSE[self.indexer_name](
-            self.index_query, self.index_key, self.index_weights, scale=self.index_scale, weight_scale=self.weight_scale
+            self.index_query,
+            self.index_key,
+            self.index_weights,
+            scale=self.index_scale,
+            weight_scale=self.weight_scale,
         )
         return top_k(scores, self.top_k)
 
@@ -236,7 +253,9 @@ def _mlagen_sparse_prefill(problem: SparsePrefillProblem, env: Env) -> Prepared:
         return (*_masked(p.rows(scores)), out.detach(), *grads)
 
     if not p.train:
-        return Prepared(torch.no_grad()(lambda: p.attend(p.q_latent, p.q_rope, p.latent, p.rope_key, p.select())), check)
+        return Prepared(
+            torch.no_grad()(lambda: p.attend(p.q_latent, p.q_rope, p.latent, p.rope_key, p.select())), check
+        )
     leaves = _leaves((p.q_latent, p.q_rope, p.latent, p.rope_key))
 
     def step():
@@ -272,7 +291,9 @@ def _flash_mla_sparse_prefill(problem: SparsePrefillProblem, env: Env) -> Prepar
         for b in range(q_latent.shape[0]):
             q = torch.cat((q_latent[b], q_rope[b]), -1)
             kv = torch.cat((latent[b], rope_key[b]), -1)
-            out = sparse_forward(q, kv, index[b].unsqueeze(1).to(torch.int32).contiguous(), p.scale, p.spec.kv_lora_rank)
+            out = sparse_forward(
+                q, kv, index[b].unsqueeze(1).to(torch.int32).contiguous(), p.scale, p.spec.kv_lora_rank
+            )
             outs.append(out[0] if isinstance(out, tuple) else out)
         return torch.stack(outs)
 
@@ -311,9 +332,12 @@ def filled_sparse_cache(spec, batch, cache_len, dtype, device, cache_dtype: str)
         for start in range(0, rows.shape[0], chunk):
             n = min(chunk, rows.shape[0] - start)
             rows[start : start + n] = fp8.pack_latent_rows(
-                _randn((n, spec.kv_lora_rank), torch.float32, device), _randn((n, spec.qk_rope_head_dim), torch.float32, device)
+                _randn((n, spec.kv_lora_rank), torch.float32, device),
+                _randn((n, spec.qk_rope_head_dim), torch.float32, device),
             )
-            keys[start : start + n] = fp8.pack_index_keys(_randn((n, s.index_head_dim), torch.float32, device))
+            keys[start : start + n] = fp8.pack_index_keys(
+                _randn((n, s.index_head_dim), torch.float32, device)
+            )
     else:
         cache.buffer.normal_()
         cache.index_buffer.normal_()
@@ -338,11 +362,20 @@ class SparseDecodeProblem:
 
     def __init__(self, spec, package, cache: PagedSparseCache, seq_q, heads, dtype, device, check_batch):
         s = spec.sparse
-        self.spec, self.package, self.cache, self.seq_q, self.heads, self.dtype = spec, package, cache, seq_q, heads, dtype
+        self.spec, self.package, self.cache, self.seq_q, self.heads, self.dtype = (
+            spec,
+            package,
+            cache,
+            seq_q,
+            heads,
+            dtype,
+        )
         batch, self.cache_len = cache.batch_size, cache.host_lengths()[0]
         self.batch = batch
         count = min(check_batch, batch)
-        self.checked_sequences = tuple(batch - 1 - (batch - 1) * i // max(count - 1, 1) for i in range(count))[::-1]
+        self.checked_sequences = tuple(
+            batch - 1 - (batch - 1) * i // max(count - 1, 1) for i in range(count)
+        )[::-1]
         self.cached = CachedTokens(cache, cache.lengths - seq_q, (seq_q,) * batch)
         self.top_k = s.top_k
         self.scale = softmax_scale(spec.qk_head_dim, spec.rope)
@@ -361,7 +394,13 @@ class SparseDecodeProblem:
     @property
     def work(self) -> tuple[float, float]:
         return sparse_decode_work(
-            self.spec, self.heads, self.batch, self.cache_len, self.seq_q, self.q_latent.element_size(), self.cache.fp8
+            self.spec,
+            self.heads,
+            self.batch,
+            self.cache_len,
+            self.seq_q,
+            self.q_latent.element_size(),
+            self.cache.fp8,
         )
 
     @property
@@ -400,7 +439,9 @@ class SparseDecodeProblem:
     @cached_property
     def golden_selection(self) -> torch.Tensor:
         """[checked, Sq, k] positions by the fp64 scores."""
-        return torch.cat([top_k(self._scores(row, torch.float64), self.top_k) for row in self.checked_sequences])
+        return torch.cat(
+            [top_k(self._scores(row, torch.float64), self.top_k) for row in self.checked_sequences]
+        )
 
     def expected(self, dtype: torch.dtype) -> Outputs:
         if dtype in self._expected:
@@ -431,7 +472,11 @@ class SparseDecodeProblem:
 
     def select(self) -> torch.Tensor:
         scores = self.ops.index_scores(
-            self.index_query, self.index_weights, self.cached, scale=self.index_scale, weight_scale=self.weight_scale
+            self.index_query,
+            self.index_weights,
+            self.cached,
+            scale=self.index_scale,
+            weight_scale=self.weight_scale,
         )
         return top_k(scores, self.top_k)
 
@@ -447,7 +492,9 @@ def _mlagen_sparse_decode(problem: SparseDecodeProblem, env: Env) -> Prepared:
             p.index_query, p.index_weights, p.cached, scale=p.index_scale, weight_scale=p.weight_scale
         )
         positions = top_k(scores, p.top_k)
-        positions[list(p.checked_sequences)] = p.golden_selection  # attention judged over the golden selection
+        positions[list(p.checked_sequences)] = (
+            p.golden_selection
+        )  # attention judged over the golden selection
         out = p.ops.attend_sparse(p.q_latent, p.q_rope, p.cached, positions, scale=p.scale)
         return (*_masked(p.checked(scores)), p.checked(out))
 
@@ -482,8 +529,17 @@ def _flash_mla_sparse_decode(problem: SparseDecodeProblem, env: Env) -> Prepared
     def attend(positions):
         slots = cache.slots_of(positions)
         out, _ = flash_mla.flash_mla_with_kvcache(
-            q, pages, None, None, cache.latent_dim, metadata, splits,
-            softmax_scale=p.scale, causal=False, is_fp8_kvcache=True, indices=slots,
+            q,
+            pages,
+            None,
+            None,
+            cache.latent_dim,
+            metadata,
+            splits,
+            softmax_scale=p.scale,
+            causal=False,
+            is_fp8_kvcache=True,
+            indices=slots,
         )
         return out
 
@@ -501,7 +557,9 @@ def _dense_decode_unavailable_for_fp8(prepare: Callable) -> Callable:
 
     def guarded(problem, env: Env) -> Prepared:
         if getattr(problem.inputs.cached.cache, "fp8", False):
-            raise Unavailable("mlagen's dense absorbed decode reads model-dtype caches; FP8 rows are read by the sparse kernels only")
+            raise Unavailable(
+                "mlagen's dense absorbed decode reads model-dtype caches; FP8 rows are read by the sparse kernels only"
+            )
         return prepare(problem, env)
 
     return guarded
@@ -557,7 +615,11 @@ def compressed_weights(spec) -> int:
         weights += 2 * s.d_model * c.series * s.head_dim
         if c.indexer is not None:
             i = c.indexer
-            weights += 2 * s.d_model * c.series * i.head_dim + s.q_lora_rank * i.heads * i.head_dim + s.d_model * i.heads
+            weights += (
+                2 * s.d_model * c.series * i.head_dim
+                + s.q_lora_rank * i.heads * i.head_dim
+                + s.d_model * i.heads
+            )
     return weights
 
 
@@ -640,7 +702,9 @@ def _random_layer(package, dtype, device) -> torch.nn.Module:
             if param.dim() >= 2 and "position_bias" not in name:
                 param.normal_(0.0, param.shape[-1] ** -0.5)
             else:
-                param.normal_(0.0, 0.5 if "bias" in name or "sinks" in name else 0.1).add_(1.0 if "norm" in name else 0.0)
+                param.normal_(0.0, 0.5 if "bias" in name or "sinks" in name else 0.1).add_(
+                    1.0 if "norm" in name else 0.0
+                )
     return module
 
 
@@ -648,7 +712,11 @@ def fill_compressed_cache(cache, lengths: list[int]) -> None:
     """Hold `lengths` tokens per sequence of random state (the ring, the pending projections,
     every entry and indexer key), pages reserved as steps would have: filling a 32k-token
     cache by running the layer would cost more than the whole suite."""
-    generator_state = [t for t in (cache.ring, cache.pending, cache.entries, cache.index_keys, cache.index_pending) if t is not None]
+    generator_state = [
+        t
+        for t in (cache.ring, cache.pending, cache.entries, cache.index_keys, cache.index_pending)
+        if t is not None
+    ]
     for tensor in generator_state:
         tensor.normal_()
     rate = cache.spec.rate
@@ -688,7 +756,9 @@ class CompressedDecodeProblem:
                 self._overwritten[name] = (index, values)
         self.x = _randn((batch, seq_q, spec.d_model), dtype, device)
         count = min(check_batch, batch)
-        self.checked_sequences = tuple(batch - 1 - (batch - 1) * i // max(count - 1, 1) for i in range(count))[::-1]
+        self.checked_sequences = tuple(
+            batch - 1 - (batch - 1) * i // max(count - 1, 1) for i in range(count)
+        )[::-1]
         self._expected: dict[torch.dtype, Outputs] = {}
 
     output_names = ("out",)
@@ -697,7 +767,12 @@ class CompressedDecodeProblem:
     def flops(self) -> float:
         attention, indexer = compressed_attention_work(self.spec, self.batch, self.start, self.seq_q)
         tokens = self.batch * self.seq_q
-        return attention + indexer + 2.0 * tokens * _linear_weights(self.module) + _compressor_flops(self.spec, tokens)
+        return (
+            attention
+            + indexer
+            + 2.0 * tokens * _linear_weights(self.module)
+            + _compressor_flops(self.spec, tokens)
+        )
 
     @property
     def bytes(self) -> float:
@@ -814,7 +889,9 @@ def _flash_mla_model1(problem, env: Env) -> Prepared:
     try:
         import flash_mla
     except ImportError:
-        raise Unavailable("not installed (FlashMLA's MODEL1 kernels: CUDA, sm_90 / sm_100 / sm_120, built from source)") from None
+        raise Unavailable(
+            "not installed (FlashMLA's MODEL1 kernels: CUDA, sm_90 / sm_100 / sm_120, built from source)"
+        ) from None
     raise Unavailable(
         f"flash_mla {getattr(flash_mla, '__version__', '?')} imports, but the suite has no adapter for its MODEL1 "
         "(DeepSeek-V4) kernels yet: their compressed cache is the 584-byte FP8 entry layout, not mlagen's"
@@ -880,6 +957,9 @@ COMPRESSED_CONTENDERS = (
         _compressed_module(True),
     ),
     Contender(
-        "flashmla-model1", "compressed", "FlashMLA's MODEL1 (DeepSeek-V4) kernels, where importable", _flash_mla_model1
+        "flashmla-model1",
+        "compressed",
+        "FlashMLA's MODEL1 (DeepSeek-V4) kernels, where importable",
+        _flash_mla_model1,
     ),
 )

@@ -141,7 +141,9 @@ DECODE_CHECK_TARGETS = (DECODE_16, DECODE_64, DECODE_128)
 DSA = Target("dsa-h128", "deepseek_v32", "tiny_dsa", dense=MLA_128)
 # The FP8 cache is the deployed layout (FlashMLA's): tier 1; the bf16 cache a tier later.
 DSA_DECODE_128 = Target("dsa-decode-h128", "deepseek_v32", "tiny_dsa", smoke_heads=(4, 1), rank=2)
-DSA_DECODE_128_FP8 = Target("dsa-decode-h128-fp8", "deepseek_v32", "tiny_dsa", smoke_heads=(4, 1), cache_dtype="fp8")
+DSA_DECODE_128_FP8 = Target(
+    "dsa-decode-h128-fp8", "deepseek_v32", "tiny_dsa", smoke_heads=(4, 1), cache_dtype="fp8"
+)
 # 16 heads: a tensor-parallel rank of 8 (FlashMLA's sparse kernels would pad it to 64).
 DSA_DECODE_16 = Target("dsa-decode-h16", "deepseek_v32", "tiny_dsa", smoke_heads=(2, 1), rank=2, heads=16)
 DSA_DECODE_16_FP8 = Target(
@@ -209,7 +211,9 @@ class Grid:
         prompt, a batch of 64 over 32k-token FP8 caches, one new token; V4: the CSA layer at 4k
         tokens and that decode batch). One tier later: the secondary targets (the bf16 cache, 16
         heads; HCA and sliding layers), other lengths, two new tokens, training; tier 3 at most."""
-        core = length == (self.sparse_core_length if section.startswith("sparse") else self.compressed_core_length)
+        core = length == (
+            self.sparse_core_length if section.startswith("sparse") else self.compressed_core_length
+        )
         if section.endswith("prefill"):
             tier = 1 if core else 2
         elif section.endswith("train"):
@@ -334,8 +338,11 @@ def family_points(grid: Grid) -> list[Point]:
         ("sparse", SPARSE_TARGETS, SPARSE_DECODE_TARGETS),
         ("compressed", COMPRESSED_TARGETS, COMPRESSED_TARGETS),
     ):
-        for section, targets in ((f"{family}-prefill", prefill_targets), (f"{family}-decode", decode_targets),
-                                 (f"{family}-train", prefill_targets)):
+        for section, targets in (
+            (f"{family}-prefill", prefill_targets),
+            (f"{family}-decode", decode_targets),
+            (f"{family}-train", prefill_targets),
+        ):
             for target in targets:
                 if is_decode(section):
                     for batch in grid.family_decode_batches:
@@ -346,7 +353,9 @@ def family_points(grid: Grid) -> list[Point]:
                     continue
                 for length in grid.family_lengths:
                     batch = max(1, grid.family_tokens_per_batch // length)
-                    points.append(Point(section, target, batch, length, 1, grid.tier(section, length, batch, 1, target)))
+                    points.append(
+                        Point(section, target, batch, length, 1, grid.tier(section, length, batch, 1, target))
+                    )
     return points
 
 
@@ -477,11 +486,23 @@ class SuiteCase:
         if kind == "compressed":
             if is_decode(p.section):
                 return families.CompressedDecodeProblem(
-                    spec, package, p.batch, p.length, p.seq_q, self.dtype, self.device,
+                    spec,
+                    package,
+                    p.batch,
+                    p.length,
+                    p.seq_q,
+                    self.dtype,
+                    self.device,
                     self.grid.decode_checked_sequences,
                 )
             return families.CompressedPrefillProblem(
-                spec, package, p.batch, p.length, self.dtype, self.device, train=train,
+                spec,
+                package,
+                p.batch,
+                p.length,
+                self.dtype,
+                self.device,
+                train=train,
                 check_len=CHECK_PREFIX[self.device.type],
             )
         if not is_decode(p.section):
@@ -505,10 +526,24 @@ class SuiteCase:
         heads = t.decode_heads(p.target)
         if kind == "sparse":
             return families.SparseDecodeProblem(
-                spec, package, cache, p.seq_q, heads, self.dtype, self.device, self.grid.decode_checked_sequences
+                spec,
+                package,
+                cache,
+                p.seq_q,
+                heads,
+                self.dtype,
+                self.device,
+                self.grid.decode_checked_sequences,
             )
         inputs = DecodeInputs(
-            spec, p.batch, p.length, self.dtype, self.device, p.seq_q, heads=heads, cache=cache,
+            spec,
+            p.batch,
+            p.length,
+            self.dtype,
+            self.device,
+            p.seq_q,
+            heads=heads,
+            cache=cache,
             check_batch=self.grid.decode_checked_sequences,
         )
         return AbsorbedDecodeProblem(inputs)
@@ -623,16 +658,27 @@ def family_work(point: Point, targets: Targets, elem: int) -> tuple[float, float
     if point.section.startswith("sparse"):
         if is_decode(point.section):
             return families.sparse_decode_work(
-                spec, targets.decode_heads(point.target), point.batch, point.length, point.seq_q, elem,
+                spec,
+                targets.decode_heads(point.target),
+                point.batch,
+                point.length,
+                point.seq_q,
+                elem,
                 point.target.cache_dtype == "fp8",
             )
-        return families.sparse_prefill_work(spec, point.batch, point.length, elem, point.section.endswith("train"))
-    start, count = (point.length - point.seq_q, point.seq_q) if is_decode(point.section) else (0, point.length)
+        return families.sparse_prefill_work(
+            spec, point.batch, point.length, elem, point.section.endswith("train")
+        )
+    start, count = (
+        (point.length - point.seq_q, point.seq_q) if is_decode(point.section) else (0, point.length)
+    )
     attention, indexer = families.compressed_attention_work(spec, point.batch, start, count)
     weights = families.compressed_weights(spec)
     linears = 2.0 * point.batch * count * weights
     if point.section.endswith("train"):
-        return attention * 3.5 + 3 * linears + indexer, 3.0 * elem * (weights + 2 * point.batch * count * spec.d_model)
+        return attention * 3.5 + 3 * linears + indexer, 3.0 * elem * (
+            weights + 2 * point.batch * count * spec.d_model
+        )
     return attention + indexer + linears, float(elem * (weights + 2 * point.batch * count * spec.d_model))
 
 
@@ -681,7 +727,9 @@ class Estimator:
                 (name, point.section), FIRST_CALL_S.get((name, point.section), OTHER_FIRST_CALL_S)
             )
         flops, nbytes = self.work(point, targets)
-        fraction = ROOFLINE_GUESS.get(name, 0.3) / (TRAIN_SLOWDOWN if point.section.endswith("train") else 1.0)
+        fraction = ROOFLINE_GUESS.get(name, 0.3) / (
+            TRAIN_SLOWDOWN if point.section.endswith("train") else 1.0
+        )
         ideal = self.gpu.ideal_seconds(flops, nbytes, self.dtype_name)
         if ideal is None:  # a dtype without a listed peak (fp32): plan with a tenth of bf16's
             ideal = max(nbytes / self.gpu.bandwidth, flops / (0.1 * self.gpu.flops["bf16"]))
@@ -827,7 +875,9 @@ def _verdict(record: dict, verdict: dict, device: torch.device, started: float) 
     return record
 
 
-def _family_check(check: Check, targets: Targets, grid: Grid, dtype, device) -> tuple[object, Contender, slice]:
+def _family_check(
+    check: Check, targets: Targets, grid: Grid, dtype, device
+) -> tuple[object, Contender, slice]:
     """A family's kernel check: its problem at the check shape (longer than its selections), the
     mlagen contender, and which outputs it judges (a backward check: the gradients only)."""
     from mlagen.bench import families
@@ -1070,8 +1120,10 @@ def plan_for(gpu_name: str, budget_s: float | None = None, dtype_name: str = "bf
     absent = {name for name, reason in probe_contenders().items() if reason}
     estimator = Estimator(False, gpu, dtype_name, DTYPES[dtype_name].itemsize, SUITE_TIMING, absent)
     checks, checks_s, estimates, kept, trimmed = make_plan(GPU_GRID, targets, estimator, budget - RESERVE_S)
-    lines = [f"plan for {gpu.name} ({gpu_name}), {dtype_name}, budget {budget:.0f} s; "
-             f"contenders recorded as absent here: {', '.join(sorted(absent)) or 'none'}"]
+    lines = [
+        f"plan for {gpu.name} ({gpu_name}), {dtype_name}, budget {budget:.0f} s; "
+        f"contenders recorded as absent here: {', '.join(sorted(absent)) or 'none'}"
+    ]
     lines += list(_plan_lines([(p, estimates[p]) for p in kept], checks_s, budget, trimmed))
     lines.append(
         f"{len(checks)} of {len(grid_checks(GPU_GRID))} kernel checks before the timing, {checks_s:.0f} s "
@@ -1085,7 +1137,9 @@ def plan_for(gpu_name: str, budget_s: float | None = None, dtype_name: str = "bf
             if points:
                 kept_here = [p for p in points if p not in trimmed]
                 seconds = sum(estimates[p] for p in kept_here)
-                lines.append(f"| {section} | {tier} | {len(kept_here)} | {seconds:.1f} | {len(points) - len(kept_here)} |")
+                lines.append(
+                    f"| {section} | {tier} | {len(kept_here)} | {seconds:.1f} | {len(points) - len(kept_here)} |"
+                )
     return lines
 
 
@@ -1148,7 +1202,9 @@ def run_suite(request: SuiteRequest, echo: Callable[[str], None] = print) -> Sui
         "estimated_s": checks_s + sum(estimates[p] for p in kept),
         "trimmed_points": len(trimmed),  # by the plan; those still skipped at the end, once done
         "elapsed_s": None,
-        "contenders": {section: {c.name: c.description for c in _contenders(section)} for section in SECTIONS},
+        "contenders": {
+            section: {c.name: c.description for c in _contenders(section)} for section in SECTIONS
+        },
         "unavailable_before_running": {name: reason for name, reason in availability.items() if reason},
         "grid": {
             "prefill_targets": {t.label: targets.spec_name(t) for t in PREFILL_TARGETS},
@@ -1222,7 +1278,9 @@ def run_suite(request: SuiteRequest, echo: Callable[[str], None] = print) -> Sui
     for point in estimates:
         contenders = _contenders(point.section)
         pending = [c for c in required_checks(point) if c not in done]
-        needed = estimator.point_seconds(point, targets, contenders) + sum(estimator.check_seconds(c) for c in pending)
+        needed = estimator.point_seconds(point, targets, contenders) + sum(
+            estimator.check_seconds(c) for c in pending
+        )
         if point in trimmed and needed > clock.left:
             reason = f"trimmed before the run to fit the {request.budget:.0f} s budget (tier {point.tier})"
             records = [_skipped(c.name, point, reason) for c in contenders]
@@ -1245,7 +1303,9 @@ def run_suite(request: SuiteRequest, echo: Callable[[str], None] = print) -> Sui
     # Every kernel is checked if time is left, those of trimmed points too.
     for check in grid_checks(grid):
         if check not in done:
-            check_now(check, "the time budget ran out before this check (the points relying on it were trimmed)")
+            check_now(
+                check, "the time budget ran out before this check (the points relying on it were trimmed)"
+            )
     data["state"] = f"stopped early: {session.stopped}" if session.stopped else "finished"
     data["trimmed_points"] = skipped_trimmed
     data["elapsed_s"] = clock.elapsed

@@ -160,8 +160,11 @@ def _pivot(data: dict, section: str) -> list[str]:
     lines = [head + "".join(f" {n} |" for n in names), align + "---|" * len(names)]
     # Targets in the grid's order (smaller models first), then by the numbers.
     grid = data["grid"]
-    order = [*grid.get("decode_targets" if decode else "prefill_targets", {}), *grid.get("sparse_targets", {}),
-             *grid.get("compressed_targets", {})]
+    order = [
+        *grid.get("decode_targets" if decode else "prefill_targets", {}),
+        *grid.get("sparse_targets", {}),
+        *grid.get("compressed_targets", {}),
+    ]
     for key in sorted(rows, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[1:])):
         cells = " | ".join(_cell(rows[key][n], decode, family) if n in rows[key] else "–" for n in names)
         lines.append("| " + " | ".join(map(str, key)) + f" | {cells} |")
