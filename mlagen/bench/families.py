@@ -531,8 +531,8 @@ def _flash_mla_sparse_decode(problem: SparseDecodeProblem, env: Env) -> Prepared
         out, _ = flash_mla.flash_mla_with_kvcache(
             q,
             pages,
-            None,
-            None,
+            cache.page_table,  # the slots already name pages; passed as its dense decode takes them
+            cache.lengths,
             cache.latent_dim,
             metadata,
             splits,
