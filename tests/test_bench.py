@@ -653,6 +653,10 @@ def test_sparse_and_compressed_flops_count_the_attended_keys():
     attention = 2 * 128 * 4096 * families.mean_selected(4096, 2048) * (576 + 512)
     indexer = 4096 * 2048 * 2 * 64 * 129  # causal half of the pairs, 64 heads x (128 + 1)
     assert flops == pytest.approx(attention + indexer, rel=1e-12)
+    # Bytes, a lower bound: q, out and the latent rows once (576 + 512 per head, 576 per key), the
+    # indexer's query (64 x 128), key (128), head weights (fp32) and its fp32 scores twice.
+    _, moved = families.sparse_prefill_work(v32, 1, 4096, 2, train=False)
+    assert moved == 2 * 4096 * (128 * 1088 + 576) + 2 * 4096 * (64 * 128 + 128) + 4 * 4096 * (64 + 2 * 4096)
     # Decode, FP8: 2048 selected rows of 656 B and 32768 indexer keys of 132 B per sequence.
     _, moved = families.sparse_decode_work(v32, 128, 1, 32768, 1, 2, fp8_cache=True)
     assert moved == 32768 * 132 + 2048 * 656 + 2 * (128 * 1088 + 64 * 128) + 2 * 4 * 32768

@@ -69,9 +69,9 @@ def sparse_prefill_work(
     Attention: 2 * B * H * S * mean(min(t + 1, k)) * (Dqk + Dv) with the absorbed widths
     (latent + rope, latent), as FlashMLA counts its sparse prefill; x 3.5 in training.
     Indexer: every visible (query, key) pair scored by H_I heads of d_I (2 * H_I * d_I) and
-    weighted (2 * H_I), causal half. Bytes: queries, keys and outputs once, each query's
-    selected rows once (a gather: rows that stay in L2 are counted again, so this is what the
-    kernel requests), the indexer's operands, and its [B, S, S] fp32 scores written once and
+    weighted (2 * H_I), causal half. Bytes, a lower bound (what must cross HBM at least once):
+    queries, keys and outputs once (the rows each query gathers are not counted again: a 16k
+    latent fits in L2), the indexer's operands, and its [B, S, S] fp32 scores written once and
     read once by top-k (x 3 for the attention part in training)."""
     s = spec.sparse
     heads = heads or spec.heads
@@ -81,7 +81,7 @@ def sparse_prefill_work(
     pairs = batch * seq_len * work.mean_keys(seq_len, seq_len, causal=True)
     indexer = pairs * 2.0 * s.index_heads * (s.index_head_dim + 1)
     tokens = batch * seq_len
-    moved = elem * tokens * (heads * (dim_qk + dim_v) + dim_qk + keys * dim_qk)
+    moved = elem * tokens * (heads * (dim_qk + dim_v) + dim_qk)
     index_bytes = elem * tokens * (
         s.index_heads * s.index_head_dim + s.index_head_dim
     ) + FP32_BYTES * tokens * (s.index_heads + 2 * seq_len)

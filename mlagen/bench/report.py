@@ -29,9 +29,9 @@ CONVENTIONS = """\
 - DeepSeek Sparse Attention (GPU suite): each query attends min(visible keys, top_k) keys, so
   attention is 2 * H * (Dqk + Dv) per attended key with the absorbed widths (576, 512), not the causal
   half of the sequence; the lightning indexer adds 2 * H_I * (d_I + 1) per scored key (every visible key;
-  the whole cache per new token in decode). Bytes add each query's selected rows (decode: each
-  sequence's, once), the indexer's operands, and its fp32 scores written and read back by top-k;
-  FP8 cache rows count 656 B, FP8 indexer keys 132 B.
+  the whole cache per new token in decode). Bytes, a lower bound: every key row once (decode: each
+  sequence's selected rows once), the indexer's operands, and its fp32 scores written and read back
+  by top-k; FP8 cache rows count 656 B, FP8 indexer keys 132 B.
 - DeepSeek-V4 compressed layers (GPU suite, the whole layer): a query attends min(window, position + 1)
   raw keys plus its visible entries (HCA: (position + 1) // rate of them; CSA: at most top_k), 2 * H *
   2 * head_dim per key (K = V), summed over the exact positions; CSA's indexer as above per scored

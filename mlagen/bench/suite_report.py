@@ -50,9 +50,10 @@ tests/test_compressed.py check that selection biting.
 How their FLOPs and bytes are counted. Sparse attention: 2 x H x (Dqk + Dv) per attended key with Dqk =
 latent + rope (576) and Dv = latent (512), each query attending min(its visible keys, top_k) keys (not the
 causal half of the sequence); the indexer adds 2 x H_I x (d_I + 1) per scored key (every visible key, causal
-half in prefill, the whole cache per new token in decode); bytes: queries, outputs and keys once, each
-query's (decode: each sequence's) selected rows once, the indexer's operands and its fp32 scores written and
-read back by top-k, FP8 rows at 656 B and indexer keys at 132 B. Compressed layers: 2 x H x 2 x head_dim per
+half in prefill, the whole cache per new token in decode); bytes, a lower bound: queries, outputs and keys
+once (prefill: a query's gathered rows are not counted again; decode: each sequence's selected rows once),
+the indexer's operands and its fp32 scores written and read back by top-k, FP8 rows at 656 B and indexer keys
+at 132 B. Compressed layers: 2 x H x 2 x head_dim per
 attended key, a query attending min(window, its position + 1) raw keys plus its visible entries (HCA: all of
 them, position + 1 over the rate; CSA: at most top_k of them), summed over the exact positions; the CSA
 indexer as above per scored entry; the gated pooling; and 2 FLOPs per projection weight per token (training:
