@@ -236,8 +236,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise MlagenError(
             "name a spec to benchmark, --suite gpu, or --plot / --report on the JSON files in --out"
         )
+    if args.plan_for and not args.suite:
+        raise MlagenError("--plan-for goes with --suite gpu")
     if args.suite:
-        from mlagen.bench.suite import SuiteRequest, run_suite
+        from mlagen.bench.suite import SuiteRequest, plan_for, run_suite
 
         given = [
             flag
@@ -253,6 +255,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise MlagenError(f"--suite gpu runs its own grid: leave out {', '.join(given)}")
         if args.budget_s is not None and args.budget_s <= 0:
             raise MlagenError(f"--budget-s {args.budget_s:g}: give the seconds the suite may take, > 0")
+        if args.plan_for:
+            for line in plan_for(args.plan_for, args.budget_s, args.dtype or "bf16"):
+                print(line)
+            return 0
         # A GPU run writes its BENCHMARKS.md section; a smoke run only when --report asks.
         report_file = args.report_file if (args.report or not args.smoke) else None
         run_suite(
@@ -445,6 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument(
         "--budget-s", type=float, help="with --suite: seconds the suite may take (default 420; smoke 300)"
+    )
+    bench.add_argument(
+        "--plan-for",
+        metavar="GPU",
+        help="with --suite gpu: print the plan (points, estimated seconds, what the budget trims) a run on "
+        "this GPU would make, e.g. 'NVIDIA H200', and exit (no GPU needed)",
     )
     bench.add_argument("--mode", choices=("prefill", "train", "decode"), help="default: prefill")
     bench.add_argument("--seq-lens", type=_count, nargs="+", help="sequence lengths (decode: cache lengths)")

@@ -2,7 +2,9 @@
 # The whole GPU measurement in one device call (issue 15, item 8), about 8 minutes on one H100/H200:
 #   1. the bf16 GPU tests (tests/test_gpu.py: the test-sized kernels, forward, backward, decode),
 #   2. `mlagen bench --suite gpu` within what is left of the time: every real-size kernel checked
-#      against the fp64 golden, then prefill, training and MLA decode timed beside the peers,
+#      against the fp64 golden, then prefill, training and MLA decode timed beside the peers, and
+#      DeepSeek Sparse Attention and DeepSeek-V4's compressed layers beside their dense / eager paths
+#      (`mlagen bench --suite gpu --plan-for "NVIDIA H200" --budget-s 375` prints what fits, anywhere),
 #   3. `mlagen bench --report`: the GPU-suite section of BENCHMARKS.md from the suite's JSON file.
 #
 # It runs on the lent machine's own python3 (torch, triton; matplotlib if there), from the repository

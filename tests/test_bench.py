@@ -330,6 +330,23 @@ RUNS_ON_CPU = {
     "prefill": {"mlagen", "sdpa-flash"},
     "train": {"mlagen", "sdpa-flash"},
     "decode": {"mlagen", "sdpa-latent"},
+    "sparse-prefill": {"mlagen", "dense-mlagen"},
+    "sparse-train": {"mlagen", "dense-mlagen"},
+    "sparse-decode": {"mlagen", "dense-mlagen"},  # dense-mlagen: over the bf16/fp32 caches only
+    "compressed-prefill": {"mlagen", "reference"},
+    "compressed-train": {"mlagen", "reference"},
+    "compressed-decode": {"mlagen", "reference"},
+}
+SUITE_ROLES = {
+    "forward",
+    "backward",
+    "decode",
+    "sparse-forward",
+    "sparse-backward",
+    "sparse-decode",
+    "compressed-forward",
+    "compressed-backward",
+    "compressed-decode",
 }
 
 
@@ -356,13 +373,13 @@ def test_suite_smoke_writes_the_json_schema(suite_smoke):
     assert data["command"].startswith("mlagen bench --suite gpu --smoke")
     assert 0 < data["elapsed_s"] <= data["budget_s"] and data["estimated_s"] > 0
     assert data["plot"]["file"] or "matplotlib" in data["plot"]["note"]
-    assert {c["role"] for c in data["checks"]} == {"forward", "backward", "decode"}
+    assert {c["role"] for c in data["checks"]} == SUITE_ROLES
     for check in data["checks"]:
         assert CHECK_FIELDS <= check.keys(), check
         assert check["status"] == "pass", check
         assert check["max_error"] <= check["tolerance"]
     sections = {r["section"] for r in data["results"]}
-    assert sections == {"prefill", "train", "decode"}
+    assert sections == set(RUNS_ON_CPU)
     for record in data["results"]:
         assert SUITE_RECORD_FIELDS <= record.keys(), record
         if record["status"] == "ok":
@@ -375,8 +392,8 @@ def test_suite_smoke_writes_the_json_schema(suite_smoke):
 
 def test_suite_smoke_every_contender_ran_or_said_why(suite_smoke):
     _, data, _, _ = suite_smoke
-    for section in ("prefill", "train", "decode"):
-        names = data["contenders"]["decode" if section == "decode" else "prefill"]
+    for section in RUNS_ON_CPU:
+        names = data["contenders"][section]
         records = [r for r in data["results"] if r["section"] == section]
         assert {r["contender"] for r in records} == set(names), section
         ran = {r["contender"] for r in records if r["status"] == "ok"}
@@ -388,6 +405,10 @@ def test_suite_smoke_every_contender_ran_or_said_why(suite_smoke):
     assert "float16 or bfloat16" in reasons["baseline"] or "baseline.py" in reasons["baseline"]
     assert reasons["flashmla"].startswith("not installed") or "GPU" in reasons["flashmla"]
     assert reasons["flashinfer"].startswith("not installed") or "GPU" in reasons["flashinfer"]
+    assert reasons["flashmla-sparse"].startswith("not installed") or "GPU" in reasons["flashmla-sparse"]
+    assert reasons["flashmla-model1"].startswith("not installed") or "MODEL1" in reasons["flashmla-model1"]
+    fp8 = [r for r in data["results"] if r["target"].endswith("-fp8") and r["contender"] == "dense-mlagen"]
+    assert fp8 and all("model-dtype caches" in r["reason"] for r in fp8)
 
 
 def test_suite_smoke_covers_the_grid_of_the_issue(suite_smoke):
@@ -395,10 +416,11 @@ def test_suite_smoke_covers_the_grid_of_the_issue(suite_smoke):
     from mlagen.bench import suite
 
     targets = {r["target"] for r in data["results"]}
-    assert targets == {t.label for t in suite.PREFILL_TARGETS + suite.DECODE_TARGETS}
+    families = suite.SPARSE_TARGETS + suite.SPARSE_DECODE_TARGETS + suite.COMPRESSED_TARGETS
+    assert targets == {t.label for t in suite.PREFILL_TARGETS + suite.DECODE_TARGETS + families}
     assert {r["seq_q"] for r in data["results"] if r["section"] == "decode"} == {1, 2}
     gpu = suite.grid_points(suite.GPU_GRID)
-    assert {p.length for p in gpu if p.section != "decode"} == {1024, 4096, 16384}
+    assert {p.length for p in gpu if p.section in ("prefill", "train")} == {1024, 4096, 16384}
     decode = [p for p in gpu if p.section == "decode"]
     assert {p.batch for p in decode} == {1, 16, 64, 128} and {p.seq_q for p in decode} == {1, 2}
     assert {p.length for p in decode} == {1024, 4096, 32768}
@@ -411,7 +433,7 @@ def test_suite_report_section_keeps_hand_written_text(suite_smoke):
     assert text.count("## GPU suite: mlagen beside its peers on one GPU") == 1
     assert "GPU numbers are pending: no GPU session has run the suite yet" in text
     assert "Written by hand, kept by every report." in text
-    assert "16 of 16 kernel checks passed" in text and data["date"] in text
+    assert "38 of 38 kernel checks passed" in text and data["date"] in text
     assert main(["bench", "--report", "--out", str(out), "--report-file", str(report)]) == 0
     assert report.read_text() == text, "the report is a function of the JSON files"
 
@@ -460,7 +482,7 @@ def test_suite_stops_at_its_budget_with_partial_results(tmp_path, monkeypatch):
     assert all(r["status"] == "skipped" for r in data["results"])
     reasons = {r["reason"].split(" (")[0] for r in data["results"]}
     assert reasons == {"the time budget ran out", "trimmed before the run to fit the 1 s budget"}
-    assert {r["tier"] for r in data["results"] if r["reason"].startswith("trimmed")} == {2}
+    assert {r["tier"] for r in data["results"] if r["reason"].startswith("trimmed")} == {2, 3}
     assert data["plot"]["file"] is None and data["plot"]["note"]
 
 
@@ -473,6 +495,9 @@ def test_a_failed_kernel_check_marks_its_timings_invalid(tmp_path, monkeypatch):
         ("CHECK_TARGETS", (suite.GQA,)),
         ("DECODE_TARGETS", ()),
         ("DECODE_CHECK_TARGETS", ()),
+        ("SPARSE_TARGETS", ()),
+        ("SPARSE_DECODE_TARGETS", ()),
+        ("COMPRESSED_TARGETS", ()),
     ]:
         monkeypatch.setattr(suite, name, value)
 
@@ -562,3 +587,172 @@ def test_report_blocks_replace_in_place_and_append_when_missing():
     assert "\nA\n" not in twice and "\nC\n" in twice and "\nB\n" in twice
     assert twice.endswith("after, by hand\n")
     assert replace_blocks(twice, {"gpu-suite": "C"}) == twice
+
+
+# --- the GPU suite's DeepSeek families: DeepSeek Sparse Attention and DeepSeek-V4 ----------------------
+
+
+def test_suite_family_grid_is_the_issues():
+    """Issues 16 and 17: DSA prefill and training at 4k / 16k with top-k 2048, decode over the bf16
+    and FP8 caches at batch 1 / 16 / 64, cache 4k / 32k, 1 and 2 new tokens, 128 and 16 heads;
+    V4 prefill, training and decode per layer type; tier 1 of each family measured first."""
+    from mlagen.bench import suite
+
+    targets = suite.Targets(False, "generated")
+    points = suite.grid_points(suite.GPU_GRID)
+    sparse = [p for p in points if p.section in ("sparse-prefill", "sparse-train")]
+    assert {p.length for p in sparse} == {4096, 16384} and targets.spec(suite.DSA).sparse.top_k == 2048
+    decode = [p for p in points if p.section == "sparse-decode"]
+    assert {p.batch for p in decode} == {1, 16, 64} and {p.length for p in decode} == {4096, 32768}
+    assert {p.seq_q for p in decode} == {1, 2}
+    assert {(targets.decode_heads(p.target), p.target.cache_dtype) for p in decode} == {
+        (128, "model"),
+        (128, "fp8"),
+        (16, "model"),
+        (16, "fp8"),
+    }
+    for section in ("compressed-prefill", "compressed-train", "compressed-decode"):
+        layers = {targets.spec(p.target).name for p in points if p.section == section}
+        assert layers == {"deepseek_v4_flash_csa", "deepseek_v4_flash_hca", "deepseek_v4_flash_sliding"}
+    tier_one = {(p.section, p.target.label) for p in points if p.tier == 1 and "-" in p.section}
+    assert tier_one == {
+        ("sparse-prefill", "dsa-h128"),
+        ("sparse-decode", "dsa-decode-h128-fp8"),
+        ("compressed-prefill", "v4-csa"),
+        ("compressed-decode", "v4-csa"),
+    }
+    checks = {c.name for c in suite.required_checks(decode[0])}
+    assert checks == {
+        f"{decode[0].target.label} sparse-decode, {decode[0].seq_q} new token" + "s" * (decode[0].seq_q > 1)
+    }
+
+
+def test_suite_plan_for_an_h200_fits_its_budget(capsys, monkeypatch):
+    """The plan a GPU run would print, made here: tier 1 of every section within the 420 s budget
+    (the 8 minutes of scripts/gpu_suite.sh less the tests and the report), compiles included."""
+    monkeypatch.chdir(ROOT)
+    assert main(["bench", "--suite", "gpu", "--plan-for", "NVIDIA H200"]) == 0
+    out = capsys.readouterr().out
+    estimate = next(line for line in out.splitlines() if line.startswith("estimate: "))
+    planned = float(estimate.split(": ")[-1].split(" s of a ")[0])
+    assert planned <= 420 and "of a 420 s budget" in estimate
+    for section in ("sparse-prefill", "sparse-decode", "compressed-prefill", "compressed-decode"):
+        row = next(line for line in out.splitlines() if line.startswith(f"| {section} | 1 |"))
+        assert row.split(" | ")[3] != "0" and row.endswith("| 0 |"), row
+    assert main(["bench", "--suite", "gpu", "--plan-for", "Tesla T4"]) == 2
+
+
+def test_sparse_and_compressed_flops_count_the_attended_keys():
+    from mlagen.bench import families
+    from mlagen.spec import load_spec
+
+    v32 = load_spec(SPECS / "deepseek_v32.yaml")
+    # 4096 queries: the first 2048 see t + 1 keys, the rest top_k = 2048.
+    assert families.mean_selected(4096, 2048) == (2048 * 2049 / 2 + 2048 * 2048) / 4096
+    flops, _ = families.sparse_prefill_work(v32, 1, 4096, 2, train=False)
+    attention = 2 * 128 * 4096 * families.mean_selected(4096, 2048) * (576 + 512)
+    indexer = 4096 * 2048 * 2 * 64 * 129  # causal half of the pairs, 64 heads x (128 + 1)
+    assert flops == pytest.approx(attention + indexer, rel=1e-12)
+    # Bytes, a lower bound: q, out and the latent rows once (576 + 512 per head, 576 per key), the
+    # indexer's query (64 x 128), key (128), head weights (fp32) and its fp32 scores twice.
+    _, moved = families.sparse_prefill_work(v32, 1, 4096, 2, train=False)
+    assert moved == 2 * 4096 * (128 * 1088 + 576) + 2 * 4096 * (64 * 128 + 128) + 4 * 4096 * (64 + 2 * 4096)
+    # Decode, FP8: 2048 selected rows of 656 B and 32768 indexer keys of 132 B per sequence.
+    _, moved = families.sparse_decode_work(v32, 128, 1, 32768, 1, 2, fp8_cache=True)
+    assert moved == 32768 * 132 + 2048 * 656 + 2 * (128 * 1088 + 64 * 128) + 2 * 4 * 32768
+    hca = load_spec(SPECS / "deepseek_v4_flash_hca.yaml")
+    assert families.compressed_keys(hca, 1000) == (128, 1001 // 128, 0)
+    csa = load_spec(SPECS / "deepseek_v4_flash_csa.yaml")
+    assert families.compressed_keys(csa, 4095) == (128, 512, 1024)
+    attention, indexer = families.compressed_attention_work(csa, 1, 4095, 1)
+    assert attention == 2 * 64 * (128 + 512) * 2 * 512 and indexer == 2 * 64 * 129 * 1024
+
+
+def _family_problem(kind: str, cache_dtype: str = "model"):
+    from mlagen.bench import families
+    from mlagen.spec import load_spec
+    from tests.helpers import generated
+
+    torch.manual_seed(0)
+    cpu = torch.device("cpu")
+    if kind.startswith("sparse"):
+        package = generated("tiny_dsa")
+        spec = load_spec(SPECS / "tiny_dsa.yaml")
+        if kind == "sparse-decode":
+            cache = families.filled_sparse_cache(spec, 2, 29, torch.float32, cpu, cache_dtype)
+            return families.SparseDecodeProblem(spec, package, cache, 2, 3, torch.float32, cpu, 2), package
+        train = kind == "sparse-train"
+        return families.SparsePrefillProblem(
+            spec, package, 1, 21, torch.float32, cpu, train=train, check_rows=21
+        ), package
+    package = generated("tiny_compressed_csa")
+    spec = load_spec(SPECS / "tiny_compressed_csa.yaml")
+    if kind == "compressed-decode":
+        return families.CompressedDecodeProblem(spec, package, 2, 29, 2, torch.float32, cpu, 2), package
+    return families.CompressedPrefillProblem(
+        spec, package, 1, 29, torch.float32, cpu, train=False, check_len=29
+    ), package
+
+
+class _OneProblem:
+    batch, length, dtype, device = 1, 1, torch.float32, torch.device("cpu")
+
+    def __init__(self, problem):
+        self.problem_ = problem
+
+    def problem(self, kind):
+        return self.problem_
+
+
+@pytest.mark.parametrize(
+    "kind, cache_dtype",
+    [
+        ("sparse-prefill", "model"),
+        ("sparse-train", "model"),
+        ("sparse-decode", "model"),
+        ("sparse-decode", "fp8"),
+        ("compressed-prefill", "model"),
+        ("compressed-decode", "model"),
+    ],
+)
+def test_family_contenders_pass_and_a_wrong_kernel_is_marked_wrong(kind, cache_dtype):
+    """mlagen's contender of each family passes against the fp64 golden; the same contender with
+    a wrong kernel (its output off by 1% of its largest value, or one more key made visible to
+    the indexer) is recorded as wrong and not timed."""
+    from mlagen.bench import families
+
+    problem, package = _family_problem(kind, cache_dtype)
+    contenders = (
+        families.COMPRESSED_CONTENDERS if kind.startswith("compressed") else families.SPARSE_CONTENDERS
+    )
+    right = contenders[0]
+    env = Env(package, torch.device("cpu"), True)
+    record = run_contender(
+        right, _OneProblem(problem), env, "fp32", describe(env.device), 0.0, atol_scale=1e-5
+    )
+    assert record["status"] == "ok", record
+
+    out_index = problem.output_names.index("out")
+
+    def off(outputs):
+        outputs = list(outputs)
+        outputs[out_index] = outputs[out_index] + 0.01 * outputs[out_index].abs().max()
+        return tuple(outputs)
+
+    def unmasked(outputs):
+        outputs = list(outputs)
+        outputs[1] = outputs[1].clone()
+        outputs[1].view(-1)[outputs[1].view(-1).argmax()] = 0.0  # a hidden key shown
+        return tuple(outputs)
+
+    for wrong in [off] + ([unmasked] if kind.startswith("sparse") else []):
+
+        def prepare(problem, env, wrong=wrong):
+            prepared = right.prepare(problem, env)
+            return Prepared(prepared.step, lambda: wrong(prepared.check()))
+
+        bad = Contender("wrong", right.problem, "a wrong kernel", prepare)
+        record = run_contender(
+            bad, _OneProblem(problem), env, "fp32", describe(env.device), 0.0, atol_scale=1e-5
+        )
+        assert record["status"] == "wrong" and record["time_ms"] is None, record

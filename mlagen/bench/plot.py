@@ -52,12 +52,26 @@ def _throughput(plt, run: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# One marker per mode (per GPU-suite section), in the suite's order.
+MARKERS = {
+    "prefill": "o",
+    "train": "s",
+    "decode": "^",
+    "sparse-prefill": "D",
+    "sparse-train": "P",
+    "sparse-decode": "v",
+    "compressed-prefill": "X",
+    "compressed-train": "*",
+    "compressed-decode": "<",
+}
+
+
 def _roofline(plt, runs: list[dict], path: Path) -> None:
     """Colour = contender, marker = mode, one legend entry each (not one per point)."""
     from matplotlib.lines import Line2D
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    markers = {"prefill": "o", "train": "s", "decode": "^"}
+    markers = MARKERS
     names = sorted({r["contender"] for run in runs for r in run["results"] if r["status"] == "ok"})
     colors = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(names)}
     intensities = []
@@ -127,7 +141,7 @@ def write_suite_roofline(data: dict, path: str | Path) -> Path:
     """The GPU suite's roofline: every correct timing (invalid ones left out) of every section."""
     plt = _pyplot()
     runs = []
-    for section in ("prefill", "train", "decode"):
+    for section in MARKERS:
         results = [r for r in data["results"] if r["section"] == section and r["status"] == "ok"]
         if results:
             runs.append(dict(data, mode=section, results=results))

@@ -26,6 +26,17 @@ CONVENTIONS = """\
   The non-absorbed path is counted with its own per-head cache bytes, so compare decode contenders by time.
 - Bytes of prefill: every operand read once and the output written once (x 3 in training);
   of the module: weights once plus input and output (a lower bound).
+- DeepSeek Sparse Attention (GPU suite): each query attends min(visible keys, top_k) keys, so
+  attention is 2 * H * (Dqk + Dv) per attended key with the absorbed widths (576, 512), not the causal
+  half of the sequence; the lightning indexer adds 2 * H_I * (d_I + 1) per scored key (every visible key;
+  the whole cache per new token in decode). Bytes, a lower bound: every key row once (decode: each
+  sequence's selected rows once), the indexer's operands, and its fp32 scores written and read back
+  by top-k; FP8 cache rows count 656 B, FP8 indexer keys 132 B.
+- DeepSeek-V4 compressed layers (GPU suite, the whole layer): a query attends min(window, position + 1)
+  raw keys plus its visible entries (HCA: (position + 1) // rate of them; CSA: at most top_k), 2 * H *
+  2 * head_dim per key (K = V), summed over the exact positions; CSA's indexer as above per scored
+  entry; the gated pooling; 2 FLOPs per projection weight per token. Decode bytes add what each
+  sequence reads of its cache: the ring, the pending windows, the attended entries, the indexer keys.
 - Roofline fraction = max(bytes / HBM bandwidth, flops / dense bf16 peak) / time, for known GPUs only
   (H100 SXM 3.35 TB/s and 989 TF, H200 4.8 TB/s and 989 TF, ...); none for unknown GPUs or fp32.
 - Timing: triton.testing.do_bench, median, L2 flushed before every timed run (fresh L2 for decode);

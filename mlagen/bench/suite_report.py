@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from mlagen.bench.suite import SCHEMA, SECTION_TITLES
+from mlagen.bench.suite import SCHEMA, SECTION_TITLES, SECTIONS, is_decode
 from mlagen.errors import MlagenError
 
 TITLE = "## GPU suite: mlagen beside its peers on one GPU"
@@ -28,7 +28,37 @@ and MLA 192/128 (DeepSeek-V2-Lite's 16 heads, DeepSeek-V3's 128) at 1k / 4k / 16
 compile time excluded and shown apart), the Triton tutorial-style baseline, torch SDPA over the latent
 cache, and FlashMLA / FlashInfer where installed. Each point is checked at its own shape before it is timed
 (triton.testing.do_bench, median, L2 flushed before every run); the grid is trimmed, lowest tier first, to
-fit the time budget, and a point left out says why."""
+fit the time budget, and a point left out says why.
+
+The two newest DeepSeek attention kinds, with the same rules. DeepSeek Sparse Attention (DeepSeek-V3.2's
+spec: 128 heads, a 64-head lightning indexer, top 2048 keys): prefill and forward + backward at 4k / 16k
+tokens (indexer kernel, torch.topk, sparse MLA kernel in the absorbed form), and decode over the paged latent
+cache in bf16 and in FlashMLA's FP8 layout (128 and 16 heads; batch 1 / 16 / 64; cache 4k / 32k; 1 and 2 new
+tokens), beside mlagen's dense MLA of the same shape (what DSA saves: DeepSeek-V3's expanded prefill kernel,
+the absorbed decode kernel over every cached row) and FlashMLA's sparse kernels where importable. Its checks
+judge the indexer's scores (and which keys are visible, exactly) against the fp64 scores, and the sparse
+attention over the fp64 selection against the fp64 attention: a selection that rounding reorders at the k-th
+score is not an error. DeepSeek-V4 (its three layer types: CSA with a 512-entry indexer, HCA, sliding window
+only): the whole generated layer, prefill and forward + backward at 4k / 16k tokens and decode over its
+compressed cache (batch 1 / 16 / 64; cache 4k / 32k; 1 and 2 new tokens), beside the same layer's eager
+reference_forward (refused, with the size, where its score matrix would not fit) and FlashMLA's MODEL1
+kernels where importable. DSA's checks run at 2112 tokens, past its 2048-key selection; V4's at 1040 tokens
+(260 entries): in bf16 a whole-layer check would fail, with no bug, wherever the bf16 projections reorder
+CSA's 512th entry differently for the kernels and the eager layer; the fp32 smoke run and
+tests/test_compressed.py check that selection biting.
+
+How their FLOPs and bytes are counted. Sparse attention: 2 x H x (Dqk + Dv) per attended key with Dqk =
+latent + rope (576) and Dv = latent (512), each query attending min(its visible keys, top_k) keys (not the
+causal half of the sequence); the indexer adds 2 x H_I x (d_I + 1) per scored key (every visible key, causal
+half in prefill, the whole cache per new token in decode); bytes, a lower bound: queries, outputs and keys
+once (prefill: a query's gathered rows are not counted again; decode: each sequence's selected rows once),
+the indexer's operands and its fp32 scores written and read back by top-k, FP8 rows at 656 B and indexer keys
+at 132 B. Compressed layers: 2 x H x 2 x head_dim per
+attended key, a query attending min(window, its position + 1) raw keys plus its visible entries (HCA: all of
+them, position + 1 over the rate; CSA: at most top_k of them), summed over the exact positions; the CSA
+indexer as above per scored entry; the gated pooling; and 2 FLOPs per projection weight per token (training:
+attention x 3.5, projections x 3); bytes: weights once plus input and output, and for decode what each
+sequence reads of its cache (the ring, the pending windows, the attended entries, CSA's indexer keys)."""
 
 
 def load_suites(directory: str | Path) -> list[dict]:
@@ -95,13 +125,15 @@ def _g(value) -> str:
     return "–" if value is None else f"{value:.3g}"
 
 
-def _cell(record: dict, decode: bool) -> str:
+def _cell(record: dict, decode: bool, with_time: bool = False) -> str:
     status = record["status"]
     if status in ("ok", "invalid"):
         roof = record["roofline_fraction"]
         share = f" ({100 * roof:.0f}%)" if roof is not None else ""
         if decode:
             text = f"{1e3 * record['time_ms']:.1f} µs, {record['gbps']:.0f} GB/s, {record['tflops']:.0f} TF{share}"
+        elif with_time:  # the families' contenders compute different things: compare them by time
+            text = f"{record['time_ms']:.2f} ms, {record['tflops']:.1f} TF{share}"
         else:
             text = f"{record['tflops']:.1f} TF{share}"
         return text + (" **invalid**" if status == "invalid" else "")
@@ -113,7 +145,8 @@ def _pivot(data: dict, section: str) -> list[str]:
     records = [r for r in data["results"] if r["section"] == section]
     if not records:
         return []
-    decode = section == "decode"
+    decode = is_decode(section)
+    family = section not in ("prefill", "train", "decode")
     names = list(dict.fromkeys(r["contender"] for r in records))
     rows: dict[tuple, dict[str, dict]] = {}
     for r in records:
@@ -127,9 +160,14 @@ def _pivot(data: dict, section: str) -> list[str]:
     align = "|---|---:|---:|---:|" if decode else "|---|---:|---:|"
     lines = [head + "".join(f" {n} |" for n in names), align + "---|" * len(names)]
     # Targets in the grid's order (smaller models first), then by the numbers.
-    order = list(data["grid"]["decode_targets" if decode else "prefill_targets"])
+    grid = data["grid"]
+    order = [
+        *grid.get("decode_targets" if decode else "prefill_targets", {}),
+        *grid.get("sparse_targets", {}),
+        *grid.get("compressed_targets", {}),
+    ]
     for key in sorted(rows, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[1:])):
-        cells = " | ".join(_cell(rows[key][n], decode) if n in rows[key] else "–" for n in names)
+        cells = " | ".join(_cell(rows[key][n], decode, family) if n in rows[key] else "–" for n in names)
         lines.append("| " + " | ".join(map(str, key)) + f" | {cells} |")
     return lines
 
@@ -189,10 +227,15 @@ def _gpu_run(data: dict, report_dir: Path) -> list[str]:
         *_checks_table(data),
         "",
     ]
-    for section in ("prefill", "train", "decode"):
+    for section in SECTIONS:
         table = _pivot(data, section)
         if table:
-            unit = "time, GB/s, TF/s (roofline)" if section == "decode" else "TF/s (roofline)"
+            if is_decode(section):
+                unit = "time, GB/s, TF/s (roofline)"
+            elif section in ("prefill", "train"):
+                unit = "TF/s (roofline)"
+            else:
+                unit = "time, TF/s (roofline)"
             title = SECTION_TITLES[section]
             lines += [f"{title[0].upper()}{title[1:]}, {unit}:", "", *table, ""]
     first = _first_calls(data)
