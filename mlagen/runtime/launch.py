@@ -118,11 +118,15 @@ def default_config(
         if mla:
             return BlockConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
         return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    if room == "large":
+        # The tutorial's 128x128 tile on 8 warps (one 64-row wgmma per warpgroup), keys and values
+        # through TMA: 253 registers, 224 KB with 3 stages at d=128 on sm_90; MLA's 192-wide
+        # keys take 209 KB with 2 stages (3 would need 289 KB).
+        return BlockConfig(block_m=128, block_n=128, num_warps=8, num_stages=2 if mla else 3)
     if room != "ampere" or mla:
-        # 8 warps split the 128-row tile: 181 registers for d=128 on sm_90, 255 for MLA's 192+128;
-        # 3 stages where 227 KB hold them (MLA: 168 KB), 2 elsewhere (MLA: 88 KB). On sm_120
-        # 64 rows on 8 warps spill 8-16 bytes at d=128 (ptxas keeps them to 128 registers).
-        return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3 if room == "large" else 2)
+        # 8 warps split the 128-row tile: 255 registers for MLA's 192+128; 2 stages (MLA: 88 KB).
+        # On sm_120 64 rows on 8 warps spill 8-16 bytes at d=128 (ptxas keeps them to 128 registers).
+        return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
     # On sm_80 the 128-row tile spills at d=128, and 64 rows on 4 warps spill 8 bytes
     # with Triton 3.7; 64 rows on 8 warps fit (249-253 registers) on Triton 3.7 and 3.9.
     return BlockConfig(block_m=64, block_n=64, num_warps=8, num_stages=3)
