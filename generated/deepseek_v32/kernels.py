@@ -23,7 +23,7 @@ from mlagen.runtime.attention import (
     split_count,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
-from mlagen.runtime.launch import default_backward_config, default_config, default_decode_config
+from mlagen.runtime.launch import default_backward_config, default_config, default_decode_config, separate_full_tiles
 from mlagen.runtime.mla_decode import DecodeOps
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.sparse import (

@@ -21,7 +21,7 @@ from mlagen.runtime.attention import (
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
-from mlagen.runtime.launch import default_backward_config, default_config
+from mlagen.runtime.launch import default_backward_config, default_config, separate_full_tiles
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.compressed_kernels import (
     KernelOps,

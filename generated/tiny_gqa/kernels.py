@@ -20,7 +20,7 @@ from mlagen.runtime.attention import (
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
-from mlagen.runtime.launch import default_backward_config, default_config
+from mlagen.runtime.launch import default_backward_config, default_config, separate_full_tiles
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.tuning_cache import attention_key, tuned_config
 
@@ -181,12 +181,13 @@ def attention_fwd_qk16_v16(
     seqlen_q, seqlen_k, heads_q, qk_scale, window, q_group_size, k_group_size,
     HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_DESCRIPTORS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_DESCRIPTORS: tl.constexpr, FULL_TILES: tl.constexpr,
 ):
     # Q_A: [B, Sq, Hq, 16]  K_A: [B, Sk, Hk, 16]  V: [B, Sk, Hk, 16]  O: [B, Sq, Hq, 16]
     # LSE: [B, Hq, Sq] fp32, natural log; Hq = Hk * HEAD_GROUP (GQA/MQA read K/V once per group).
     # KEY_DESCRIPTORS: K_A and V are tensor descriptors (TMA) of token rows x head columns
-    # (mlagen.runtime.descriptors.head_rows), else pointers.
+    # (mlagen.runtime.descriptors.head_rows), else pointers. FULL_TILES: the tiles every row sees
+    # whole run in a loop of their own, without masks (else the masked loop visits every tile).
     D_A: tl.constexpr = 16
     PAD_A: tl.constexpr = 16
     D_V: tl.constexpr = 16
@@ -227,25 +228,28 @@ def attention_fwd_qk16_v16(
     full_lo, full_hi = _keys_seen_by_all(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                                          CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M)
     first_tile = (lo // BLOCK_N) * BLOCK_N
-    full_first = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, first_tile), hi)
-    full_last = tl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_first)
-    for start_n in tl.range(full_first, full_last, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        key_ok = offs_n < BLOCK_N  # unused: full tiles read without a mask
-        k_a = _head_rows(K_A, k_a_row + start_n, k_a_column, stride_ka_s, key_ok,
-                         BLOCK_N, PAD_A, D_A, False, False, KEY_DESCRIPTORS)
-        scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
-        values = _head_rows(V, v_row + start_n, v_column, stride_v_s, key_ok,
-                            BLOCK_N, PAD_V, D_V, False, True, KEY_DESCRIPTORS)
-        # qk_scale >= 0 (the launcher checks), so max(scores) * qk_scale is the max of the
-        # scaled scores; every row sees every key of the tile, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
-        p = tl.math.exp2(scores * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = tl.dot(p.to(values.dtype), values, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+    if FULL_TILES:
+        full_first = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, first_tile), hi)
+        full_last = tl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_first)
+        for start_n in tl.range(full_first, full_last, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            key_ok = offs_n < BLOCK_N  # unused: full tiles read without a mask
+            k_a = _head_rows(K_A, k_a_row + start_n, k_a_column, stride_ka_s, key_ok,
+                             BLOCK_N, PAD_A, D_A, False, False, KEY_DESCRIPTORS)
+            scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+            values = _head_rows(V, v_row + start_n, v_column, stride_v_s, key_ok,
+                                BLOCK_N, PAD_V, D_V, False, True, KEY_DESCRIPTORS)
+            # qk_scale >= 0 (the launcher checks), so max(scores) * qk_scale is the max of the
+            # scaled scores; every row sees every key of the tile, so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+            p = tl.math.exp2(scores * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(values.dtype), values, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
 
+    else:
+        full_first, full_last = first_tile, first_tile
     if WINDOWED or GROUP_MASK == 1:
         for start_n in tl.range(first_tile, full_first, BLOCK_N):
             offs_k = start_n + offs_n
@@ -296,9 +300,11 @@ def attention_fwd_qk16_v16(
     tl.store(LSE + off_bh * seqlen_q + offs_m, lse, mask=row_ok)
 
 
-def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, window=None, group_mask=None, config=None, descriptors=None):
+def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, window=None, group_mask=None, config=None, descriptors=None,
+                                  full_tiles=None):
     """Launch attention_fwd_qk16_v16; returns (out [B, Sq, Hq, 16], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs).
-    descriptors: read K and V through tensor descriptors (TMA); None: where the launch's arch has them."""
+    descriptors: read K and V through tensor descriptors (TMA); full_tiles: run the tiles every query
+    of a block sees without masks, in a loop of their own; None: as suits the launch's arch."""
     dims = check_operands(q_a, q_b, k_a, k_b, v, expected=(16, 0, 16))
     if not scale >= 0:
         raise ValueError(f"{scale=} must be >= 0 (a softmax scale)")
@@ -319,6 +325,8 @@ def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, windo
         tables = [head_rows(t, config.block_n, width) for t, width in zip(keys, widths)]
         descriptors = all(t is not None for t in tables)
         keys = tables if descriptors else keys
+    if full_tiles is None:
+        full_tiles = separate_full_tiles(16, q_a.device)
     grid = (triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)
     attention_fwd_qk16_v16[grid](
         q_a, *keys, out, lse,
@@ -327,7 +335,7 @@ def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, windo
         HEAD_GROUP=dims.heads_q // dims.heads_k, DOT_PRECISION=dot_precision(q_a.dtype),
         ACC_DTYPE=accumulator(q_a.dtype),
         CAUSAL=causal, WINDOWED=window is not None, GROUP_MASK=mask_code,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, KEY_DESCRIPTORS=descriptors,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, KEY_DESCRIPTORS=descriptors, FULL_TILES=full_tiles,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse

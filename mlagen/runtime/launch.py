@@ -114,15 +114,22 @@ def default_config(
             return BlockConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)  # 96 KB for MLA
         if room == "ampere":
             return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)  # 144 KB for MLA
-        # 128x64 on 8 warps: 192 KB at d=128; MLA's 192-wide K takes 256 KB there, so 64x32.
+        # 128x64 on 8 warps: 192 KB at d=128 on sm_90, 257 KB on sm_100 (tcgen05 stages more),
+        # where 64x64 on 4 warps takes 224 KB; MLA's 192-wide K takes 256 KB there, so 64x32.
         if mla:
             return BlockConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
+        if arch >= 100:
+            return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
         return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
-    if room == "large":
+    if room == "large" and arch < 100:
         # The tutorial's 128x128 tile on 8 warps (one 64-row wgmma per warpgroup), keys and values
-        # through TMA: 253 registers, 224 KB with 3 stages at d=128 on sm_90; MLA's 192-wide
+        # through TMA: 255 registers, 225 KB with 3 stages at d=128 on sm_90; MLA's 192-wide
         # keys take 209 KB with 2 stages (3 would need 289 KB).
         return BlockConfig(block_m=128, block_n=128, num_warps=8, num_stages=2 if mla else 3)
+    if room == "large":
+        # On sm_100 the 128x128 tile spills 24-112 bytes (8 warps) or more (4 warps); 128x64
+        # fits in 190 (d=128) and 200 (MLA) registers, 129 and 145 KB with 3 stages.
+        return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     if room != "ampere" or mla:
         # 8 warps split the 128-row tile: 255 registers for MLA's 192+128; 2 stages (MLA: 88 KB).
         # On sm_120 64 rows on 8 warps spill 8-16 bytes at d=128 (ptxas keeps them to 128 registers).
@@ -130,6 +137,16 @@ def default_config(
     # On sm_80 the 128-row tile spills at d=128, and 64 rows on 4 warps spill 8 bytes
     # with Triton 3.7; 64 rows on 8 warps fit (249-253 registers) on Triton 3.7 and 3.9.
     return BlockConfig(block_m=64, block_n=64, num_warps=8, num_stages=3)
+
+
+def separate_full_tiles(head_dim_qk: int, device: torch.device, arch: int | None = None) -> bool:
+    """Whether the forward runs the key tiles every query of its block sees in a loop of their
+    own, without masks (the masked loop then takes only the edges). Everywhere but MLA-wide
+    query tiles (over 128 columns) on sm_89 and sm_120: with mma.sync a second loop keeps more
+    of the query tile in registers (200 -> 255 registers for 192 columns on sm_120), which
+    spills at every tile their 99 KB allow (measured with Triton 3.9)."""
+    arch = arch or launch_arch(device)
+    return arch is None or head_dim_qk <= 128 or smem_class(arch) != "small"
 
 
 def default_backward_config(
