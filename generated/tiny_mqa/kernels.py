@@ -326,7 +326,7 @@ def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, windo
         descriptors = all(t is not None for t in tables)
         keys = tables if descriptors else keys
     if full_tiles is None:
-        full_tiles = separate_full_tiles(16, q_a.device)
+        full_tiles = separate_full_tiles(16, q_a.device, dtype=q_a.dtype)
     grid = (triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)
     attention_fwd_qk16_v16[grid](
         q_a, *keys, out, lse,

@@ -139,14 +139,17 @@ def default_config(
     return BlockConfig(block_m=64, block_n=64, num_warps=8, num_stages=3)
 
 
-def separate_full_tiles(head_dim_qk: int, device: torch.device, arch: int | None = None) -> bool:
+def separate_full_tiles(
+    head_dim_qk: int, device: torch.device, arch: int | None = None, dtype: torch.dtype | None = None
+) -> bool:
     """Whether the forward runs the key tiles every query of its block sees in a loop of their
-    own, without masks (the masked loop then takes only the edges). Everywhere but MLA-wide
-    query tiles (over 128 columns) on sm_89 and sm_120: with mma.sync a second loop keeps more
-    of the query tile in registers (200 -> 255 registers for 192 columns on sm_120), which
-    spills at every tile their 99 KB allow (measured with Triton 3.9)."""
+    own, without masks (the masked loop then takes only the edges). Everywhere but 16-bit
+    MLA-wide query tiles (over 128 columns) on sm_89 and sm_120: with mma.sync a second loop
+    keeps more of the 128-row query tile in registers (200 -> 255 registers for 192 columns on
+    sm_120), which spills at every tile their 99 KB allow; fp32's 64-row tiles fit (measured
+    with Triton 3.9)."""
     arch = arch or launch_arch(device)
-    return arch is None or head_dim_qk <= 128 or smem_class(arch) != "small"
+    return arch is None or head_dim_qk <= 128 or smem_class(arch) != "small" or _wide_elements(dtype)
 
 
 def default_backward_config(
