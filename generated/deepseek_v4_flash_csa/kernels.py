@@ -125,18 +125,16 @@ def _visible(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_s
 @triton.jit
 def _head_rows(source, row, column, stride_s, row_ok,
                BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
-               MASKED: tl.constexpr, ZEROS: tl.constexpr, DESCRIPTOR: tl.constexpr):
+               MASKED: tl.constexpr, DESCRIPTOR: tl.constexpr):
     # [BLOCK, PAD] rows row .. row + BLOCK - 1; columns past WIDTH read as zeros. A descriptor
     # is the 2D token-row view: `row` counts from the tensor's first token, `column` is the
     # head's first column. A pointer `source` already points at the head's first token, and
-    # `column` is unused. Full tiles of in-bounds rows read without a mask. In MASKED tiles
-    # the rows outside row_ok may lie past the tensor: plain loads read them as zeros, a
-    # descriptor reads a neighbouring batch's rows (zeros past the tensor's end), zeroed in
-    # registers only where ZEROS asks (values: 0 * NaN in P @ V; a key's score is masked anyway).
+    # `column` is unused. Full tiles of in-bounds rows read without a mask. In MASKED tiles the
+    # rows outside row_ok may lie past the tensor: plain loads read them as zeros; a descriptor
+    # reads what lies there (a neighbouring batch's rows; zeros past the tensor's end), which
+    # suits keys only, whose scores there are masked anyway.
     if DESCRIPTOR:
         tile = source.load([row, column])
-        if MASKED and ZEROS:
-            tile = tl.where(row_ok[:, None], tile, 0.0).to(tile.dtype)
     else:
         offs_row = row + tl.arange(0, BLOCK)
         offs_col = tl.arange(0, PAD)

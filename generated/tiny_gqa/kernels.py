@@ -115,18 +115,16 @@ def _visible(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_s
 @triton.jit
 def _head_rows(source, row, column, stride_s, row_ok,
                BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
-               MASKED: tl.constexpr, ZEROS: tl.constexpr, DESCRIPTOR: tl.constexpr):
+               MASKED: tl.constexpr, DESCRIPTOR: tl.constexpr):
     # [BLOCK, PAD] rows row .. row + BLOCK - 1; columns past WIDTH read as zeros. A descriptor
     # is the 2D token-row view: `row` counts from the tensor's first token, `column` is the
     # head's first column. A pointer `source` already points at the head's first token, and
-    # `column` is unused. Full tiles of in-bounds rows read without a mask. In MASKED tiles
-    # the rows outside row_ok may lie past the tensor: plain loads read them as zeros, a
-    # descriptor reads a neighbouring batch's rows (zeros past the tensor's end), zeroed in
-    # registers only where ZEROS asks (values: 0 * NaN in P @ V; a key's score is masked anyway).
+    # `column` is unused. Full tiles of in-bounds rows read without a mask. In MASKED tiles the
+    # rows outside row_ok may lie past the tensor: plain loads read them as zeros; a descriptor
+    # reads what lies there (a neighbouring batch's rows; zeros past the tensor's end), which
+    # suits keys only, whose scores there are masked anyway.
     if DESCRIPTOR:
         tile = source.load([row, column])
-        if MASKED and ZEROS:
-            tile = tl.where(row_ok[:, None], tile, 0.0).to(tile.dtype)
     else:
         offs_row = row + tl.arange(0, BLOCK)
         offs_col = tl.arange(0, PAD)
@@ -173,7 +171,7 @@ def _attention_bwd_delta(O, DO, DELTA, stride_o_b, stride_o_s, stride_o_h, strid
 
 @triton.jit
 def attention_fwd_qk16_v16(
-    Q_A, K_A, V, O, LSE,
+    Q_A, K_A, V, V_ROWS, O, LSE,
     stride_qa_b, stride_qa_s, stride_qa_h,
     stride_ka_b, stride_ka_s, stride_ka_h,
     stride_v_b, stride_v_s, stride_v_h,
@@ -186,8 +184,9 @@ def attention_fwd_qk16_v16(
     # Q_A: [B, Sq, Hq, 16]  K_A: [B, Sk, Hk, 16]  V: [B, Sk, Hk, 16]  O: [B, Sq, Hq, 16]
     # LSE: [B, Hq, Sq] fp32, natural log; Hq = Hk * HEAD_GROUP (GQA/MQA read K/V once per group).
     # KEY_DESCRIPTORS: K_A and V are tensor descriptors (TMA) of token rows x head columns
-    # (mlagen.runtime.descriptors.head_rows), else pointers. FULL_TILES: the tiles every row sees
-    # whole run in a loop of their own, without masks (else the masked loop visits every tile).
+    # (mlagen.runtime.descriptors.head_rows), else pointers; V_ROWS: V's pointer (masked tiles).
+    # FULL_TILES: the tiles every row sees whole run in a loop of their own, without masks
+    # (else the masked loop visits every tile).
     D_A: tl.constexpr = 16
     PAD_A: tl.constexpr = 16
     D_V: tl.constexpr = 16
@@ -216,6 +215,7 @@ def attention_fwd_qk16_v16(
         k_a_row, k_a_column = 0, 0
         v_row, v_column = 0, 0
 
+    V_ROWS += off_b * stride_v_b + off_kh * stride_v_h
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, PAD_V], ACC_DTYPE)
@@ -235,10 +235,10 @@ def attention_fwd_qk16_v16(
             start_n = tl.multiple_of(start_n, BLOCK_N)
             key_ok = offs_n < BLOCK_N  # unused: full tiles read without a mask
             k_a = _head_rows(K_A, k_a_row + start_n, k_a_column, stride_ka_s, key_ok,
-                             BLOCK_N, PAD_A, D_A, False, False, KEY_DESCRIPTORS)
+                             BLOCK_N, PAD_A, D_A, False, KEY_DESCRIPTORS)
             scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
             values = _head_rows(V, v_row + start_n, v_column, stride_v_s, key_ok,
-                                BLOCK_N, PAD_V, D_V, False, True, KEY_DESCRIPTORS)
+                                BLOCK_N, PAD_V, D_V, False, KEY_DESCRIPTORS)
             # qk_scale >= 0 (the launcher checks), so max(scores) * qk_scale is the max of the
             # scaled scores; every row sees every key of the tile, so m_new is finite.
             m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
@@ -247,37 +247,23 @@ def attention_fwd_qk16_v16(
             l_i = l_i * alpha + tl.sum(p, 1)
             acc = tl.dot(p.to(values.dtype), values, acc * alpha[:, None], input_precision=DOT_PRECISION)
             m_i = m_new
-
     else:
         full_first, full_last = first_tile, first_tile
-    if WINDOWED or GROUP_MASK == 1:
-        for start_n in tl.range(first_tile, full_first, BLOCK_N):
-            offs_k = start_n + offs_n
-            key_ok = (offs_k >= lo) & (offs_k < hi)  # hi <= seqlen_k
-            k_a = _head_rows(K_A, k_a_row + start_n, k_a_column, stride_ka_s, key_ok,
-                             BLOCK_N, PAD_A, D_A, True, False, KEY_DESCRIPTORS)
-            scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
-            values = _head_rows(V, v_row + start_n, v_column, stride_v_s, key_ok,
-                                BLOCK_N, PAD_V, D_V, True, True, KEY_DESCRIPTORS)
-            keep = _visible(offs_m, offs_k, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
-                            CAUSAL, WINDOWED, GROUP_MASK)
-            scores = tl.where(keep, scores * qk_scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(scores, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(scores - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
-            m_i = m_new
-
-    for start_n in tl.range(full_last, hi, BLOCK_N):
+    leading_tiles = tl.maximum(tl.cdiv(full_first - first_tile, BLOCK_N), 0)
+    trailing_tiles = tl.maximum(tl.cdiv(hi - full_last, BLOCK_N), 0)
+    for tile in tl.range(0, leading_tiles + trailing_tiles):
+        start_n = tl.where(tile < leading_tiles, first_tile + tile * BLOCK_N,
+                           full_last + (tile - leading_tiles) * BLOCK_N)
         offs_k = start_n + offs_n
         key_ok = (offs_k >= lo) & (offs_k < hi)  # hi <= seqlen_k
         k_a = _head_rows(K_A, k_a_row + start_n, k_a_column, stride_ka_s, key_ok,
-                         BLOCK_N, PAD_A, D_A, True, False, KEY_DESCRIPTORS)
+                         BLOCK_N, PAD_A, D_A, True, KEY_DESCRIPTORS)
         scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
-        values = _head_rows(V, v_row + start_n, v_column, stride_v_s, key_ok,
-                            BLOCK_N, PAD_V, D_V, True, True, KEY_DESCRIPTORS)
+        # Plain loads here even with descriptors: a masked tile's values outside [lo, hi) must
+        # read as zeros (0 * NaN in P @ V), which a masked load gives without a pass through
+        # registers (zeroing a descriptor's tile costs the windowed kernels 8-16 spilled bytes
+        # on sm_90).
+        values = _head_rows(V_ROWS, start_n, 0, stride_v_s, key_ok, BLOCK_N, PAD_V, D_V, True, False)
         keep = _visible(offs_m, offs_k, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                         CAUSAL, WINDOWED, GROUP_MASK)
         scores = tl.where(keep, scores * qk_scale, float("-inf"))
@@ -329,7 +315,7 @@ def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, windo
         full_tiles = separate_full_tiles(16, q_a.device, dtype=q_a.dtype)
     grid = (triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)
     attention_fwd_qk16_v16[grid](
-        q_a, *keys, out, lse,
+        q_a, *keys, v, out, lse,
         *q_a.stride()[:3], *k_a.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         dims.seqlen_q, dims.seqlen_k, dims.heads_q, scale * LOG2E, window or 0, q_group_size, k_group_size,
         HEAD_GROUP=dims.heads_q // dims.heads_k, DOT_PRECISION=dot_precision(q_a.dtype),
