@@ -191,7 +191,8 @@ def attention_fwd_qk128_rope64_v128(
     # score = (q_a . k_a + q_b . k_b) * scale: two dots into one score, no concatenated K.
     # LSE: [B, Hq, Sq] fp32, natural log; Hq = Hk * HEAD_GROUP (GQA/MQA read K/V once per group).
     # KEY_DESCRIPTORS: K_A, K_B and V are tensor descriptors (TMA) of token rows x head columns
-    # (mlagen.runtime.descriptors.head_rows), else pointers; V_ROWS: V's pointer (masked tiles).
+    # (mlagen.runtime.descriptors.head_rows), else pointers; V_ROWS: V's pointer, which masked
+    # tiles read (with pointers, V itself).
     # FULL_TILES: the tiles every row sees whole run in a loop of their own, without masks
     # (else the masked loop visits every tile).
     D_A: tl.constexpr = 128
@@ -222,15 +223,16 @@ def attention_fwd_qk128_rope64_v128(
         k_a_row, k_a_column = off_b * (stride_ka_b // stride_ka_s), off_kh * stride_ka_h
         k_b_row, k_b_column = off_b * (stride_kb_b // stride_kb_s), off_kh * stride_kb_h
         v_row, v_column = off_b * (stride_v_b // stride_v_s), off_kh * stride_v_h
+        V_ROWS += off_b * stride_v_b + off_kh * stride_v_h
     else:
         K_A += off_b * stride_ka_b + off_kh * stride_ka_h
         K_B += off_b * stride_kb_b + off_kh * stride_kb_h
         V += off_b * stride_v_b + off_kh * stride_v_h
+        V_ROWS = V
         k_a_row, k_a_column = 0, 0
         k_b_row, k_b_column = 0, 0
         v_row, v_column = 0, 0
 
-    V_ROWS += off_b * stride_v_b + off_kh * stride_v_h
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, PAD_V], ACC_DTYPE)

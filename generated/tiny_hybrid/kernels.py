@@ -184,7 +184,8 @@ def attention_fwd_qk16_v16(
     # Q_A: [B, Sq, Hq, 16]  K_A: [B, Sk, Hk, 16]  V: [B, Sk, Hk, 16]  O: [B, Sq, Hq, 16]
     # LSE: [B, Hq, Sq] fp32, natural log; Hq = Hk * HEAD_GROUP (GQA/MQA read K/V once per group).
     # KEY_DESCRIPTORS: K_A and V are tensor descriptors (TMA) of token rows x head columns
-    # (mlagen.runtime.descriptors.head_rows), else pointers; V_ROWS: V's pointer (masked tiles).
+    # (mlagen.runtime.descriptors.head_rows), else pointers; V_ROWS: V's pointer, which masked
+    # tiles read (with pointers, V itself).
     # FULL_TILES: the tiles every row sees whole run in a loop of their own, without masks
     # (else the masked loop visits every tile).
     D_A: tl.constexpr = 16
@@ -209,13 +210,14 @@ def attention_fwd_qk16_v16(
     if KEY_DESCRIPTORS:
         k_a_row, k_a_column = off_b * (stride_ka_b // stride_ka_s), off_kh * stride_ka_h
         v_row, v_column = off_b * (stride_v_b // stride_v_s), off_kh * stride_v_h
+        V_ROWS += off_b * stride_v_b + off_kh * stride_v_h
     else:
         K_A += off_b * stride_ka_b + off_kh * stride_ka_h
         V += off_b * stride_v_b + off_kh * stride_v_h
+        V_ROWS = V
         k_a_row, k_a_column = 0, 0
         v_row, v_column = 0, 0
 
-    V_ROWS += off_b * stride_v_b + off_kh * stride_v_h
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, PAD_V], ACC_DTYPE)

@@ -111,7 +111,11 @@ def default_config(
     room, mla = smem_class(arch), head_dim_qk + head_dim_v > 256
     if _wide_elements(dtype):
         if room == "small":
-            return BlockConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)  # 96 KB for MLA
+            # 96 KB for MLA; at d=128 ptxas holds 64x32 tiles to 168 registers on sm_120 and
+            # spills 56 bytes, 32x64 fits (142 registers, 89 KB).
+            if mla:
+                return BlockConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+            return BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)
         if room == "ampere":
             return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)  # 144 KB for MLA
         # 128x64 on 8 warps: 192 KB at d=128 on sm_90, 257 KB on sm_100 (tcgen05 stages more),
@@ -143,13 +147,15 @@ def separate_full_tiles(
     head_dim_qk: int, device: torch.device, arch: int | None = None, dtype: torch.dtype | None = None
 ) -> bool:
     """Whether the forward runs the key tiles every query of its block sees in a loop of their
-    own, without masks (the masked loop then takes only the edges). Everywhere but 16-bit
-    MLA-wide query tiles (over 128 columns) on sm_89 and sm_120: with mma.sync a second loop
-    keeps more of the 128-row query tile in registers (200 -> 255 registers for 192 columns on
-    sm_120), which spills at every tile their 99 KB allow; fp32's 64-row tiles fit (measured
-    with Triton 3.9)."""
+    own, without masks (the masked loop then takes only the edges). Not where that second loop
+    spills (measured with Triton 3.9): with mma.sync it keeps more of the query tile in
+    registers, so 16-bit MLA-wide query tiles (over 128 columns) on sm_89 and sm_120 (200 ->
+    255 registers on sm_120) and fp32 on sm_120 (where ptxas holds 64x32 tiles to 168
+    registers and spills 32-56 bytes) keep the one masked loop."""
     arch = arch or launch_arch(device)
-    return arch is None or head_dim_qk <= 128 or smem_class(arch) != "small" or _wide_elements(dtype)
+    if arch is None or smem_class(arch) != "small":
+        return True
+    return _wide_elements(dtype) or head_dim_qk <= 128
 
 
 def default_backward_config(
