@@ -55,7 +55,8 @@ def test_inspect_deepseek_v3_for_sm90_tables_every_kernel(capsys):
             assert clocks == "-", cells
     # FLOPs of the causal forward at 4096 tokens, 128 heads: 2 * H * S(S+1)/2 * (192 + 128)
     assert f"{2 * 128 * 4096 * 4097 // 2 * 320 / 1e9:.3g}" in rows["attention_fwd_qk128_rope64_v128"]
-    assert rows["attention_fwd_qk128_rope64_v128"][2] == "128x64 w8 s3"  # the sm_90 default, as launched
+    assert rows["attention_fwd_qk128_rope64_v128"][2] == "128x128 w8 s2"  # the sm_90 default, as launched
+    assert int(rows["attention_fwd_qk128_rope64_v128"][7]) > 0  # keys and values through TMA
     assert "loop clk/1K: issue-clocks per 1K scores" in out
 
 

@@ -19,7 +19,8 @@ from mlagen.runtime.attention import (
     last_dim_contiguous,
     lse_dtype,
 )
-from mlagen.runtime.launch import default_backward_config, default_config
+from mlagen.runtime.descriptors import head_rows, uses_descriptors
+from mlagen.runtime.launch import default_backward_config, default_config, separate_full_tiles
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.tuning_cache import attention_key, tuned_config
 
@@ -46,6 +47,29 @@ def _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
         hi = tl.minimum(hi, (last_q // q_group_size + 1) * k_group_size)
     if GROUP_MASK == 2:
         hi = tl.minimum(hi, (last_q // q_group_size) * k_group_size)
+    return lo, hi
+
+
+@triton.jit
+def _keys_seen_by_all(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                      CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    # The keys [lo, hi) that every query row of the block sees (empty when lo >= hi): the
+    # forward reads their full tiles without any mask work. Causal limits come from the
+    # block's first row, window limits from its last, group masks need one group per block.
+    first_q = start_m * BLOCK_M
+    last_q = tl.minimum(first_q + BLOCK_M, seqlen_q) - 1
+    lo = 0
+    hi = seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(hi, first_q + seqlen_k - seqlen_q + 1)
+    if WINDOWED:
+        lo = tl.maximum(lo, last_q + seqlen_k - seqlen_q - window + 1)
+    if GROUP_MASK == 1:
+        lo = tl.maximum(lo, (last_q // q_group_size) * k_group_size)
+        hi = tl.minimum(hi, (first_q // q_group_size + 1) * k_group_size)
+    if GROUP_MASK == 2:
+        hi = tl.minimum(hi, (first_q // q_group_size) * k_group_size)
     return lo, hi
 
 
@@ -89,6 +113,32 @@ def _visible(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_s
 
 
 @triton.jit
+def _head_rows(source, row, column, stride_s, row_ok,
+               BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
+               MASKED: tl.constexpr, DESCRIPTOR: tl.constexpr):
+    # [BLOCK, PAD] rows row .. row + BLOCK - 1; columns past WIDTH read as zeros. A descriptor
+    # is the 2D token-row view: `row` counts from the tensor's first token, `column` is the
+    # head's first column. A pointer `source` already points at the head's first token, and
+    # `column` is unused. Full tiles of in-bounds rows read without a mask. In MASKED tiles the
+    # rows outside row_ok may lie past the tensor: plain loads read them as zeros; a descriptor
+    # reads what lies there (a neighbouring batch's rows; zeros past the tensor's end), which
+    # suits keys only, whose scores there are masked anyway.
+    if DESCRIPTOR:
+        tile = source.load([row, column])
+    else:
+        offs_row = row + tl.arange(0, BLOCK)
+        offs_col = tl.arange(0, PAD)
+        ptrs = source + offs_row[:, None] * stride_s + offs_col[None, :]
+        if MASKED:
+            tile = tl.load(ptrs, mask=row_ok[:, None] & (offs_col[None, :] < WIDTH), other=0.0)
+        elif PAD == WIDTH:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_col[None, :] < WIDTH, other=0.0)
+    return tile
+
+
+@triton.jit
 def _probabilities(scores, lse, qk_scale, offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size,
                    k_group_size, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
     # P recomputed from the forward's natural-log LSE. A row that saw no key has lse -inf
@@ -121,7 +171,7 @@ def _attention_bwd_delta(O, DO, DELTA, stride_o_b, stride_o_s, stride_o_h, strid
 
 @triton.jit
 def attention_fwd_qk128_v128(
-    Q_A, K_A, V, O, LSE,
+    Q_A, K_A, V, V_ROWS, O, LSE,
     stride_qa_b, stride_qa_s, stride_qa_h,
     stride_ka_b, stride_ka_s, stride_ka_h,
     stride_v_b, stride_v_s, stride_v_h,
@@ -129,10 +179,15 @@ def attention_fwd_qk128_v128(
     seqlen_q, seqlen_k, heads_q, qk_scale, window, q_group_size, k_group_size,
     HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_DESCRIPTORS: tl.constexpr, FULL_TILES: tl.constexpr,
 ):
     # Q_A: [B, Sq, Hq, 128]  K_A: [B, Sk, Hk, 128]  V: [B, Sk, Hk, 128]  O: [B, Sq, Hq, 128]
     # LSE: [B, Hq, Sq] fp32, natural log; Hq = Hk * HEAD_GROUP (GQA/MQA read K/V once per group).
+    # KEY_DESCRIPTORS: K_A and V are tensor descriptors (TMA) of token rows x head columns
+    # (mlagen.runtime.descriptors.head_rows), else pointers; V_ROWS: V's pointer, which masked
+    # tiles read (with pointers, V itself).
+    # FULL_TILES: the tiles every row sees whole run in a loop of their own, without masks
+    # (else the masked loop visits every tile).
     D_A: tl.constexpr = 128
     PAD_A: tl.constexpr = 128
     D_V: tl.constexpr = 128
@@ -150,25 +205,70 @@ def attention_fwd_qk128_v128(
 
     q_a = tl.load(Q_A + off_b * stride_qa_b + off_h * stride_qa_h + offs_m[:, None] * stride_qa_s + offs_a[None, :],
                   mask=row_ok[:, None] & (offs_a[None, :] < D_A), other=0.0)
-    k_a_rows = K_A + off_b * stride_ka_b + off_kh * stride_ka_h
-    v_rows = V + off_b * stride_v_b + off_kh * stride_v_h
+    # Where the keys of this (batch, key head) start: a descriptor's token row and head column,
+    # or a pointer to the head's first token.
+    if KEY_DESCRIPTORS:
+        k_a_row, k_a_column = off_b * (stride_ka_b // stride_ka_s), off_kh * stride_ka_h
+        v_row, v_column = off_b * (stride_v_b // stride_v_s), off_kh * stride_v_h
+        V_ROWS += off_b * stride_v_b + off_kh * stride_v_h
+    else:
+        K_A += off_b * stride_ka_b + off_kh * stride_ka_h
+        V += off_b * stride_v_b + off_kh * stride_v_h
+        V_ROWS = V
+        k_a_row, k_a_column = 0, 0
+        v_row, v_column = 0, 0
 
     m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
     acc = tl.zeros([BLOCK_M, PAD_V], ACC_DTYPE)
+    # The block visits the tiles from the one holding lo up to hi. Those inside the keys every
+    # row sees, [full_lo, full_hi), run without masks (first: m_i is finite after them); the
+    # edge tiles before (window, group masks) and after (diagonal, group masks, sequence end)
+    # run masked. The three ranges are disjoint, tile-aligned and cover [lo, hi).
     lo, hi = _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                         CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M)
-    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
+    full_lo, full_hi = _keys_seen_by_all(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                                         CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M)
+    first_tile = (lo // BLOCK_N) * BLOCK_N
+    if FULL_TILES:
+        full_first = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, first_tile), hi)
+        full_last = tl.maximum((full_hi // BLOCK_N) * BLOCK_N, full_first)
+        for start_n in tl.range(full_first, full_last, BLOCK_N):
+            start_n = tl.multiple_of(start_n, BLOCK_N)
+            key_ok = offs_n < BLOCK_N  # unused: full tiles read without a mask
+            k_a = _head_rows(K_A, k_a_row + start_n, k_a_column, stride_ka_s, key_ok,
+                             BLOCK_N, PAD_A, D_A, False, KEY_DESCRIPTORS)
+            scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+            values = _head_rows(V, v_row + start_n, v_column, stride_v_s, key_ok,
+                                BLOCK_N, PAD_V, D_V, False, KEY_DESCRIPTORS)
+            # qk_scale >= 0 (the launcher checks), so max(scores) * qk_scale is the max of the
+            # scaled scores; every row sees every key of the tile, so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(scores, 1) * qk_scale)
+            p = tl.math.exp2(scores * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(values.dtype), values, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            m_i = m_new
+    else:
+        full_first, full_last = first_tile, first_tile
+    leading_tiles = tl.maximum(tl.cdiv(full_first - first_tile, BLOCK_N), 0)
+    trailing_tiles = tl.maximum(tl.cdiv(hi - full_last, BLOCK_N), 0)
+    for tile in tl.range(0, leading_tiles + trailing_tiles):
+        start_n = tl.where(tile < leading_tiles, first_tile + tile * BLOCK_N,
+                           full_last + (tile - leading_tiles) * BLOCK_N)
         offs_k = start_n + offs_n
         key_ok = (offs_k >= lo) & (offs_k < hi)  # hi <= seqlen_k
-        k_a = tl.load(k_a_rows + offs_k[None, :] * stride_ka_s + offs_a[:, None],
-                      mask=key_ok[None, :] & (offs_a[:, None] < D_A), other=0.0)
-        scores = tl.dot(q_a, k_a, input_precision=DOT_PRECISION)
+        k_a = _head_rows(K_A, k_a_row + start_n, k_a_column, stride_ka_s, key_ok,
+                         BLOCK_N, PAD_A, D_A, True, KEY_DESCRIPTORS)
+        scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+        # Plain loads here even with descriptors: a masked tile's values outside [lo, hi) must
+        # read as zeros (0 * NaN in P @ V), which a masked load gives without a pass through
+        # registers (zeroing a descriptor's tile costs the windowed kernels 8-16 spilled bytes
+        # on sm_90).
+        values = _head_rows(V_ROWS, start_n, 0, stride_v_s, key_ok, BLOCK_N, PAD_V, D_V, True, False)
         keep = _visible(offs_m, offs_k, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                         CAUSAL, WINDOWED, GROUP_MASK)
         scores = tl.where(keep, scores * qk_scale, float("-inf"))
-        values = tl.load(v_rows + offs_k[:, None] * stride_v_s + offs_v[None, :],
-                         mask=key_ok[:, None] & (offs_v[None, :] < D_V), other=0.0)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(scores - m_safe[:, None])
@@ -188,9 +288,14 @@ def attention_fwd_qk128_v128(
     tl.store(LSE + off_bh * seqlen_q + offs_m, lse, mask=row_ok)
 
 
-def attention_fwd_qk128_v128_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, window=None, group_mask=None, config=None):
-    """Launch attention_fwd_qk128_v128; returns (out [B, Sq, Hq, 128], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs)."""
+def attention_fwd_qk128_v128_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, window=None, group_mask=None, config=None, descriptors=None,
+                                    full_tiles=None):
+    """Launch attention_fwd_qk128_v128; returns (out [B, Sq, Hq, 128], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs).
+    descriptors: read K and V through tensor descriptors (TMA); full_tiles: run the tiles every query
+    of a block sees without masks, in a loop of their own; None: as suits the launch's arch."""
     dims = check_operands(q_a, q_b, k_a, k_b, v, expected=(128, 0, 128))
+    if not scale >= 0:
+        raise ValueError(f"{scale=} must be >= 0 (a softmax scale)")
     q_a, q_b, k_a, k_b, v = (last_dim_contiguous(t) for t in (q_a, q_b, k_a, k_b, v))
     mask_code, q_group_size, k_group_size = group_mask_args(group_mask)
     if config is None:
@@ -199,15 +304,27 @@ def attention_fwd_qk128_v128_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, win
                   or default_config(128, 128, q_a.device, dtype=q_a.dtype))
     out = torch.empty((dims.batch, dims.seqlen_q, dims.heads_q, 128), dtype=q_a.dtype, device=q_a.device)
     lse = torch.empty((dims.batch, dims.heads_q, dims.seqlen_q), dtype=lse_dtype(q_a.dtype), device=q_a.device)
+    keys = (k_a, v)
+    if descriptors is None:
+        descriptors = uses_descriptors(q_a.device)
+    if descriptors:
+        # All or none: one constexpr for the three; a layout TMA cannot read takes plain loads.
+        widths = (128, 128)
+        tables = [head_rows(t, config.block_n, width) for t, width in zip(keys, widths)]
+        descriptors = all(t is not None for t in tables)
+        keys = tables if descriptors else keys
+    if full_tiles is None:
+        full_tiles = separate_full_tiles(128, q_a.device, dtype=q_a.dtype)
     grid = (triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)
     attention_fwd_qk128_v128[grid](
-        q_a, k_a, v, out, lse,
+        q_a, *keys, v, out, lse,
         *q_a.stride()[:3], *k_a.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         dims.seqlen_q, dims.seqlen_k, dims.heads_q, scale * LOG2E, window or 0, q_group_size, k_group_size,
         HEAD_GROUP=dims.heads_q // dims.heads_k, DOT_PRECISION=dot_precision(q_a.dtype),
         ACC_DTYPE=accumulator(q_a.dtype),
         CAUSAL=causal, WINDOWED=window is not None, GROUP_MASK=mask_code,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, KEY_DESCRIPTORS=descriptors, FULL_TILES=full_tiles,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
 

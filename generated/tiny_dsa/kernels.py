@@ -22,7 +22,8 @@ from mlagen.runtime.attention import (
     lse_dtype,
     split_count,
 )
-from mlagen.runtime.launch import default_backward_config, default_config, default_decode_config
+from mlagen.runtime.descriptors import head_rows, uses_descriptors
+from mlagen.runtime.launch import default_backward_config, default_config, default_decode_config, separate_full_tiles
 from mlagen.runtime.mla_decode import DecodeOps
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.sparse import (
@@ -70,6 +71,29 @@ def _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
 
 
 @triton.jit
+def _keys_seen_by_all(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                      CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
+                      BLOCK_M: tl.constexpr):
+    # The keys [lo, hi) that every query row of the block sees (empty when lo >= hi): the
+    # forward reads their full tiles without any mask work. Causal limits come from the
+    # block's first row, window limits from its last, group masks need one group per block.
+    first_q = start_m * BLOCK_M
+    last_q = tl.minimum(first_q + BLOCK_M, seqlen_q) - 1
+    lo = 0
+    hi = seqlen_k
+    if CAUSAL:
+        hi = tl.minimum(hi, first_q + seqlen_k - seqlen_q + 1)
+    if WINDOWED:
+        lo = tl.maximum(lo, last_q + seqlen_k - seqlen_q - window + 1)
+    if GROUP_MASK == 1:
+        lo = tl.maximum(lo, (last_q // q_group_size) * k_group_size)
+        hi = tl.minimum(hi, (first_q // q_group_size + 1) * k_group_size)
+    if GROUP_MASK == 2:
+        hi = tl.minimum(hi, (first_q // q_group_size) * k_group_size)
+    return lo, hi
+
+
+@triton.jit
 def _query_range(start_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                  CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -106,6 +130,32 @@ def _visible(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_s
     if GROUP_MASK == 2:
         keep = keep & (offs_n[None, :] // k_group_size < offs_m[:, None] // q_group_size)
     return keep
+
+
+@triton.jit
+def _head_rows(source, row, column, stride_s, row_ok,
+               BLOCK: tl.constexpr, PAD: tl.constexpr, WIDTH: tl.constexpr,
+               MASKED: tl.constexpr, DESCRIPTOR: tl.constexpr):
+    # [BLOCK, PAD] rows row .. row + BLOCK - 1; columns past WIDTH read as zeros. A descriptor
+    # is the 2D token-row view: `row` counts from the tensor's first token, `column` is the
+    # head's first column. A pointer `source` already points at the head's first token, and
+    # `column` is unused. Full tiles of in-bounds rows read without a mask. In MASKED tiles the
+    # rows outside row_ok may lie past the tensor: plain loads read them as zeros; a descriptor
+    # reads what lies there (a neighbouring batch's rows; zeros past the tensor's end), which
+    # suits keys only, whose scores there are masked anyway.
+    if DESCRIPTOR:
+        tile = source.load([row, column])
+    else:
+        offs_row = row + tl.arange(0, BLOCK)
+        offs_col = tl.arange(0, PAD)
+        ptrs = source + offs_row[:, None] * stride_s + offs_col[None, :]
+        if MASKED:
+            tile = tl.load(ptrs, mask=row_ok[:, None] & (offs_col[None, :] < WIDTH), other=0.0)
+        elif PAD == WIDTH:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=offs_col[None, :] < WIDTH, other=0.0)
+    return tile
 
 
 @triton.jit

@@ -111,21 +111,51 @@ def default_config(
     room, mla = smem_class(arch), head_dim_qk + head_dim_v > 256
     if _wide_elements(dtype):
         if room == "small":
-            return BlockConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)  # 96 KB for MLA
+            # 96 KB for MLA; at d=128 ptxas holds 64x32 tiles to 168 registers on sm_120 and
+            # spills 56 bytes, 32x64 fits there (142 registers, 89 KB) but spills 8 on sm_89.
+            if mla or arch // 10 != 12:
+                return BlockConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
+            return BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)
         if room == "ampere":
             return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)  # 144 KB for MLA
-        # 128x64 on 8 warps: 192 KB at d=128; MLA's 192-wide K takes 256 KB there, so 64x32.
+        # 128x64 on 8 warps: 192 KB at d=128 on sm_90, 257 KB on sm_100 (tcgen05 stages more),
+        # where 64x64 on 4 warps takes 224 KB; MLA's 192-wide K takes 256 KB there, so 64x32.
         if mla:
             return BlockConfig(block_m=64, block_n=32, num_warps=4, num_stages=3)
+        if arch >= 100:
+            return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)
         return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
+    if room == "large" and arch < 100:
+        # The tutorial's 128x128 tile on 8 warps (one 64-row wgmma per warpgroup), keys and values
+        # through TMA: 255 registers, 225 KB with 3 stages at d=128 on sm_90; MLA's 192-wide
+        # keys take 209 KB with 2 stages (3 would need 289 KB).
+        return BlockConfig(block_m=128, block_n=128, num_warps=8, num_stages=2 if mla else 3)
+    if room == "large":
+        # On sm_100 the 128x128 tile spills 24-112 bytes (8 warps) or more (4 warps); 128x64
+        # fits in 190 (d=128) and 200 (MLA) registers, 129 and 145 KB with 3 stages.
+        return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3)
     if room != "ampere" or mla:
-        # 8 warps split the 128-row tile: 181 registers for d=128 on sm_90, 255 for MLA's 192+128;
-        # 3 stages where 227 KB hold them (MLA: 168 KB), 2 elsewhere (MLA: 88 KB). On sm_120
-        # 64 rows on 8 warps spill 8-16 bytes at d=128 (ptxas keeps them to 128 registers).
-        return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=3 if room == "large" else 2)
+        # 8 warps split the 128-row tile: 255 registers for MLA's 192+128; 2 stages (MLA: 88 KB).
+        # On sm_120 64 rows on 8 warps spill 8-16 bytes at d=128 (ptxas keeps them to 128 registers).
+        return BlockConfig(block_m=128, block_n=64, num_warps=8, num_stages=2)
     # On sm_80 the 128-row tile spills at d=128, and 64 rows on 4 warps spill 8 bytes
     # with Triton 3.7; 64 rows on 8 warps fit (249-253 registers) on Triton 3.7 and 3.9.
     return BlockConfig(block_m=64, block_n=64, num_warps=8, num_stages=3)
+
+
+def separate_full_tiles(
+    head_dim_qk: int, device: torch.device, arch: int | None = None, dtype: torch.dtype | None = None
+) -> bool:
+    """Whether the forward runs the key tiles every query of its block sees in a loop of their
+    own, without masks (the masked loop then takes only the edges). Not where that second loop
+    spills (measured with Triton 3.9): with mma.sync it keeps more of the query tile in
+    registers, so 16-bit MLA-wide query tiles (over 128 columns) on sm_89 and sm_120 (200 ->
+    255 registers on sm_120) and fp32 on sm_120 (where ptxas holds 64x32 tiles to 168
+    registers and spills 32-56 bytes) keep the one masked loop."""
+    arch = arch or launch_arch(device)
+    if arch is None or smem_class(arch) != "small":
+        return True
+    return _wide_elements(dtype) or head_dim_qk <= 128
 
 
 def default_backward_config(
