@@ -145,19 +145,26 @@ def default_backward_config(
         return INTERPRETER_CONFIG
     room, mla = smem_class(arch), head_dim_qk + head_dim_v > 256
     if _wide_elements(dtype):
-        if mla or room == "small":
-            # MLA's fp32 dK/dV of 64 keys spills on every arch: mma.sync tiles (issue 15).
+        if mla:  # MLA's fp32 dK/dV of 64 keys spills on every arch: mma.sync tiles (issue 15)
             return BlockConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
+        if room == "small":
+            # ptxas gives 8 warps 128 registers on sm_120 (spills), and a second stage spills 4
+            return BlockConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
         if room == "ampere":
             return BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)  # 112 KB
         return BlockConfig(block_m=16, block_n=128, num_warps=8, num_stages=2)  # 160-176 KB
     if room == "small":
         # 128 held keys spill on sm_120 (ptxas keeps fewer registers there); mma.sync anyway.
         return BlockConfig(block_m=16 if mla else 32, block_n=32, num_warps=4, num_stages=2)
+    if room == "ampere":
+        # mma.sync holds more per thread: the masked loops of window and chunk masks spill 32 rows
+        return BlockConfig(block_m=16, block_n=64 if mla else 128, num_warps=4 if mla else 8, num_stages=2)
     if mla:
-        return BlockConfig(block_m=16, block_n=128 if room == "large" else 64, num_warps=8 if room == "large" else 4,
-                           num_stages=3 if room == "large" else 2)
-    return BlockConfig(block_m=32, block_n=128, num_warps=8, num_stages=3)  # 96 KB (sm_80) to 128 KB
+        return BlockConfig(block_m=16, block_n=128, num_warps=8, num_stages=3)
+    # wgmma keeps dK, dV in registers: on sm_90 a third stage spills the sliding-window dK/dV
+    # and saves no issue slots. tcgen05 keeps them in tensor memory; there 2 stages cap dQ at
+    # 128 registers (sliding window spills) and 3 fit.
+    return BlockConfig(block_m=32, block_n=128, num_warps=8, num_stages=2 if arch == 90 else 3)  # 96-128 KB
 
 
 def default_decode_config(
