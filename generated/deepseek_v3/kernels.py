@@ -92,15 +92,35 @@ def _visible(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_s
 
 
 @triton.jit
+def _visible_t(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
+    # _visible's mask transposed, [keys, queries], and also false for rows past seqlen_q: built
+    # in the dK/dV tile's own layout, as transposing _visible's costs the sliding-window dK/dV
+    # the registers that keep it from spilling. The same rules as _visible (tests compare
+    # every mask's gradients with the reference).
+    keep = (offs_n[:, None] < seqlen_k) & (offs_m[None, :] < seqlen_q)
+    query_pos = offs_m[None, :] + (seqlen_k - seqlen_q)
+    if CAUSAL:
+        keep = keep & (offs_n[:, None] <= query_pos)
+    if WINDOWED:
+        keep = keep & (query_pos - offs_n[:, None] < window)
+    if GROUP_MASK == 1:
+        keep = keep & (offs_n[:, None] // k_group_size == offs_m[None, :] // q_group_size)
+    if GROUP_MASK == 2:
+        keep = keep & (offs_n[:, None] // k_group_size < offs_m[None, :] // q_group_size)
+    return keep
+
+
+@triton.jit
 def _probabilities_t(scores_t, lse, qk_scale, offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size,
                      k_group_size, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
     # P^T [keys, queries] recomputed from the transposed scores and the forward's natural-log
     # LSE, on a tile that holds masked pairs. A row that saw no key has lse -inf and P = 0
     # (the forward gave it zeros), so it adds nothing to any gradient.
-    keep = _visible(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
-                    CAUSAL, WINDOWED, GROUP_MASK) & (offs_m[:, None] < seqlen_q)
+    keep = _visible_t(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                      CAUSAL, WINDOWED, GROUP_MASK)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
-    return tl.where(tl.trans(keep), tl.math.exp2(scores_t * qk_scale - lse2[None, :]), 0.0)
+    return tl.where(keep, tl.math.exp2(scores_t * qk_scale - lse2[None, :]), 0.0)
 
 
 @triton.jit
