@@ -295,8 +295,11 @@ def register_estimate(launcher: Launcher, config: BlockConfig) -> float:
     packed = DTYPE_BYTES[use.dtype] / 4
     m, n = config.block_m, config.block_n
     if launcher.role == "backward":
-        dkdv = n * (pad_qk + pad_v) * (packed + 1) + 2 * m * n  # K, V and dK, dV; P and dP
-        dq = m * (pad_qk + pad_v) * packed + m * pad_qk + 2 * m * n  # Q, dO and dQ; P and dP
+        # Both kernels hold block_n rows (dK/dV: keys, dQ: queries) and stream block_m; their
+        # MMAs read the held K, V (Q, dO) from shared memory, so the fp32 accumulators and the
+        # P, dP tiles are what stays in registers.
+        dkdv = n * (pad_qk + pad_v) + 2 * m * n  # dK, dV; P^T and dP^T
+        dq = n * pad_qk + 2 * m * n  # dQ; P and dP
         values = max(dkdv, dq)
     else:  # forward and decode: Q held, O accumulated, one score tile
         values = m * pad_qk * packed + m * pad_v + m * n
@@ -305,7 +308,7 @@ def register_estimate(launcher: Launcher, config: BlockConfig) -> float:
 
 def shared_estimate(launcher: Launcher, config: BlockConfig) -> int:
     """Bytes of shared memory a config needs at least: one buffer of the tiles its loop
-    streams (forward and dQ: K and V of BLOCK_N keys; dK/dV: Q and dO of BLOCK_M queries;
+    streams (forward: K and V of BLOCK_N keys; backward: Q and dO, or K and V, of block_m rows;
     decode: BLOCK_N cache rows, keys and values at once), half of one without pipelining.
     Only a lower bound prunes safely, and Triton does not always give the loop num_stages
     buffers (1.1 to 3.4 buffers measured for 2 to 4 stages, 0.5 to 3 for one; short and
@@ -319,7 +322,9 @@ def shared_estimate(launcher: Launcher, config: BlockConfig) -> int:
     if launcher.role == "decode":
         streamed = n * pad_qk
     elif launcher.role == "backward":
-        streamed = max(m, n) * (pad_qk + pad_v)  # the larger of dK/dV's (m rows) and dQ's (n keys)
+        # dK/dV streams block_m queries (Q, dO), dQ block_m keys (K, V); min() as the arch
+        # matrix reads a launch's tile back as (BLOCK_M, BLOCK_N), which dQ swaps.
+        streamed = min(m, n) * (pad_qk + pad_v)
     else:
         streamed = n * (pad_qk + pad_v)
     return streamed * element // (1 if config.num_stages > 1 else 2)

@@ -48,6 +48,25 @@ def test_gradients_match_reference(case, dtype):
     _check(case, dtype)
 
 
+# Masks wide enough that the interpreter's 16-row tiles hold tiles with no masked pair, so the
+# kernels' unmasked loops run for windows and chunk masks too (CASES reach them only causal or
+# bidirectional), beside the masked tiles around them.
+FULL_TILE_CASES = [
+    Case("gqa-window-wider-than-tiles", heads_q=4, heads_k=2, seqlen_q=90, seqlen_k=90, window=40),
+    Case("latent-same-chunks-wider-than-tiles", causal=False, seqlen_q=70, seqlen_k=100, group_mask=("same", 35, 50)),
+    Case("latent-earlier-chunks-wider-than-tiles", causal=False, seqlen_q=80, seqlen_k=64,
+         group_mask=("earlier", 40, 32)),
+    Case("split-dots-causal-continuing-a-prefix", package="tiny_mla", heads_q=2, heads_k=2, seqlen_q=40,
+         seqlen_k=75),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", FULL_TILE_CASES, ids=[c.id for c in FULL_TILE_CASES])
+def test_gradients_of_tiles_without_masked_pairs_match_reference(case, dtype):
+    _check(case, dtype)
+
+
 GRADCHECK_CASES = [
     Case("mla-split-causal", package="tiny_mla", heads_q=1, heads_k=1, seqlen_q=3, seqlen_k=3),
     Case("gqa-window", heads_q=2, heads_k=1, seqlen_q=4, seqlen_k=4, window=2),

@@ -45,9 +45,10 @@ NOT_YET_LAUNCHABLE = (
 
 # (kernel role, dtypes, archs) -> why. Today's kernel bodies (issue 15, items 4 and 5, rewrite them):
 GAPS = {
-    # 32-row query tiles (BLOCK_M = 32 < 64) are below wgmma's / tcgen05's M: mma.sync there
-    ("backward_dkdv", "bf16 fp16 fp32", "sm_90 sm_100"): "mma.sync: the backward's 32-row tiles",
-    ("backward_dq", "bf16 fp16 fp32", "sm_90 sm_100"): "mma.sync: the backward's 32-row tiles",
+    # MLA's fp32 dK/dV (192 + 128 wide accumulators) spills at the 64 held keys wgmma and
+    # tcgen05 need, so fp32 MLA keeps 32-row tiles: mma.sync there
+    ("backward_dkdv", "fp32", "sm_90 sm_100"): "mma.sync: MLA's fp32 backward holds 32 rows",
+    ("backward_dq", "fp32", "sm_90 sm_100"): "mma.sync: MLA's fp32 backward holds 32 rows",
     ("decode", "bf16 fp16 fp32", "sm_90 sm_100"): "mma.sync: 16 or 32 (token, head) rows per program",
     # the [16, 512] fp32 latent tile and accumulator need 100 KB at the smallest tiles
     ("decode", "fp32", "sm_89 sm_120"): "over 99 KB of shared memory: the 512-wide latent is not split",

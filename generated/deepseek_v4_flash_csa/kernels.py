@@ -149,14 +149,121 @@ def _head_rows(source, row, column, stride_s, row_ok,
 
 
 @triton.jit
+def _visible_t(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
+    # _visible's mask transposed, [keys, queries], and also false for rows past seqlen_q: built
+    # in the dK/dV tile's own layout, as transposing _visible's costs the sliding-window dK/dV
+    # the registers that keep it from spilling. The same rules as _visible (tests compare
+    # every mask's gradients with the reference).
+    keep = (offs_n[:, None] < seqlen_k) & (offs_m[None, :] < seqlen_q)
+    query_pos = offs_m[None, :] + (seqlen_k - seqlen_q)
+    if CAUSAL:
+        keep = keep & (offs_n[:, None] <= query_pos)
+    if WINDOWED:
+        keep = keep & (query_pos - offs_n[:, None] < window)
+    if GROUP_MASK == 1:
+        keep = keep & (offs_n[:, None] // k_group_size == offs_m[None, :] // q_group_size)
+    if GROUP_MASK == 2:
+        keep = keep & (offs_n[:, None] // k_group_size < offs_m[None, :] // q_group_size)
+    return keep
+
+
+@triton.jit
+def _probabilities_t(scores_t, lse, qk_scale, offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size,
+                     k_group_size, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
+    # P^T [keys, queries] recomputed from the transposed scores and the forward's natural-log
+    # LSE, on a tile that holds masked pairs. A row that saw no key has lse -inf and P = 0
+    # (the forward gave it zeros), so it adds nothing to any gradient.
+    keep = _visible_t(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                      CAUSAL, WINDOWED, GROUP_MASK)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    return tl.where(keep, tl.math.exp2(scores_t * qk_scale - lse2[None, :]), 0.0)
+
+
+@triton.jit
 def _probabilities(scores, lse, qk_scale, offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size,
                    k_group_size, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
-    # P recomputed from the forward's natural-log LSE. A row that saw no key has lse -inf
-    # and P = 0 (the forward gave it zeros), so it adds nothing to any gradient.
+    # P [queries, keys], as _probabilities_t.
     keep = _visible(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                     CAUSAL, WINDOWED, GROUP_MASK) & (offs_m[:, None] < seqlen_q)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     return tl.where(keep, tl.math.exp2(scores * qk_scale - lse2[:, None]), 0.0)
+
+
+@triton.jit
+def _row_tile(base, rows, stride_row, rows_ok, D: tl.constexpr, PAD: tl.constexpr, MASKED: tl.constexpr):
+    # [len(rows), PAD] of a tensor whose rows are `stride_row` apart and whose last dim is
+    # contiguous: columns past D (the head dim's padding to a power of two) read as zeros, and
+    # rows outside rows_ok too unless the tile is known to be whole (MASKED false: no mask work).
+    cols = tl.arange(0, PAD)
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if MASKED:
+        tile = tl.load(ptrs, mask=rows_ok[:, None] & (cols[None, :] < D), other=0.0)
+    elif PAD == D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
+    return tile
+
+
+@triton.jit
+def _unmasked_steps(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    # A loop over [lo, hi) in BLOCK steps from lo (a multiple of BLOCK) split in three:
+    # [lo, mid_lo) and [mid_hi, hi) hold masked pairs, every tile of [mid_lo, mid_hi) lies
+    # inside [full_lo, full_hi), where every pair is visible, and skips the mask work. All
+    # bounds are clamped to [lo, hi] first: integer division rounds towards zero.
+    hi = tl.maximum(hi, lo)  # a block no row of which sees anything can have hi < lo
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    mid_lo = tl.minimum(tl.cdiv(full_lo, BLOCK) * BLOCK, hi)
+    mid_hi = tl.maximum((full_hi // BLOCK) * BLOCK, mid_lo)
+    return mid_lo, mid_hi
+
+
+@triton.jit
+def _queries_seeing_every_key(first_k, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                              CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+    # The query rows [lo, hi) that see every key of [first_k, first_k + BLOCK_N) under the
+    # masks of _visible (an empty range when the block passes seqlen_k).
+    last_k = first_k + BLOCK_N - 1
+    offset = seqlen_k - seqlen_q
+    lo = tl.zeros([], tl.int32)
+    hi = tl.where(last_k < seqlen_k, seqlen_q, 0)
+    if CAUSAL:
+        lo = tl.maximum(lo, last_k - offset)
+    if WINDOWED:
+        hi = tl.minimum(hi, first_k + window - offset)
+    if GROUP_MASK == 1:
+        group = first_k // k_group_size
+        lo = tl.maximum(lo, group * q_group_size)
+        hi = tl.where(last_k // k_group_size == group, tl.minimum(hi, (group + 1) * q_group_size), 0)
+    if GROUP_MASK == 2:
+        lo = tl.maximum(lo, (last_k // k_group_size + 1) * q_group_size)
+    return lo, hi
+
+
+@triton.jit
+def _keys_seen_by_every_query(first_q, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                              CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
+                              BLOCK_M: tl.constexpr):
+    # The keys [lo, hi) that every query of [first_q, first_q + BLOCK_M) sees under the masks
+    # of _visible (an empty range when the block passes seqlen_q).
+    last_q = first_q + BLOCK_M - 1
+    offset = seqlen_k - seqlen_q
+    lo = tl.zeros([], tl.int32)
+    hi = tl.where(last_q < seqlen_q, seqlen_k, 0)
+    if CAUSAL:
+        hi = tl.minimum(hi, first_q + offset + 1)
+    if WINDOWED:
+        lo = tl.maximum(lo, last_q + offset - window + 1)
+    if GROUP_MASK == 1:
+        group = first_q // q_group_size
+        lo = tl.maximum(lo, group * k_group_size)
+        hi = tl.where(last_q // q_group_size == group, tl.minimum(hi, (group + 1) * k_group_size), 0)
+    if GROUP_MASK == 2:
+        hi = tl.minimum(hi, (first_q // q_group_size) * k_group_size)
+    return lo, hi
 
 
 @triton.jit

@@ -139,14 +139,121 @@ def _head_rows(source, row, column, stride_s, row_ok,
 
 
 @triton.jit
+def _visible_t(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
+    # _visible's mask transposed, [keys, queries], and also false for rows past seqlen_q: built
+    # in the dK/dV tile's own layout, as transposing _visible's costs the sliding-window dK/dV
+    # the registers that keep it from spilling. The same rules as _visible (tests compare
+    # every mask's gradients with the reference).
+    keep = (offs_n[:, None] < seqlen_k) & (offs_m[None, :] < seqlen_q)
+    query_pos = offs_m[None, :] + (seqlen_k - seqlen_q)
+    if CAUSAL:
+        keep = keep & (offs_n[:, None] <= query_pos)
+    if WINDOWED:
+        keep = keep & (query_pos - offs_n[:, None] < window)
+    if GROUP_MASK == 1:
+        keep = keep & (offs_n[:, None] // k_group_size == offs_m[None, :] // q_group_size)
+    if GROUP_MASK == 2:
+        keep = keep & (offs_n[:, None] // k_group_size < offs_m[None, :] // q_group_size)
+    return keep
+
+
+@triton.jit
+def _probabilities_t(scores_t, lse, qk_scale, offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size,
+                     k_group_size, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
+    # P^T [keys, queries] recomputed from the transposed scores and the forward's natural-log
+    # LSE, on a tile that holds masked pairs. A row that saw no key has lse -inf and P = 0
+    # (the forward gave it zeros), so it adds nothing to any gradient.
+    keep = _visible_t(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                      CAUSAL, WINDOWED, GROUP_MASK)
+    lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
+    return tl.where(keep, tl.math.exp2(scores_t * qk_scale - lse2[None, :]), 0.0)
+
+
+@triton.jit
 def _probabilities(scores, lse, qk_scale, offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size,
                    k_group_size, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
-    # P recomputed from the forward's natural-log LSE. A row that saw no key has lse -inf
-    # and P = 0 (the forward gave it zeros), so it adds nothing to any gradient.
+    # P [queries, keys], as _probabilities_t.
     keep = _visible(offs_m, offs_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                     CAUSAL, WINDOWED, GROUP_MASK) & (offs_m[:, None] < seqlen_q)
     lse2 = tl.where(lse == float("-inf"), 0.0, lse * 1.4426950408889634)
     return tl.where(keep, tl.math.exp2(scores * qk_scale - lse2[:, None]), 0.0)
+
+
+@triton.jit
+def _row_tile(base, rows, stride_row, rows_ok, D: tl.constexpr, PAD: tl.constexpr, MASKED: tl.constexpr):
+    # [len(rows), PAD] of a tensor whose rows are `stride_row` apart and whose last dim is
+    # contiguous: columns past D (the head dim's padding to a power of two) read as zeros, and
+    # rows outside rows_ok too unless the tile is known to be whole (MASKED false: no mask work).
+    cols = tl.arange(0, PAD)
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if MASKED:
+        tile = tl.load(ptrs, mask=rows_ok[:, None] & (cols[None, :] < D), other=0.0)
+    elif PAD == D:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=cols[None, :] < D, other=0.0)
+    return tile
+
+
+@triton.jit
+def _unmasked_steps(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    # A loop over [lo, hi) in BLOCK steps from lo (a multiple of BLOCK) split in three:
+    # [lo, mid_lo) and [mid_hi, hi) hold masked pairs, every tile of [mid_lo, mid_hi) lies
+    # inside [full_lo, full_hi), where every pair is visible, and skips the mask work. All
+    # bounds are clamped to [lo, hi] first: integer division rounds towards zero.
+    hi = tl.maximum(hi, lo)  # a block no row of which sees anything can have hi < lo
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(tl.minimum(full_hi, hi), full_lo)
+    mid_lo = tl.minimum(tl.cdiv(full_lo, BLOCK) * BLOCK, hi)
+    mid_hi = tl.maximum((full_hi // BLOCK) * BLOCK, mid_lo)
+    return mid_lo, mid_hi
+
+
+@triton.jit
+def _queries_seeing_every_key(first_k, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                              CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
+                              BLOCK_N: tl.constexpr):
+    # The query rows [lo, hi) that see every key of [first_k, first_k + BLOCK_N) under the
+    # masks of _visible (an empty range when the block passes seqlen_k).
+    last_k = first_k + BLOCK_N - 1
+    offset = seqlen_k - seqlen_q
+    lo = tl.zeros([], tl.int32)
+    hi = tl.where(last_k < seqlen_k, seqlen_q, 0)
+    if CAUSAL:
+        lo = tl.maximum(lo, last_k - offset)
+    if WINDOWED:
+        hi = tl.minimum(hi, first_k + window - offset)
+    if GROUP_MASK == 1:
+        group = first_k // k_group_size
+        lo = tl.maximum(lo, group * q_group_size)
+        hi = tl.where(last_k // k_group_size == group, tl.minimum(hi, (group + 1) * q_group_size), 0)
+    if GROUP_MASK == 2:
+        lo = tl.maximum(lo, (last_k // k_group_size + 1) * q_group_size)
+    return lo, hi
+
+
+@triton.jit
+def _keys_seen_by_every_query(first_q, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                              CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
+                              BLOCK_M: tl.constexpr):
+    # The keys [lo, hi) that every query of [first_q, first_q + BLOCK_M) sees under the masks
+    # of _visible (an empty range when the block passes seqlen_q).
+    last_q = first_q + BLOCK_M - 1
+    offset = seqlen_k - seqlen_q
+    lo = tl.zeros([], tl.int32)
+    hi = tl.where(last_q < seqlen_q, seqlen_k, 0)
+    if CAUSAL:
+        hi = tl.minimum(hi, first_q + offset + 1)
+    if WINDOWED:
+        lo = tl.maximum(lo, last_q + offset - window + 1)
+    if GROUP_MASK == 1:
+        group = first_q // q_group_size
+        lo = tl.maximum(lo, group * k_group_size)
+        hi = tl.where(last_q // q_group_size == group, tl.minimum(hi, (group + 1) * k_group_size), 0)
+    if GROUP_MASK == 2:
+        hi = tl.minimum(hi, (first_q // q_group_size) * k_group_size)
+    return lo, hi
 
 
 @triton.jit
@@ -331,6 +438,50 @@ def attention_fwd_qk128_v128_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, win
 
 
 @triton.jit
+def attention_fwd_qk128_v128_dkdv_steps(
+    dk_a, dv, k_a, values, offs_n, start, end, first_head,
+    q_a_rows, do_rows, lse_rows, delta_rows,
+    stride_qa_s, stride_qa_h, stride_do_s, stride_do_h,
+    seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
+    HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
+    GROUP_MASK: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    # dK, dV of the held keys over the queries [start, end) of the HEAD_GROUP query heads
+    # first_head, ... that share them, BLOCK_M queries of one head a step, transposed: P^T and
+    # dP^T are [keys, queries], so the held keys are every dot's M. One flat loop, heads the
+    # fast index, keeps the loads pipelined across heads. Without MASKED every (query, key)
+    # pair of these tiles is visible and every query row exists.
+    # q_a_rows ... delta_rows: batch (and, for LSE and DELTA, first_head) already applied.
+    D_A: tl.constexpr = 128
+    PAD_A: tl.constexpr = 128
+    D_V: tl.constexpr = 128
+    PAD_V: tl.constexpr = 128
+    for step in tl.range(0, tl.cdiv(end - start, BLOCK_M) * HEAD_GROUP):
+        member = step % HEAD_GROUP
+        offs_m = start + (step // HEAD_GROUP) * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seqlen_q
+        off_h = first_head + member
+        q_a = _row_tile(q_a_rows + off_h * stride_qa_h, offs_m, stride_qa_s, row_ok, D_A, PAD_A, MASKED)
+        d_out = _row_tile(do_rows + off_h * stride_do_h, offs_m, stride_do_s, row_ok, D_V, PAD_V, MASKED)
+        scores_t = tl.dot(k_a, tl.trans(q_a), input_precision=DOT_PRECISION)
+        row_stats = member * seqlen_q + offs_m
+        if MASKED:
+            lse = tl.load(lse_rows + row_stats, mask=row_ok, other=0.0)
+            delta = tl.load(delta_rows + row_stats, mask=row_ok, other=0.0)
+            probs_t = _probabilities_t(scores_t, lse, qk_scale, offs_m, offs_n, seqlen_q, seqlen_k, window,
+                                       q_group_size, k_group_size, CAUSAL, WINDOWED, GROUP_MASK)
+        else:
+            lse = tl.load(lse_rows + row_stats)
+            delta = tl.load(delta_rows + row_stats)
+            probs_t = tl.math.exp2(scores_t * qk_scale - (lse * 1.4426950408889634)[None, :])
+        dv += tl.dot(probs_t.to(d_out.dtype), d_out, input_precision=DOT_PRECISION)
+        d_probs_t = tl.dot(values, tl.trans(d_out), input_precision=DOT_PRECISION)
+        d_scores_t = probs_t * (d_probs_t - delta[None, :])  # sm_scale applied once, at the store
+        dk_a += tl.dot(d_scores_t.to(q_a.dtype), q_a, input_precision=DOT_PRECISION)
+    return dk_a, dv
+
+
+@triton.jit
 def attention_fwd_qk128_v128_bwd_dkdv(
     Q_A, K_A, V, DO, LSE, DELTA,
     DK_A, DV,
@@ -343,9 +494,10 @@ def attention_fwd_qk128_v128_bwd_dkdv(
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: BLOCK_N keys of one kv head. dK and dV accumulate over every query head
-    # of the head's group and every query block that sees these keys, so K and V are read
-    # once and each dK/dV row is written once (no atomics, deterministic).
+    # One program: BLOCK_N keys of one kv head (held), BLOCK_M queries per step. dK and dV
+    # accumulate over every query head of the head's group and every query block that sees
+    # these keys, so K and V are read once and each dK/dV row is written once (no atomics,
+    # deterministic).
     # DK_A, DV: [B, Sk, Hk, D] dense.
     D_A: tl.constexpr = 128
     PAD_A: tl.constexpr = 128
@@ -357,47 +509,82 @@ def attention_fwd_qk128_v128_bwd_dkdv(
     off_b = off_bkh // heads_k
     off_kh = off_bkh % heads_k
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_a = tl.arange(0, PAD_A)
-    offs_v = tl.arange(0, PAD_V)
     key_ok = offs_n < seqlen_k
 
-    k_a = tl.load(K_A + off_b * stride_ka_b + off_kh * stride_ka_h + offs_n[:, None] * stride_ka_s + offs_a[None, :],
-                  mask=key_ok[:, None] & (offs_a[None, :] < D_A), other=0.0)
-    values = tl.load(V + off_b * stride_v_b + off_kh * stride_v_h + offs_n[:, None] * stride_v_s + offs_v[None, :],
-                     mask=key_ok[:, None] & (offs_v[None, :] < D_V), other=0.0)
+    k_a = _row_tile(K_A + off_b * stride_ka_b + off_kh * stride_ka_h, offs_n, stride_ka_s, key_ok, D_A, PAD_A, True)
+    values = _row_tile(V + off_b * stride_v_b + off_kh * stride_v_h, offs_n, stride_v_s, key_ok, D_V, PAD_V, True)
     dk_a = tl.zeros([BLOCK_N, PAD_A], ACC_DTYPE)
     dv = tl.zeros([BLOCK_N, PAD_V], ACC_DTYPE)
 
     lo, hi = _query_range(start_n, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                           CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M, BLOCK_N)
-    for group_member in range(HEAD_GROUP):
-        off_h = off_kh * HEAD_GROUP + group_member
-        row_base = off_b * heads_q + off_h
-        for start_m in range(lo, hi, BLOCK_M):
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            row_ok = offs_m < seqlen_q
-            q_a = tl.load(Q_A + off_b * stride_qa_b + off_h * stride_qa_h + offs_m[:, None] * stride_qa_s
-                          + offs_a[None, :], mask=row_ok[:, None] & (offs_a[None, :] < D_A), other=0.0)
-            d_out = tl.load(DO + off_b * stride_do_b + off_h * stride_do_h + offs_m[:, None] * stride_do_s
-                            + offs_v[None, :], mask=row_ok[:, None] & (offs_v[None, :] < D_V), other=0.0)
-            lse = tl.load(LSE + row_base * seqlen_q + offs_m, mask=row_ok, other=0.0)
-            delta = tl.load(DELTA + row_base * seqlen_q + offs_m, mask=row_ok, other=0.0)
-            scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
-
-            probs = _probabilities(scores, lse, qk_scale, offs_m, offs_n, seqlen_q, seqlen_k, window,
-                                   q_group_size, k_group_size, CAUSAL, WINDOWED, GROUP_MASK)
-            dv += tl.dot(tl.trans(probs.to(d_out.dtype)), d_out, input_precision=DOT_PRECISION)
-            d_probs = tl.dot(d_out, tl.trans(values), input_precision=DOT_PRECISION)
-            d_scores = probs * (d_probs - delta[:, None]) * sm_scale
-            dk_a += tl.dot(tl.trans(d_scores.to(q_a.dtype)), q_a, input_precision=DOT_PRECISION)
+    full_lo, full_hi = _queries_seeing_every_key(start_n * BLOCK_N, seqlen_q, seqlen_k, window, q_group_size,
+                                                 k_group_size, CAUSAL, WINDOWED, GROUP_MASK, BLOCK_N)
+    mid_lo, mid_hi = _unmasked_steps(lo, hi, full_lo, full_hi, BLOCK_M)
+    first_head = off_kh * HEAD_GROUP
+    stats_rows = (off_b * heads_q + first_head) * seqlen_q
+    dk_a, dv = attention_fwd_qk128_v128_dkdv_steps(
+        dk_a, dv, k_a, values, offs_n, lo, mid_lo, first_head,
+        Q_A + off_b * stride_qa_b, DO + off_b * stride_do_b,
+        LSE + stats_rows, DELTA + stats_rows,
+        stride_qa_s, stride_qa_h, stride_do_s, stride_do_h,
+        seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
+        HEAD_GROUP, DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=True, BLOCK_M=BLOCK_M)
+    dk_a, dv = attention_fwd_qk128_v128_dkdv_steps(
+        dk_a, dv, k_a, values, offs_n, mid_lo, mid_hi, first_head,
+        Q_A + off_b * stride_qa_b, DO + off_b * stride_do_b,
+        LSE + stats_rows, DELTA + stats_rows,
+        stride_qa_s, stride_qa_h, stride_do_s, stride_do_h,
+        seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
+        HEAD_GROUP, DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=False, BLOCK_M=BLOCK_M)
+    dk_a, dv = attention_fwd_qk128_v128_dkdv_steps(
+        dk_a, dv, k_a, values, offs_n, mid_hi, hi, first_head,
+        Q_A + off_b * stride_qa_b, DO + off_b * stride_do_b,
+        LSE + stats_rows, DELTA + stats_rows,
+        stride_qa_s, stride_qa_h, stride_do_s, stride_do_h,
+        seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
+        HEAD_GROUP, DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=True, BLOCK_M=BLOCK_M)
 
     # Gradients are dense [B, Sk, Hk, D] whatever the inputs' strides were.
+    offs_a = tl.arange(0, PAD_A)
+    offs_v = tl.arange(0, PAD_V)
     rows = (off_b * seqlen_k + offs_n[:, None]) * heads_k + off_kh
-    tl.store(DK_A + rows * D_A + offs_a[None, :], dk_a.to(DK_A.dtype.element_ty),
+    tl.store(DK_A + rows * D_A + offs_a[None, :], (dk_a * sm_scale).to(DK_A.dtype.element_ty),
              mask=key_ok[:, None] & (offs_a[None, :] < D_A))
     tl.store(DV + rows * D_V + offs_v[None, :], dv.to(DV.dtype.element_ty),
              mask=key_ok[:, None] & (offs_v[None, :] < D_V))
 
+
+@triton.jit
+def attention_fwd_qk128_v128_dq_steps(
+    dq_a, q_a, d_out, lse, delta, offs_m, start, end, lo, hi,
+    k_a_rows, v_rows, stride_ka_s, stride_v_s,
+    seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
+    DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
+    MASKED: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # dQ of the held queries over the keys [start, end), BLOCK_N at a time. With MASKED the keys
+    # outside [lo, hi), which no query of the block sees, read as zeros (a NaN there cannot
+    # reach dQ through 0 * NaN); without it every pair of these tiles is visible.
+    D_A: tl.constexpr = 128
+    PAD_A: tl.constexpr = 128
+    D_V: tl.constexpr = 128
+    PAD_V: tl.constexpr = 128
+    for start_n in tl.range(start, end, BLOCK_N):
+        offs_k = start_n + tl.arange(0, BLOCK_N)
+        key_ok = (offs_k >= lo) & (offs_k < hi)  # hi <= seqlen_k
+        k_a = _row_tile(k_a_rows, offs_k, stride_ka_s, key_ok, D_A, PAD_A, MASKED)
+        values = _row_tile(v_rows, offs_k, stride_v_s, key_ok, D_V, PAD_V, MASKED)
+        scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
+        if MASKED:
+            probs = _probabilities(scores, lse, qk_scale, offs_m, offs_k, seqlen_q, seqlen_k, window,
+                                   q_group_size, k_group_size, CAUSAL, WINDOWED, GROUP_MASK)
+        else:
+            probs = tl.math.exp2(scores * qk_scale - (lse * 1.4426950408889634)[:, None])
+        d_probs = tl.dot(d_out, tl.trans(values), input_precision=DOT_PRECISION)
+        d_scores = probs * (d_probs - delta[:, None])  # sm_scale applied once, at the store
+        dq_a += tl.dot(d_scores.to(k_a.dtype), k_a, input_precision=DOT_PRECISION)
+    return dq_a
 
 @triton.jit
 def attention_fwd_qk128_v128_bwd_dq(
@@ -411,7 +598,8 @@ def attention_fwd_qk128_v128_bwd_dq(
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: BLOCK_M queries of one head, walking the keys they see. DQ_A: dense, like Q.
+    # One program: BLOCK_M queries of one head (held), BLOCK_N keys per step.
+    # DQ_A: dense, like Q.
     D_A: tl.constexpr = 128
     PAD_A: tl.constexpr = 128
     D_V: tl.constexpr = 128
@@ -422,15 +610,10 @@ def attention_fwd_qk128_v128_bwd_dq(
     off_h = off_bh % heads_q
     off_kh = off_h // HEAD_GROUP
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_a = tl.arange(0, PAD_A)
-    offs_v = tl.arange(0, PAD_V)
     row_ok = offs_m < seqlen_q
 
-    q_a = tl.load(Q_A + off_b * stride_qa_b + off_h * stride_qa_h + offs_m[:, None] * stride_qa_s + offs_a[None, :],
-                  mask=row_ok[:, None] & (offs_a[None, :] < D_A), other=0.0)
-    d_out = tl.load(DO + off_b * stride_do_b + off_h * stride_do_h + offs_m[:, None] * stride_do_s + offs_v[None, :],
-                    mask=row_ok[:, None] & (offs_v[None, :] < D_V), other=0.0)
+    q_a = _row_tile(Q_A + off_b * stride_qa_b + off_h * stride_qa_h, offs_m, stride_qa_s, row_ok, D_A, PAD_A, True)
+    d_out = _row_tile(DO + off_b * stride_do_b + off_h * stride_do_h, offs_m, stride_do_s, row_ok, D_V, PAD_V, True)
     lse = tl.load(LSE + off_bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
     delta = tl.load(DELTA + off_bh * seqlen_q + offs_m, mask=row_ok, other=0.0)
     dq_a = tl.zeros([BLOCK_M, PAD_A], ACC_DTYPE)
@@ -439,25 +622,31 @@ def attention_fwd_qk128_v128_bwd_dq(
 
     lo, hi = _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
                         CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M)
-    for start_n in range((lo // BLOCK_N) * BLOCK_N, hi, BLOCK_N):
-        offs_k = start_n + offs_n
-        key_ok = (offs_k >= lo) & (offs_k < hi)  # hi <= seqlen_k
-        k_a = tl.load(k_a_rows + offs_k[:, None] * stride_ka_s + offs_a[None, :],
-                      mask=key_ok[:, None] & (offs_a[None, :] < D_A), other=0.0)
-        values = tl.load(v_rows + offs_k[:, None] * stride_v_s + offs_v[None, :],
-                         mask=key_ok[:, None] & (offs_v[None, :] < D_V), other=0.0)
-        scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
-
-        probs = _probabilities(scores, lse, qk_scale, offs_m, offs_k, seqlen_q, seqlen_k, window,
-                               q_group_size, k_group_size, CAUSAL, WINDOWED, GROUP_MASK)
-        d_probs = tl.dot(d_out, tl.trans(values), input_precision=DOT_PRECISION)
-        d_scores = probs * (d_probs - delta[:, None]) * sm_scale
-        dq_a += tl.dot(d_scores.to(k_a.dtype), k_a, input_precision=DOT_PRECISION)
+    first = (lo // BLOCK_N) * BLOCK_N
+    full_lo, full_hi = _keys_seen_by_every_query(start_m * BLOCK_M, seqlen_q, seqlen_k, window, q_group_size,
+                                                 k_group_size, CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M)
+    mid_lo, mid_hi = _unmasked_steps(first, hi, full_lo, full_hi, BLOCK_N)
+    dq_a = attention_fwd_qk128_v128_dq_steps(
+        dq_a, q_a, d_out, lse, delta, offs_m, first, mid_lo, lo, hi,
+        k_a_rows, v_rows, stride_ka_s, stride_v_s,
+        seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
+        DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=True, BLOCK_N=BLOCK_N)
+    dq_a = attention_fwd_qk128_v128_dq_steps(
+        dq_a, q_a, d_out, lse, delta, offs_m, mid_lo, mid_hi, lo, hi,
+        k_a_rows, v_rows, stride_ka_s, stride_v_s,
+        seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
+        DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=False, BLOCK_N=BLOCK_N)
+    dq_a = attention_fwd_qk128_v128_dq_steps(
+        dq_a, q_a, d_out, lse, delta, offs_m, mid_hi, hi, lo, hi,
+        k_a_rows, v_rows, stride_ka_s, stride_v_s,
+        seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
+        DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=True, BLOCK_N=BLOCK_N)
 
     # Gradients are dense [B, Sq, Hq, D] whatever the inputs' strides were (a batch-broadcast
     # query gets one gradient row per batch entry; autograd sums them).
+    offs_a = tl.arange(0, PAD_A)
     rows = (off_b * seqlen_q + offs_m[:, None]) * heads_q + off_h
-    tl.store(DQ_A + rows * D_A + offs_a[None, :], dq_a.to(DQ_A.dtype.element_ty),
+    tl.store(DQ_A + rows * D_A + offs_a[None, :], (dq_a * sm_scale).to(DQ_A.dtype.element_ty),
              mask=row_ok[:, None] & (offs_a[None, :] < D_A))
 
 
@@ -492,7 +681,9 @@ def attention_fwd_qk128_v128_backward(grad_out, q_a, q_b, k_a, k_b, v, out, lse,
     strides = (*q_a.stride()[:3], *k_a.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     attention_fwd_qk128_v128_bwd_dkdv[(triton.cdiv(dims.seqlen_k, config.block_n), dims.batch * dims.heads_k)](
         *operands, dk_a, dv, *strides, *scalars, **flags)
-    attention_fwd_qk128_v128_bwd_dq[(triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)](
+    # dQ's tile is the transpose of dK/dV's: config.block_n held queries, config.block_m keys a step.
+    flags.update(BLOCK_M=config.block_n, BLOCK_N=config.block_m)
+    attention_fwd_qk128_v128_bwd_dq[(triton.cdiv(dims.seqlen_q, config.block_n), dims.batch * dims.heads_q)](
         *operands, dq_a, *strides, *scalars, **flags)
     return dq_a, None, dk_a, None, dv
 

@@ -165,23 +165,36 @@ def default_backward_config(
     arch: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> BlockConfig:
-    """The backward kernels hold K, V, dK, dV (or Q, dO, dQ) tiles at once, so tiles are
-    smaller than the forward's."""
+    """The backward kernels' tile as Triton's tutorial 06 shapes it: block_n rows held by a
+    program (dK/dV: keys, dQ: queries; the M of every dot, so 64 or more where wgmma /
+    tcgen05 should run it) and block_m rows of the other side streamed per step. The held
+    fp32 dK and dV (dQ) accumulators bound the tile: 32 x 128 keeps MLA's 192 + 128 wide dK/dV
+    within 255 registers only at one stage, so MLA streams 16 rows."""
     arch = arch or launch_arch(device)
     if arch is None:
         return INTERPRETER_CONFIG
     room, mla = smem_class(arch), head_dim_qk + head_dim_v > 256
     if _wide_elements(dtype):
-        if mla:  # dK/dV of 32 keys x (192 + 128) in fp32 passes 99 KB; 16 rows per query step fit
-            return BlockConfig(block_m=16 if room == "small" else 32, block_n=32, num_warps=4, num_stages=1)
+        if mla:  # MLA's fp32 dK/dV of 64 keys spills on every arch: mma.sync tiles (issue 15)
+            return BlockConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
         if room == "small":
-            return BlockConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
-        return BlockConfig(block_m=32, block_n=64, num_warps=8, num_stages=1)
-    if mla and room != "large":
-        # MLA's dK/dV tile (192 + 128 wide, plus the fp32 rope-key partial) spills at 64 keys
-        # with mma.sync (sm_80, sm_89, sm_120).
-        return BlockConfig(block_m=32, block_n=32, num_warps=4, num_stages=1)
-    return BlockConfig(block_m=32, block_n=64, num_warps=8, num_stages=1)
+            # ptxas keeps sm_120 kernels to 168 registers on 4 warps and 128 on 8: 16 rows, 1 stage
+            return BlockConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
+        if room == "ampere":
+            return BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)  # 112 KB
+        return BlockConfig(block_m=16, block_n=128, num_warps=8, num_stages=2)  # 160-176 KB
+    if room == "small":
+        # 128 held keys spill on sm_120 (ptxas keeps fewer registers there); mma.sync anyway.
+        return BlockConfig(block_m=16 if mla else 32, block_n=32, num_warps=4, num_stages=2)
+    if room == "ampere":
+        # mma.sync holds more per thread: the masked loops of window and chunk masks spill 32 rows
+        return BlockConfig(block_m=16, block_n=64 if mla else 128, num_warps=4 if mla else 8, num_stages=2)
+    if mla:
+        return BlockConfig(block_m=16, block_n=128, num_warps=8, num_stages=3)
+    # wgmma keeps dK, dV in registers: on sm_90 a third stage spills the sliding-window dK/dV
+    # and saves no issue slots. tcgen05 keeps them in tensor memory; there 2 stages cap dQ at
+    # 128 registers (sliding window spills) and 3 fit.
+    return BlockConfig(block_m=32, block_n=128, num_warps=8, num_stages=2 if arch == 90 else 3)  # 96-128 KB
 
 
 def default_decode_config(
