@@ -133,13 +133,22 @@ def test_right_padding_changes_no_real_token_and_gives_zeros(mla_package, path):
     assert cache.host_lengths() == [p + n for p, n in zip(prompt_counts, step_counts)]
 
 
-def test_split_kv_partials_merge_exactly():
-    # The decode kernel splits a long cache across programs; any split count gives the same result.
+@pytest.mark.parametrize(
+    "page_size, descriptors",
+    [(8, False), (16, True), (16, False), (32, True)],
+    ids=["pages-smaller-than-a-tile", "tiles-through-descriptors", "tiles-through-pointers", "two-tiles-a-page"],
+)
+def test_split_kv_partials_merge_exactly(page_size, descriptors, monkeypatch):
+    # The decode kernel splits a long cache across programs; any split count gives the same result,
+    # whichever way it reads whole key tiles (one page lookup per tile and tensor descriptors, or
+    # plain loads as on sm_80), and one split writes the output with no combine launch.
     module = _module("tiny_mla_yarn")
     kernels = generated("tiny_mla_yarn").kernels
     decode = next(name for name in dir(kernels) if name.startswith("mla_decode_") and name.endswith("_launch")
                   and "append" not in name)
-    cache = module.new_cache(2, 80, page_size=8)
+    if not descriptors:
+        monkeypatch.setattr(kernels, "cache_descriptors", lambda *args: (None, None))
+    cache = module.new_cache(2, 80, page_size=page_size)
     x = torch.randn(2, 70, 64)
     with torch.no_grad():
         module(x, cache=cache)
@@ -149,7 +158,10 @@ def test_split_kv_partials_merge_exactly():
     reference = generated("tiny_mla_yarn").module.REFERENCE_DECODE.attend(q_latent, q_rope, cached, scale=0.2,
                                                                             causal=True)
     for splits in (1, 2, 3, 5):
-        out = getattr(kernels, decode)(q_latent, q_rope, cached, scale=0.2, causal=True, num_splits=splits)
+        with monkeypatch.context() as patch:
+            if splits == 1:
+                patch.setattr(kernels, decode.removesuffix("_launch") + "_combine", None)
+            out = getattr(kernels, decode)(q_latent, q_rope, cached, scale=0.2, causal=True, num_splits=splits)
         assert max_error(out, reference) < 1e-5, f"{splits} splits"
 
 
