@@ -518,7 +518,7 @@ def mla_decode_lat512_rope64_keys(
         latent_mine = LATENT_DESC.load([first, mine])
         latent_other = LATENT_DESC.load([first, other])
         k_rope = ROPE_DESC.load([first, LATENT])
-    else:
+    elif MASKED or LATENT < 2 * HALF or ROPE < PAD_ROPE:
         key_ok = keys < hi if MASKED else keys >= 0
         latent_mine = tl.load(BUFFER + rows[:, None] * ROW + mine + offs_h[None, :],
                               mask=key_ok[:, None] & (mine + offs_h[None, :] < LATENT), other=0.0)
@@ -526,6 +526,10 @@ def mla_decode_lat512_rope64_keys(
                                mask=key_ok[:, None] & (other + offs_h[None, :] < LATENT), other=0.0)
         k_rope = tl.load(BUFFER + rows[:, None] * ROW + LATENT + offs_r[None, :],
                          mask=key_ok[:, None] & (offs_r[None, :] < ROPE), other=0.0)
+    else:  # a whole tile of unpadded widths
+        latent_mine = tl.load(BUFFER + rows[:, None] * ROW + mine + offs_h[None, :])
+        latent_other = tl.load(BUFFER + rows[:, None] * ROW + other + offs_h[None, :])
+        k_rope = tl.load(BUFFER + rows[:, None] * ROW + LATENT + offs_r[None, :])
     return latent_mine, latent_other, k_rope
 
 
@@ -650,7 +654,8 @@ def mla_decode_lat512_rope64_combine(
     O_PART, LSE_PART, OUT, stride_o_b, stride_o_s, stride_o_h, heads, seqlen_q, num_splits,
     PAD_SPLITS: tl.constexpr,
 ):
-    # Partial results over disjoint key ranges merge exactly by their log-sum-exp.
+    # Partial results over disjoint key ranges merge exactly by their log-sum-exp. One split's
+    # row at a time: all of them at once ([64, 512] fp32 at 64 splits) spill.
     LATENT: tl.constexpr = 512
     PAD_LATENT: tl.constexpr = 512
     row = tl.program_id(0)
@@ -658,15 +663,17 @@ def mla_decode_lat512_rope64_combine(
     rows = seqlen_q * heads
     offs_s = tl.arange(0, PAD_SPLITS)
     offs_l = tl.arange(0, PAD_LATENT)
-    split_ok = offs_s < num_splits
-    parts = (seq * num_splits + offs_s) * rows + row
-    lse = tl.load(LSE_PART + parts, mask=split_ok, other=float("-inf"))
+    first_part = seq * num_splits * rows + row
+    lse = tl.load(LSE_PART + first_part + offs_s * rows, mask=offs_s < num_splits, other=float("-inf"))
     top = tl.max(lse, 0)
-    weights = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))
-    total = tl.sum(weights, 0)
-    partial = tl.load(O_PART + parts[:, None] * LATENT + offs_l[None, :],
-                      mask=split_ok[:, None] & (offs_l[None, :] < LATENT), other=0.0)
-    out = tl.sum(weights[:, None] * partial, 0) / tl.where(total == 0.0, 1.0, total)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(tl.exp(lse - top), 0)
+    out = tl.zeros([PAD_LATENT], O_PART.dtype.element_ty)
+    for split in range(num_splits):
+        part = first_part + split * rows
+        weight = tl.exp(tl.load(LSE_PART + part) - top)
+        out += weight * tl.load(O_PART + part * LATENT + offs_l, mask=offs_l < LATENT, other=0.0)
+    out = out / tl.where(total == 0.0, 1.0, total)
     tl.store(OUT + seq * stride_o_b + (row // heads) * stride_o_s + (row % heads) * stride_o_h + offs_l,
              out.to(OUT.dtype.element_ty), mask=offs_l < LATENT)
 
