@@ -721,7 +721,8 @@ def mla_decode_lat32_rope16_launch(q_latent, q_rope, cached, *, scale, causal, n
         strides = partial.stride()[:4]
     latent_rows, rope_rows = cache_descriptors(cache, config.block_n, q_latent.device)
     mla_decode_lat32_rope16[(programs, batch, num_splits)](
-        q_latent, q_rope, cache.buffer, latent_rows, rope_rows, cache.page_table, cache.lengths, cached.start, partial, partial_lse,
+        q_latent, q_rope, cache.buffer, latent_rows, rope_rows, cache.page_table, cache.lengths, cached.start,
+        partial, partial_lse,
         *q_latent.stride()[:3], *q_rope.stride()[:3], cache.page_table.stride(0), *strides,
         heads, seqlen_q, keys_per_split, num_splits, scale * LOG2E,
         PAGE=cache.page_size, CAUSAL=causal, DOT_PRECISION=dot_precision(q_latent.dtype),
