@@ -154,10 +154,10 @@ def decode_splits(
 ) -> tuple[int, int]:
     """Split-KV plan of the decode kernel: (splits, keys per split, a multiple of block_n), for a
     grid of `programs` per split, each with `rows_per_program` (token, head) rows.
-    Decode is bound by reading the cache, so the grid should fill the GPU once: with at least
-    one program per SM there is one split and no combine; otherwise as many splits as fill one
-    wave, bounded so that each split reads CACHE_BYTES_PER_PARTIAL_BYTE times the partial bytes
-    it writes. `num_splits` (a tuned or forced count) replaces the choice. Under the
+    Decode is bound by reading the cache, so the grid should fill the GPU once: as many splits
+    as fit one wave (SMs // programs, so one split and no combine once the programs alone fill
+    more than half the SMs), bounded so that each split reads CACHE_BYTES_PER_PARTIAL_BYTE times
+    the partial bytes it writes. `num_splits` (a tuned or forced count) replaces the choice. Under the
     interpreter: one split per 64 keys (at most 8), so short test caches exercise the combine."""
     if num_splits is None:
         sms = multiprocessor_count(device)
