@@ -36,8 +36,8 @@ from mlagen.errors import MlagenError
 from mlagen.ir import lower
 from mlagen.ir.ops import B, Graph, OpKind, S, T
 from mlagen.passes import run_pipeline
-from mlagen.runtime import tuning_cache
-from mlagen.runtime.attention import GROUP_MASK_CODES, AttentionDims, padded, split_count
+from mlagen.runtime import attention, tuning_cache
+from mlagen.runtime.attention import GROUP_MASK_CODES, AttentionDims, padded
 from mlagen.runtime.launch import (
     BlockConfig,
     LaunchTarget,
@@ -301,7 +301,12 @@ def register_estimate(launcher: Launcher, config: BlockConfig) -> float:
         dkdv = n * (pad_qk + pad_v) + 2 * m * n  # dK, dV; P^T and dP^T
         dq = n * pad_qk + 2 * m * n  # dQ; P and dP
         values = max(dkdv, dq)
-    else:  # forward and decode: Q held, O accumulated, one score tile
+    elif launcher.role == "decode":
+        # O's column half accumulated (templates/_mla_decode.jinja), one score tile; Q stays in
+        # shared memory for wgmma / tcgen05, and where mma.sync holds it in registers the
+        # compile's spill reading prunes (64 x 64 on 4 warps: 160 here, 251 measured on sm_90).
+        values = m * pad_v // 2 + m * n
+    else:  # forward: Q held, O accumulated, one score tile
         values = m * pad_qk * packed + m * pad_v + m * n
     return values / (32 * config.num_warps)
 
@@ -363,13 +368,26 @@ def split_candidates(longest: int, block_n: int) -> list[int]:
 # --- compiling: the launchers themselves, on meta tensors (mlagen.aot) ---------------------------
 
 
-def decode_splits(config: BlockConfig, batch: int, longest: int, arch: Arch) -> int:
-    """The split count the decode launcher uses on `arch` (runtime.attention.split_count for
-    that arch's SM count, rounded to whole key tiles as the launcher rounds it)."""
+def decode_splits(launcher: Launcher, config: BlockConfig, shape: Shape, arch: Arch) -> int:
+    """The split count the decode launcher uses at `shape` on `arch`: runtime.attention's
+    decode_splits for that arch's SM count, as the launcher calls it."""
+    use = launcher.use
+    seq_q, seq_k = use.lengths(shape)
+    rows = seq_q * use.heads_q
+    programs = 2 * -(-rows // config.block_m) * shape.batch  # the grid: column halves x row blocks x batch
     with launching_for(LaunchTarget(arch.sm, arch.sms)):
-        splits = config.num_splits or split_count(batch, longest, torch.device("meta"))
-    per_split = -(-max(config.block_n, -(-longest // splits)) // config.block_n) * config.block_n
-    return max(1, -(-longest // per_split))
+        splits, _ = attention.decode_splits(
+            programs,
+            min(rows, config.block_m),
+            seq_k,
+            torch.device("meta"),
+            block_n=config.block_n,
+            latent=use.d_a,
+            rope=use.d_b,
+            dtype=DTYPES[use.dtype],
+            num_splits=config.num_splits,
+        )
+    return splits
 
 
 def launch_call(

@@ -277,8 +277,7 @@ def inspect_specs(
                 readings,
             )
             continue
-        seq_k = launcher.use.lengths(shape)[1]
-        splits = autotune.decode_splits(config, shape.batch, seq_k, ARCHS[arch])
+        splits = autotune.decode_splits(launcher, config, shape, ARCHS[arch])
         rows += _rows(
             "mlagen",
             name,

@@ -14,6 +14,8 @@ import mlagen
 from mlagen.ir import S, T, lower
 from mlagen.ir.ops import OpKind
 from mlagen.passes import run_pipeline
+from mlagen.runtime.attention import CACHE_BYTES_PER_PARTIAL_BYTE, decode_splits
+from mlagen.runtime.launch import LaunchTarget, default_decode_config, launching_for
 from mlagen.runtime.mla_decode import CachedTokens
 from mlagen.spec import load_spec, parse_spec
 from tests.helpers import SPECS, assert_close_to_golden, generated, max_error
@@ -133,13 +135,22 @@ def test_right_padding_changes_no_real_token_and_gives_zeros(mla_package, path):
     assert cache.host_lengths() == [p + n for p, n in zip(prompt_counts, step_counts)]
 
 
-def test_split_kv_partials_merge_exactly():
-    # The decode kernel splits a long cache across programs; any split count gives the same result.
+@pytest.mark.parametrize(
+    "page_size, descriptors",
+    [(8, False), (16, True), (16, False), (32, True)],
+    ids=["pages-smaller-than-a-tile", "tiles-through-descriptors", "tiles-through-pointers", "two-tiles-a-page"],
+)
+def test_split_kv_partials_merge_exactly(page_size, descriptors, monkeypatch):
+    # The decode kernel splits a long cache across programs; any split count gives the same result,
+    # whichever way it reads whole key tiles (one page lookup per tile and tensor descriptors, or
+    # plain loads as on sm_80), and one split writes the output with no combine launch.
     module = _module("tiny_mla_yarn")
     kernels = generated("tiny_mla_yarn").kernels
     decode = next(name for name in dir(kernels) if name.startswith("mla_decode_") and name.endswith("_launch")
                   and "append" not in name)
-    cache = module.new_cache(2, 80, page_size=8)
+    if not descriptors:
+        monkeypatch.setattr(kernels, "cache_descriptors", lambda *args: (None, None))
+    cache = module.new_cache(2, 80, page_size=page_size)
     x = torch.randn(2, 70, 64)
     with torch.no_grad():
         module(x, cache=cache)
@@ -149,8 +160,32 @@ def test_split_kv_partials_merge_exactly():
     reference = generated("tiny_mla_yarn").module.REFERENCE_DECODE.attend(q_latent, q_rope, cached, scale=0.2,
                                                                             causal=True)
     for splits in (1, 2, 3, 5):
-        out = getattr(kernels, decode)(q_latent, q_rope, cached, scale=0.2, causal=True, num_splits=splits)
+        with monkeypatch.context() as patch:
+            if splits == 1:
+                patch.setattr(kernels, decode.removesuffix("_launch") + "_combine", None)
+            out = getattr(kernels, decode)(q_latent, q_rope, cached, scale=0.2, causal=True, num_splits=splits)
         assert max_error(out, reference) < 1e-5, f"{splits} splits"
+
+
+@pytest.mark.parametrize("heads", [128, 16, 1])
+@pytest.mark.parametrize("batch", [1, 64])
+def test_split_count_fills_an_h100_once_and_bounds_the_partials(batch, heads):
+    # DeepSeek-V3's decode (latent 512 + rope 64, bf16) over 4096 cached tokens on 132 SMs
+    meta = torch.device("meta")
+    with launching_for(LaunchTarget(90, 132)):
+        config = default_decode_config(heads, meta, dtype=torch.bfloat16)
+        programs = 2 * -(-heads // config.block_m) * batch  # column halves x row blocks x batch
+        rows = min(heads, config.block_m)
+        splits, keys_per_split = decode_splits(
+            programs, rows, 4096, meta, block_n=config.block_n, latent=512, rope=64, dtype=torch.bfloat16
+        )
+    assert keys_per_split % config.block_n == 0 and splits * keys_per_split >= 4096
+    if 2 * programs > 132:
+        assert splits == 1, "the grid (nearly) fills the GPU: no split, no combine"
+    else:
+        assert 1 < splits and programs * splits <= 132, "at most one wave"
+        partial_bytes, cache_bytes = rows * 512 * 4, keys_per_split * 576 * 2
+        assert CACHE_BYTES_PER_PARTIAL_BYTE * partial_bytes <= cache_bytes
 
 
 def test_decode_in_fp16_follows_the_error_rule():

@@ -15,15 +15,15 @@ from mlagen.runtime.attention import (
     accumulator,
     check_operands,
     check_decode_operands,
+    decode_splits,
     dot_precision,
     group_mask_args,
     last_dim_contiguous,
     lse_dtype,
-    split_count,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
 from mlagen.runtime.launch import default_backward_config, default_config, default_decode_config, separate_full_tiles
-from mlagen.runtime.mla_decode import DecodeOps
+from mlagen.runtime.mla_decode import DecodeOps, cache_descriptors
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.tuning_cache import attention_key, decode_key, tuned_config
 
@@ -803,36 +803,116 @@ def mla_decode_lat512_rope64_append(
 
 
 @triton.jit
-def mla_decode_lat512_rope64(
-    Q_LATENT, Q_ROPE, BUFFER, PAGE_TABLE, SEQ_LENS, START, O_PART, LSE_PART,
-    stride_ql_b, stride_ql_s, stride_ql_h, stride_qr_b, stride_qr_s, stride_qr_h, stride_table_b,
-    heads, seqlen_q, keys_per_split, num_splits, qk_scale,
-    PAGE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+def mla_decode_lat512_rope64_keys(
+    BUFFER, LATENT_DESC, ROPE_DESC, table, start_n, hi, mine, other,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESCRIPTORS: tl.constexpr, MASKED: tl.constexpr,
 ):
-    # Absorbed MLA decode, one split of one sequence's keys for BLOCK_H query rows.
-    # Rows are (new token, head) pairs: every head and every speculative token of a sequence
-    # reads the same latent, so one program reads each cache page once for all of them.
-    # Q_LATENT: [B, Sq, H, 512] (q_nope @ W_UK)  Q_ROPE: [B, Sq, H, 64]
-    # BUFFER: [pages, PAGE, 512 + 64]  PAGE_TABLE: [B, pages per sequence]
-    # SEQ_LENS: [B] cached tokens, the new ones included; START: [B] position of each sequence's first new token
-    # score = (q_latent . c_kv + q_rope . k_pe) * scale; out = softmax @ c_kv (keys and values: one read)
-    # O_PART: [B, splits, Sq * H, 512], LSE_PART: [B, splits, Sq * H] (natural log), merged by the combine.
+    # The cache rows of keys start_n ... start_n + BLOCK_N: the program's latent column half (from
+    # column `mine`), the other half (from `other`), each [BLOCK_N, 256], and the rope
+    # key [BLOCK_N, 64]. Full tiles (all keys < hi) load unmasked, through tensor descriptors
+    # (TMA) where the launcher made them; the one partial tile reads the keys past hi, which no
+    # query of the program may see, as zeros (a NaN there must not reach 0 * NaN).
     LATENT: tl.constexpr = 512
     ROPE: tl.constexpr = 64
-    PAD_LATENT: tl.constexpr = 512
+    ROW: tl.constexpr = LATENT + ROPE
+    HALF: tl.constexpr = 256
     PAD_ROPE: tl.constexpr = 64
-    row_block = tl.program_id(0)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_h = tl.arange(0, HALF)
+    offs_r = tl.arange(0, PAD_ROPE)
+    keys = start_n + offs_n
+    if PAGE % BLOCK_N == 0:
+        # the launcher aligns tiles to BLOCK_N: the tile is one run of rows of one page
+        first = tl.load(table + start_n // PAGE) * PAGE + start_n % PAGE
+        rows = first.to(tl.int64) + offs_n
+    else:
+        rows = tl.load(table + keys // PAGE, mask=keys < hi, other=0).to(tl.int64) * PAGE + keys % PAGE
+    if USE_DESCRIPTORS and not MASKED:
+        latent_mine = LATENT_DESC.load([first, mine])
+        latent_other = LATENT_DESC.load([first, other])
+        k_rope = ROPE_DESC.load([first, LATENT])
+    elif MASKED or LATENT < 2 * HALF or ROPE < PAD_ROPE:
+        key_ok = keys < hi if MASKED else keys >= 0
+        latent_mine = tl.load(BUFFER + rows[:, None] * ROW + mine + offs_h[None, :],
+                              mask=key_ok[:, None] & (mine + offs_h[None, :] < LATENT), other=0.0)
+        latent_other = tl.load(BUFFER + rows[:, None] * ROW + other + offs_h[None, :],
+                               mask=key_ok[:, None] & (other + offs_h[None, :] < LATENT), other=0.0)
+        k_rope = tl.load(BUFFER + rows[:, None] * ROW + LATENT + offs_r[None, :],
+                         mask=key_ok[:, None] & (offs_r[None, :] < ROPE), other=0.0)
+    else:  # a whole tile of unpadded widths
+        latent_mine = tl.load(BUFFER + rows[:, None] * ROW + mine + offs_h[None, :])
+        latent_other = tl.load(BUFFER + rows[:, None] * ROW + other + offs_h[None, :])
+        k_rope = tl.load(BUFFER + rows[:, None] * ROW + LATENT + offs_r[None, :])
+    return latent_mine, latent_other, k_rope
+
+
+@triton.jit
+def mla_decode_lat512_rope64_step(
+    q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep, m_i, l_i, acc, qk_scale,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One key tile into the online softmax (base 2) of the program's rows: scores over the whole
+    # latent and the rope key, values from the program's column half of the same latent tile.
+    scores = tl.dot(q_mine, tl.trans(latent_mine), input_precision=DOT_PRECISION)
+    scores = tl.dot(q_other, tl.trans(latent_other), scores, input_precision=DOT_PRECISION)
+    scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=DOT_PRECISION)
+    scores = tl.where(keep, scores * qk_scale, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # rows that saw no key yet keep m = -inf: exp2 against 0 gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(scores - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(latent_mine.dtype), latent_mine, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def mla_decode_lat512_rope64(
+    Q_LATENT, Q_ROPE, BUFFER, LATENT_DESC, ROPE_DESC, PAGE_TABLE, SEQ_LENS, START, OUT, LSE_PART,
+    stride_ql_b, stride_ql_s, stride_ql_h, stride_qr_b, stride_qr_s, stride_qr_h, stride_table_b,
+    stride_o_b, stride_o_split, stride_o_s, stride_o_h,
+    heads, seqlen_q, keys_per_split, num_splits, qk_scale,
+    PAGE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    USE_DESCRIPTORS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # Absorbed MLA decode after FlashMLA: a program takes BLOCK_H query rows of one sequence, one
+    # split of its keys and one half of the 512 output columns. Rows are (new token, head)
+    # pairs: every head and speculative token of a sequence reads the same latent, so a cache page
+    # is read from memory once per BLOCK_H rows (the two column halves are neighbours in the grid
+    # and meet in L2), and BLOCK_H = 64 makes every dot M=64 (wgmma on sm_90). Each half computes
+    # the whole score tile and keeps a [BLOCK_H, 256] accumulator: the full one is 128
+    # registers a thread at 8 warps and spills. Rows past seqlen_q * heads (fewer heads on a
+    # tensor-parallel rank, one new token) are padding of the program, never of memory: they
+    # load zeros and store nothing.
+    # Q_LATENT: [B, Sq, H, 512] (q_nope @ W_UK)  Q_ROPE: [B, Sq, H, 64]
+    # BUFFER: [pages, PAGE, 512 + 64] (LATENT_DESC, ROPE_DESC: its rows as tensor descriptors)
+    # PAGE_TABLE: [B, pages per sequence]  SEQ_LENS: [B] cached tokens, the new ones included;
+    # START: [B] position of each sequence's first new token
+    # score = (q_latent . c_kv + q_rope . k_pe) * scale; out = softmax @ c_kv (keys and values: one read)
+    # PARTIAL: OUT is [B, splits, Sq, H, 512] fp32 and LSE_PART [B, splits, Sq * H] (natural
+    # log), merged by the combine; otherwise (one split) OUT is the output [B, Sq, H, 512].
+    LATENT: tl.constexpr = 512
+    ROPE: tl.constexpr = 64
+    HALF: tl.constexpr = 256
+    PAD_ROPE: tl.constexpr = 64
+    column_half = tl.program_id(0) % 2
+    row_block = tl.program_id(0) // 2
     seq = tl.program_id(1)
     split = tl.program_id(2)
+    mine = column_half * HALF
+    other = HALF - mine
     rows = row_block * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < seqlen_q * heads
     token = rows // heads
     head = rows % heads
-    offs_l = tl.arange(0, PAD_LATENT)
+    offs_h = tl.arange(0, HALF)
     offs_r = tl.arange(0, PAD_ROPE)
-    q_latent = tl.load(Q_LATENT + seq * stride_ql_b + token[:, None] * stride_ql_s + head[:, None] * stride_ql_h
-                       + offs_l[None, :], mask=row_ok[:, None] & (offs_l[None, :] < LATENT), other=0.0)
+    q_rows = Q_LATENT + seq * stride_ql_b + token * stride_ql_s + head * stride_ql_h
+    q_mine = tl.load(q_rows[:, None] + mine + offs_h[None, :],
+                     mask=row_ok[:, None] & (mine + offs_h[None, :] < LATENT), other=0.0)
+    q_other = tl.load(q_rows[:, None] + other + offs_h[None, :],
+                      mask=row_ok[:, None] & (other + offs_h[None, :] < LATENT), other=0.0)
     q_rope = tl.load(Q_ROPE + seq * stride_qr_b + token[:, None] * stride_qr_s + head[:, None] * stride_qr_h
                      + offs_r[None, :], mask=row_ok[:, None] & (offs_r[None, :] < ROPE), other=0.0)
 
@@ -843,41 +923,43 @@ def mla_decode_lat512_rope64(
     hi = tl.minimum(lo + keys_per_split, seq_len)
     if CAUSAL:
         hi = tl.minimum(hi, first_new + tl.max(tl.where(row_ok, token, 0), 0) + 1)
+    table = PAGE_TABLE + seq * stride_table_b
     m_i = tl.full([BLOCK_H], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_H], ACC_DTYPE)
-    acc = tl.zeros([BLOCK_H, PAD_LATENT], ACC_DTYPE)
-    for start_n in range(lo, hi, BLOCK_N):
-        keys = start_n + tl.arange(0, BLOCK_N)
-        key_ok = keys < hi
-        page = tl.load(PAGE_TABLE + seq * stride_table_b + keys // PAGE, mask=key_ok, other=0)
-        key_rows = BUFFER + (page.to(tl.int64) * PAGE + keys % PAGE) * (LATENT + ROPE)
-        latent = tl.load(key_rows[:, None] + offs_l[None, :], mask=key_ok[:, None] & (offs_l[None, :] < LATENT),
-                         other=0.0)
-        k_rope = tl.load(key_rows[:, None] + LATENT + offs_r[None, :],
-                         mask=key_ok[:, None] & (offs_r[None, :] < ROPE), other=0.0)
-        scores = tl.dot(q_latent, tl.trans(latent), input_precision=DOT_PRECISION)
-        scores += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
-        keep = key_ok[None, :]
+    acc = tl.zeros([BLOCK_H, HALF], ACC_DTYPE)
+    # Keys lo ... full_end in whole tiles without load masks, and before them the partial tile
+    # full_end ... hi if there is one: first, so nothing of it stays live through the loop.
+    full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
+    if full_end < hi:
+        latent_mine, latent_other, k_rope = mla_decode_lat512_rope64_keys(
+            BUFFER, LATENT_DESC, ROPE_DESC, table, full_end, hi, mine, other, PAGE, BLOCK_N, USE_DESCRIPTORS, True)
+        keys = full_end + tl.arange(0, BLOCK_N)
+        keep = (keys < hi)[None, :]
         if CAUSAL:
             keep = keep & (keys[None, :] <= query_pos[:, None])
-        scores = tl.where(keep, scores * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(scores - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = mla_decode_lat512_rope64_step(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
+                                      m_i, l_i, acc, qk_scale, DOT_PRECISION)
+    for start_n in range(lo, full_end, BLOCK_N):
+        latent_mine, latent_other, k_rope = mla_decode_lat512_rope64_keys(
+            BUFFER, LATENT_DESC, ROPE_DESC, table, start_n, hi, mine, other, PAGE, BLOCK_N, USE_DESCRIPTORS, False)
+        keys = start_n + tl.arange(0, BLOCK_N)
+        keep = keys[None, :] <= query_pos[:, None] if CAUSAL else (keys < hi)[None, :]
+        m_i, l_i, acc = mla_decode_lat512_rope64_step(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
+                                      m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     # A row that sees no key of this split stores exact zeros, which the combine weighs by 0: its
     # acc is 0 * latent, NaN when the split held a NaN row that a later new token may see.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    part = (seq * num_splits + split) * seqlen_q * heads + rows
-    partial = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_safe[:, None])
-    tl.store(O_PART + part[:, None] * LATENT + offs_l[None, :], partial,
-             mask=row_ok[:, None] & (offs_l[None, :] < LATENT))
-    lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(LSE_PART + part, lse, mask=row_ok)
+    out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_safe[:, None])
+    where = OUT + seq * stride_o_b + split * stride_o_split + token * stride_o_s + head * stride_o_h + mine
+    tl.store(where[:, None] + offs_h[None, :], out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (mine + offs_h[None, :] < LATENT))
+    if PARTIAL:
+        # both halves hold the same statistics: the first stores them (its half as a vector: the
+        # interpreter rejects scalar & vector masks)
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(LSE_PART + (seq * num_splits + split) * seqlen_q * heads + rows, lse,
+                 mask=row_ok & (rows * 0 + column_half == 0))
 
 
 @triton.jit
@@ -885,7 +967,8 @@ def mla_decode_lat512_rope64_combine(
     O_PART, LSE_PART, OUT, stride_o_b, stride_o_s, stride_o_h, heads, seqlen_q, num_splits,
     PAD_SPLITS: tl.constexpr,
 ):
-    # Partial results over disjoint key ranges merge exactly by their log-sum-exp.
+    # Partial results over disjoint key ranges merge exactly by their log-sum-exp. One split's
+    # row at a time: all of them at once ([64, 512] fp32 at 64 splits) spill.
     LATENT: tl.constexpr = 512
     PAD_LATENT: tl.constexpr = 512
     row = tl.program_id(0)
@@ -893,15 +976,17 @@ def mla_decode_lat512_rope64_combine(
     rows = seqlen_q * heads
     offs_s = tl.arange(0, PAD_SPLITS)
     offs_l = tl.arange(0, PAD_LATENT)
-    split_ok = offs_s < num_splits
-    parts = (seq * num_splits + offs_s) * rows + row
-    lse = tl.load(LSE_PART + parts, mask=split_ok, other=float("-inf"))
+    first_part = seq * num_splits * rows + row
+    lse = tl.load(LSE_PART + first_part + offs_s * rows, mask=offs_s < num_splits, other=float("-inf"))
     top = tl.max(lse, 0)
-    weights = tl.exp(lse - tl.where(top == float("-inf"), 0.0, top))
-    total = tl.sum(weights, 0)
-    partial = tl.load(O_PART + parts[:, None] * LATENT + offs_l[None, :],
-                      mask=split_ok[:, None] & (offs_l[None, :] < LATENT), other=0.0)
-    out = tl.sum(weights[:, None] * partial, 0) / tl.where(total == 0.0, 1.0, total)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.sum(tl.exp(lse - top), 0)
+    out = tl.zeros([PAD_LATENT], O_PART.dtype.element_ty)
+    for split in range(num_splits):
+        part = first_part + split * rows
+        weight = tl.exp(tl.load(LSE_PART + part) - top)
+        out += weight * tl.load(O_PART + part * LATENT + offs_l, mask=offs_l < LATENT, other=0.0)
+    out = out / tl.where(total == 0.0, 1.0, total)
     tl.store(OUT + seq * stride_o_b + (row // heads) * stride_o_s + (row % heads) * stride_o_h + offs_l,
              out.to(OUT.dtype.element_ty), mask=offs_l < LATENT)
 
@@ -926,31 +1011,43 @@ def mla_decode_lat512_rope64_launch(q_latent, q_rope, cached, *, scale, causal, 
     q_latent, q_rope = last_dim_contiguous(q_latent), last_dim_contiguous(q_rope)
     batch, seqlen_q, heads, _ = q_latent.shape
     longest = max(cache.host_lengths())
+    rows = seqlen_q * heads
     if config is None:
         shape = decode_key(batch, seqlen_q, heads, longest, causal=causal)
         config = (tuned_config((mla_decode_lat512_rope64,), shape, q_latent)
-                  or default_decode_config(heads * seqlen_q, q_latent.device, dtype=q_latent.dtype))
-    num_splits = num_splits or config.num_splits or split_count(batch, longest, q_latent.device)
-    keys_per_split = max(config.block_n, -(-longest // num_splits))
-    keys_per_split = -(-keys_per_split // config.block_n) * config.block_n
-    num_splits = max(1, -(-longest // keys_per_split))
-    accumulator_dtype = lse_dtype(q_latent.dtype)
-    rows = seqlen_q * heads
-    partial = torch.empty((batch, num_splits, rows, 512), dtype=accumulator_dtype, device=q_latent.device)
-    partial_lse = torch.empty((batch, num_splits, rows), dtype=accumulator_dtype, device=q_latent.device)
-    mla_decode_lat512_rope64[(triton.cdiv(rows, config.block_m), batch, num_splits)](
-        q_latent, q_rope, cache.buffer, cache.page_table, cache.lengths, cached.start, partial, partial_lse,
-        *q_latent.stride()[:3], *q_rope.stride()[:3], cache.page_table.stride(0),
-        heads, seqlen_q, keys_per_split, num_splits, scale * LOG2E,
-        PAGE=cache.page_size, CAUSAL=causal, DOT_PRECISION=dot_precision(q_latent.dtype),
-        ACC_DTYPE=accumulator(q_latent.dtype), BLOCK_H=config.block_m, BLOCK_N=config.block_n,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+                  or default_decode_config(rows, q_latent.device, dtype=q_latent.dtype))
+    # Programs along x: (row block, column half of the latent) pairs, the halves side by side.
+    programs = 2 * triton.cdiv(rows, config.block_m)
+    num_splits, keys_per_split = decode_splits(
+        programs * batch, min(rows, config.block_m), longest, q_latent.device, block_n=config.block_n,
+        latent=512, rope=64, dtype=q_latent.dtype, num_splits=num_splits or config.num_splits,
     )
     out = torch.empty_like(q_latent)
-    mla_decode_lat512_rope64_combine[(rows, batch)](
-        partial, partial_lse, out, *out.stride()[:3], heads, seqlen_q, num_splits,
-        PAD_SPLITS=triton.next_power_of_2(num_splits),
+    if num_splits == 1:  # the grid fills the GPU (or the cache is short): no partials, no combine
+        partial, partial_lse = out, out
+        strides = (out.stride(0), 0, out.stride(1), out.stride(2))
+    else:
+        accumulator_dtype = lse_dtype(q_latent.dtype)
+        partial = torch.empty((batch, num_splits, seqlen_q, heads, 512), dtype=accumulator_dtype,
+                              device=q_latent.device)
+        partial_lse = torch.empty((batch, num_splits, rows), dtype=accumulator_dtype, device=q_latent.device)
+        strides = partial.stride()[:4]
+    latent_rows, rope_rows = cache_descriptors(cache, config.block_n, q_latent.device)
+    mla_decode_lat512_rope64[(programs, batch, num_splits)](
+        q_latent, q_rope, cache.buffer, latent_rows, rope_rows, cache.page_table, cache.lengths, cached.start,
+        partial, partial_lse,
+        *q_latent.stride()[:3], *q_rope.stride()[:3], cache.page_table.stride(0), *strides,
+        heads, seqlen_q, keys_per_split, num_splits, scale * LOG2E,
+        PAGE=cache.page_size, CAUSAL=causal, DOT_PRECISION=dot_precision(q_latent.dtype),
+        ACC_DTYPE=accumulator(q_latent.dtype), USE_DESCRIPTORS=latent_rows is not None, PARTIAL=num_splits > 1,
+        BLOCK_H=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if num_splits > 1:
+        mla_decode_lat512_rope64_combine[(rows, batch)](
+            partial, partial_lse, out, *out.stride()[:3], heads, seqlen_q, num_splits,
+            PAD_SPLITS=triton.next_power_of_2(num_splits),
+        )
     return out
 
 

@@ -134,10 +134,39 @@ def check_decode_operands(
         )
 
 
-def split_count(batch: int, longest: int, device: torch.device) -> int:
-    """Split-KV factor: enough CTAs to fill the GPU when the batch is small and the cache
-    long (decode is bound by reading the cache); one split per 64 keys under the interpreter."""
-    sms = multiprocessor_count(device)
-    if sms is None:
-        return max(1, min(8, -(-longest // 64)))
-    return max(1, min(-(-longest // 256), -(-2 * sms // max(batch, 1)), 64))
+# A split writes fp32 partials for its rows (and the combine reads them back); it reads at least
+# this many times their bytes of cache, so partials stay a small fraction of the traffic
+# (issue 15: at B=64, L=4096 the old rule added 56% to the cache bytes).
+CACHE_BYTES_PER_PARTIAL_BYTE = 4
+
+
+def decode_splits(
+    programs: int,
+    rows_per_program: int,
+    longest: int,
+    device: torch.device,
+    *,
+    block_n: int,
+    latent: int,
+    rope: int,
+    dtype: torch.dtype,
+    num_splits: int | None = None,
+) -> tuple[int, int]:
+    """Split-KV plan of the decode kernel: (splits, keys per split, a multiple of block_n), for a
+    grid of `programs` per split, each with `rows_per_program` (token, head) rows.
+    Decode is bound by reading the cache, so the grid should fill the GPU once: as many splits
+    as fit one wave (SMs // programs, so one split and no combine once the programs alone fill
+    more than half the SMs), bounded so that each split reads CACHE_BYTES_PER_PARTIAL_BYTE times
+    the partial bytes it writes. `num_splits` (a tuned or forced count) replaces the choice. Under the
+    interpreter: one split per 64 keys (at most 8), so short test caches exercise the combine."""
+    if num_splits is None:
+        sms = multiprocessor_count(device)
+        if sms is None:
+            num_splits = min(8, -(-longest // 64))
+        else:
+            partial_bytes = rows_per_program * latent * lse_dtype(dtype).itemsize
+            min_keys = CACHE_BYTES_PER_PARTIAL_BYTE * partial_bytes / ((latent + rope) * dtype.itemsize)
+            num_splits = min(sms // max(1, programs), int(longest // min_keys), 64)
+    num_splits = max(1, num_splits)
+    keys_per_split = -(-max(block_n, -(-longest // num_splits)) // block_n) * block_n
+    return max(1, -(-longest // keys_per_split)), keys_per_split

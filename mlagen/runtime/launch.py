@@ -200,21 +200,34 @@ def default_backward_config(
 def default_decode_config(
     query_rows: int, device: torch.device, arch: int | None = None, dtype: torch.dtype | None = None
 ) -> BlockConfig:
-    """block_m is the number of (token, head) rows per program, which share each cache page read."""
+    """block_m is the number of (token, head) rows per program, which share each cache page read;
+    each program keeps half of the 512-wide latent output (templates/_mla_decode.jinja)."""
     arch = arch or launch_arch(device)
     if arch is None:
         return INTERPRETER_CONFIG
+    room = smem_class(arch)
     if _wide_elements(dtype):
-        # The fp32 [16, 512] latent tile and accumulator: 104 KB with 2 stages. On the 99 KB
-        # parts even one stage needs 100 KB: the 512-wide latent must be split (issue 15).
-        return BlockConfig(
-            block_m=16, block_n=16, num_warps=4, num_stages=1 if smem_class(arch) == "small" else 2
-        )
-    # The [rows, 512] fp32 accumulator dominates registers: 16 rows fit 4 warps with
-    # 16-key tiles, 32 rows need 8 warps (both spill-free on sm_80 ... sm_120).
-    if query_rows <= 16:
+        # fp32 (tf32 dots): a 64-row tile spills on every arch; 32 rows fit 227 KB (148 KB),
+        # 32 x 16 keys fit sm_80 (124 KB) and 16 x 16 the 99 KB parts (88 KB).
+        if room == "large":
+            return BlockConfig(block_m=32, block_n=32, num_warps=8, num_stages=2)
+        if room == "ampere":
+            return BlockConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
         return BlockConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)
-    return BlockConfig(block_m=32, block_n=32, num_warps=8, num_stages=2)
+    if room == "large":
+        # 64 rows make every dot M=64: wgmma on sm_90 (4 warps, one warpgroup: 251 registers with
+        # the [64, 256] accumulator, 216 KB with Q and two 64-key stages), tcgen05 on sm_100
+        # (4 warps spill there; 8: 215 registers). Fewer rows are padding inside the program.
+        return BlockConfig(block_m=64, block_n=64, num_warps=4 if arch // 10 == 9 else 8, num_stages=2)
+    # mma.sync parts: tiles no taller than the rows (16-row steps), so few heads waste little.
+    if query_rows <= 16:
+        return BlockConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)
+    if room == "small":
+        # 99 KB: 64 rows leave room for 16-key tiles only; 32 x 32 on 4 warps spills on sm_120
+        return BlockConfig(block_m=32, block_n=32, num_warps=8, num_stages=2)
+    if query_rows <= 32:
+        return BlockConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+    return BlockConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)  # sm_80: 216 registers, 152 KB
 
 
 def is_interpreted(kernel: object) -> bool:

@@ -9,8 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from mlagen.runtime import reference
+from mlagen.runtime.launch import launch_arch, smem_class
 from mlagen.runtime.paged_cache import PagedLatentCache
 from mlagen.runtime.rope import apply_rope
+from mlagen.tiles import padded
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +58,29 @@ class DecodeOps:
         causal: bool,
     ) -> torch.Tensor:
         return self.attention(q_latent, q_rope, cached, scale=scale, causal=causal)
+
+
+def cache_descriptors(cache: PagedLatentCache, block_n: int, device: torch.device) -> tuple:
+    """Tensor descriptors (TMA on sm_90 and sm_100) of the cache's rows for the decode kernel's
+    full key tiles: (latent half [block_n, latent / 2], rope key [block_n, rope]) boxes of the
+    buffer seen as [pages * page_size, latent + rope]; (None, None) where the kernel reads with
+    plain loads: sm_80, sm_89 and sm_12x, or when a tile is not one run of rows of one page, or a
+    width is not its tile's (a power of two, at least 16). The interpreter takes them too, so CPU tests check that path."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    widths = (cache.latent_dim, cache.rope_dim)
+    row = sum(widths)
+    arch = launch_arch(device)
+    if (
+        (arch is not None and smem_class(arch) != "large")
+        or cache.page_size % block_n
+        or any(padded(width) != width for width in widths)
+        or row * cache.buffer.element_size() % 16
+    ):
+        return None, None
+    rows = cache.buffer.view(-1, row)
+    boxes = (cache.latent_dim // 2, cache.rope_dim)
+    return tuple(TensorDescriptor(rows, list(rows.shape), [row, 1], [block_n, width]) for width in boxes)
 
 
 def reference_write_rows(kv_a, norm_weight, eps, cos, sin, cache, start, new_tokens, *, layout: str) -> None:
