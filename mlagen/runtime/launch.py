@@ -22,7 +22,7 @@ class BlockConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    # Split-KV factor of the decode kernel; None lets split_count() choose from the GPU and shape.
+    # Split-KV factor of the decode kernel; None lets runtime.attention.decode_splits() choose from the GPU and shape.
     num_splits: int | None = None
 
 
