@@ -127,8 +127,9 @@ class Shape:
         return f"batch {self.batch}, seq {self.seq_len}"
 
 
-# The kernel families whose launchers autotune can call (their templates' *_launch and
-# *_backward signatures); attention nodes of other families are not tuned or inspected yet.
+# The kernel families autotune tunes: their launchers look a config up in the tuning cache
+# (their templates' *_launch and *_backward signatures). The sparse and compressed layers'
+# launchers do not; `mlagen inspect` launches them through mlagen.family_calls.
 LAUNCHABLE = ("attention_fwd_", "mla_decode_")
 
 

@@ -328,16 +328,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
     import torch
 
     from mlagen import autotune
+    from mlagen.family_calls import untuned
     from mlagen.runtime.tuning_cache import cache_path
     from mlagen.spec import load_spec
 
     shapes = [autotune.Shape(batch, seq_len) for seq_len in args.seq_lens for batch in args.batch]
+    spec = load_spec(args.spec)
+    skipped = untuned(spec)
     if args.static:
         arch = autotune.parse_arch(args.arch)
-        rankings = autotune.static_tune(
-            load_spec(args.spec), shapes, arch, workers=args.workers, write=args.write
-        )
+        rankings = autotune.static_tune(spec, shapes, arch, workers=args.workers, write=args.write)
         print("\n".join(autotune.format_static(rankings, arch, args.top)))
+        if skipped:
+            print(f"\n{skipped}")
         if args.write:
             print(f"\nwrote the static winners for sm_{arch} to {cache_path()}")
         else:
@@ -350,6 +353,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
         )
     results = autotune.tune_spec(args.spec, shapes, out_root=args.out, workers=args.workers)
     print("\n".join(autotune.format_tuned(results)))
+    if skipped:
+        print(f"\n{skipped}")
     print(f"\nwinners stored in {cache_path()}")
     return 0
 

@@ -6,7 +6,8 @@ calls the launcher on meta tensors so that Triton specialises every kernel it la
 exactly as on a GPU (mlagen.aot), compiles those, and reports registers, spills, shared
 memory, tensor-core and TMA instructions, the hot loop's issue-clocks per 1K scores and the
 occupancy they allow, next to the FLOPs and bytes of one call at a given shape (ANCHORS.md
-conventions). `--baseline` adds the Triton-tutorial-style kernels (mlagen.bench.baseline)
+conventions). The sparse (DeepSeek-V3.2, GLM-5) and compressed (DeepSeek-V4) layers' kernels
+are launched the same way, pass by pass with their launchers' own configs (mlagen.family_calls). `--baseline` adds the Triton-tutorial-style kernels (mlagen.bench.baseline)
 compiled the same way; `--json` prints one record per kernel and arch.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 import triton
 
-from mlagen import autotune
+from mlagen import autotune, family_calls
 from mlagen.aot import ARCHS, CompiledKernel, Launch, mma_count
 from mlagen.autotune import DTYPE_BYTES, AttentionUse, Launcher, Shape
 from mlagen.ir.ops import S
@@ -85,6 +86,106 @@ def work(use: AttentionUse, role: str, shape: Shape, splits: int) -> tuple[float
     return 0.0, 2 * e * o + 2 * stats  # delta = rowsum(O * dO)
 
 
+def layer_work(
+    use: family_calls.FamilyUse, kernel: str, role: str, problem: family_calls.Problem, dtype: str
+) -> tuple[float | None, float | None]:
+    """(FLOPs, bytes) of one launch of a sparse or compressed layer's kernel, by the conventions
+    of work(): matmul FLOPs over the (query, key) pairs it computes, each tensor read or written
+    once (the rows a query selects once per query, its heads share them). Sparse MLA scores over
+    the latent and rope (L + R) and sums latent values (L); each query attends to min(top_k,
+    visible) keys. Compressed attention scores and sums D-wide K = V rows: the window's keys,
+    then the closed entries it selects (all of them without an indexer). (None, None) where
+    the launch depends on a choice of the launcher (the combine's split count)."""
+    e = DTYPE_BYTES[dtype]
+    batch, seq, heads = problem.batch, problem.seq_len, use.heads
+    rows, new = problem.sequences, problem.new_tokens
+    total = problem.context + new  # cached tokens after the decode step's
+    positions = torch.arange(1, seq + 1, dtype=torch.float64)  # keys visible to each prefill query
+    if isinstance(use, family_calls.SparseUse):
+        latent, rope, top_k = use.latent, use.rope, use.top_k
+        selected = batch * float(positions.clamp(max=top_k).sum())
+        index_bytes = 4 * batch * seq * min(top_k, seq)
+        fp8 = (problem.cache_dtype or use.cache_dtype) == "fp8"
+        row = latent + 4 * (latent // 128) + 2 * rope if fp8 else e * (latent + rope)  # FlashMLA's FP8 rows
+        index_row = use.index_dim + 4 if fp8 else e * use.index_dim
+        if role == "indexer":
+            pairs = batch * seq * (seq + 1) / 2
+            moved = e * batch * seq * (use.index_heads + 1) * use.index_dim + 4 * batch * seq * (
+                use.index_heads + seq
+            )
+            return 2 * pairs * use.index_heads * use.index_dim, moved
+        if role == "forward":
+            moved = e * batch * seq * heads * (2 * latent + rope) + e * selected * (latent + rope)
+            return 2 * heads * selected * (2 * latent + rope), moved + index_bytes + 4 * batch * heads * seq
+        if role == "backward":
+            moved = e * batch * seq * heads * (3 * latent + 2 * rope) + (e + 4) * selected * (latent + rope)
+            return 2 * heads * selected * (
+                5 * latent + 3 * rope
+            ), moved + index_bytes + 8 * batch * heads * seq
+        if role == "backward_delta":
+            return 0.0, 2 * e * batch * seq * heads * latent + 8 * batch * heads * seq
+        chosen = rows * new * min(top_k, total)
+        if role == "decode":
+            moved = row * chosen + e * rows * new * heads * (2 * latent + rope) + 4 * chosen
+            return 2 * heads * chosen * (2 * latent + rope), moved
+        if role == "decode_indexer":
+            pairs = rows * new * total
+            moved = index_row * rows * total + e * rows * new * use.index_heads * use.index_dim
+            return 2 * pairs * use.index_heads * use.index_dim, moved + 4 * rows * new * (
+                use.index_heads + total
+            )
+        if role == "decode_append":
+            return 0.0, 2 * e * rows * new * (latent + rope)
+        return None, None
+    dim, rate, top_k, window = use.dim, use.rate, use.top_k, use.window
+    closed = (positions // rate) if rate else torch.zeros_like(positions)  # entries each query sees
+    attended = closed.clamp(max=top_k) if top_k else closed
+    pairs = batch * heads * float(positions.clamp(max=window).sum() + attended.sum())
+    entries = batch * (seq // rate if rate else 0)
+    index_bytes = 4 * batch * seq * min(top_k, seq // rate) if top_k else 0
+    if role == "forward":
+        moved = (
+            e * (2 * batch * seq * heads + batch * seq + entries) * dim
+            + index_bytes
+            + 4 * batch * seq * heads
+        )
+        return 2 * pairs * 2 * dim, moved
+    if role == "backward":
+        moved = (
+            e * (3 * batch * seq * heads + batch * seq + entries) * dim + 4 * (batch * seq + entries) * dim
+        )
+        return 2 * pairs * 5 * dim, moved + index_bytes + 8 * batch * seq * heads
+    if role == "indexer":
+        queries, scores = batch * seq, batch * seq * (seq // rate)
+        moved = e * (queries * use.index_heads + entries) * use.index_dim + 4 * (
+            queries * use.index_heads + scores
+        )
+        return 2 * batch * float(closed.sum()) * use.index_heads * use.index_dim, moved
+    if role == "decode_indexer":
+        queries, cached = rows * new, rows * (total // rate)
+        moved = e * (queries * use.index_heads + cached) * use.index_dim + 4 * (
+            queries * use.index_heads + new * cached
+        )
+        return 2 * new * cached * use.index_heads * use.index_dim, moved
+    if role == "decode":
+        seen = total // rate if rate else 0
+        chosen = min(top_k, seen) if top_k else seen
+        ring = e * rows * min(window, total) * dim
+        read = e * rows * (new * chosen if top_k else seen) * dim
+        moved = ring + read + 2 * e * rows * new * heads * dim + 4 * rows * new * chosen * bool(top_k)
+        return 2 * rows * new * heads * (min(window, total) + chosen) * 2 * dim, moved
+    compressor = next((c for c in use.compressors if c.kernel == kernel.removesuffix("_bwd")), None)
+    if compressor is None:
+        return None, None
+    width, pooled = compressor.width, compressor.dim
+    if role == "decode_compressor":  # the new tokens and the pending ones, into the windows they close
+        slots = compressor.rate * (2 if compressor.overlap else 1)
+        closes = max(1, -(-new // compressor.rate))
+        return 0.0, 2 * e * rows * (new + slots) * width + e * rows * closes * pooled
+    out = e * batch * (seq // compressor.rate) * pooled
+    return 0.0, (4 if role == "compressor_backward" else 2) * e * batch * seq * width + out
+
+
 def chosen_config(
     launcher: Launcher, kernels: tuple, shape: Shape, arch: int, cached: dict[str, dict]
 ) -> tuple[BlockConfig, str]:
@@ -122,21 +223,23 @@ def chosen_config(
 class KernelRow:
     kind: str  # "mlagen", or "baseline" (mlagen.bench.baseline)
     spec: str
-    use: AttentionUse  # the attention it computes (for the FLOPs and bytes)
+    node: str  # the IR node it runs
+    dtype: str
     kernel: str
-    role: str  # autotune.kernel_role
+    role: str  # autotune.kernel_role, or family_calls.role
     arch: int
     launch: Launch  # as Triton specialised it
     source: str  # where the config came from
     compiled: CompiledKernel
-    flops: float
-    bytes: float
+    flops: float | None  # None where not modelled (the sparse decode's combine)
+    bytes: float | None
+    use: AttentionUse | None = None  # the dense attention it computes; None for the other families
 
     @property
     def settings(self) -> str:
         """The launch's tile constexprs and options, e.g. "128x64 w8 s3" (BLOCK_M x BLOCK_N)."""
         constants = self.launch.constant
-        tile = [constants[name] for name in ("BLOCK_M", "BLOCK_H", "BLOCK_N") if name in constants]
+        tile = [constants[name] for name in ("BLOCK_M", "BLOCK_H", "BLOCK_N", "BLOCK_J") if name in constants]
         others = [f"{name}={value}" for name, value in constants.items() if name in ("PAD_SPLITS", "PAGE")]
         text = "x".join(str(t) for t in tile)
         return " ".join(
@@ -150,11 +253,11 @@ class KernelRow:
         return {
             "kind": self.kind,
             "spec": self.spec,
-            "node": self.use.node,
+            "node": self.node,
             "kernel": self.kernel,
             "role": self.role,
             "arch": f"sm_{self.arch}",
-            "dtype": self.use.dtype,
+            "dtype": self.dtype,
             "config": {
                 **{k: v for k, v in self.launch.constants if k.startswith(("BLOCK_", "PAD_SPLITS", "PAGE"))},
                 "num_warps": self.launch.num_warps,
@@ -190,7 +293,19 @@ def _rows(kind, spec, use, role_of, arch, launches, source, splits, shape, compi
         flops, moved = work(use, role, shape, splits)
         rows.append(
             KernelRow(
-                kind, spec, use, launch.kernel, role, arch, launch, source(launch), reading, flops, moved
+                kind,
+                spec,
+                use.node,
+                use.dtype,
+                launch.kernel,
+                role,
+                arch,
+                launch,
+                source(launch),
+                reading,
+                flops,
+                moved,
+                use,
             )
         )
     return rows
@@ -227,12 +342,15 @@ def inspect_specs(
     cached, problem = tuning_cache.read_file(tuning_cache.cache_path())
     if problem:
         print(f"mlagen: ignoring the tuning cache {tuning_cache.cache_path()}: {problem}", file=sys.stderr)
-    plans: list[tuple] = []  # (spec name, launcher or None, arch, config, source, dtype)
+    # (spec name, launcher, family use and pass, or None for the baseline; arch, config, source, dtype)
+    plans: list[tuple] = []
     calls = []
+    problem = family_calls.Problem.of(shape.batch, shape.seq_len, shape.new_tokens)
     with tempfile.TemporaryDirectory(prefix="mlagen-inspect-") as tmp:
         for spec in specs:
             kernels_file = autotune.render_kernels(spec, Path(tmp))
             module = autotune.load_kernels_file(kernels_file)
+            uses = family_calls.family_uses(spec)
             for dtype in dtypes:
                 for arch in archs:
                     for launcher in autotune.all_launchers(spec, dtype):
@@ -240,6 +358,11 @@ def inspect_specs(
                         config, source = chosen_config(launcher, objects, shape, arch, cached)
                         plans.append((spec.name, launcher, arch, config, source, dtype))
                         calls.append((autotune.launch_call(kernels_file, launcher, shape, config), arch))
+                    # the sparse and compressed launchers choose their own config (no tuning cache)
+                    for use in uses:
+                        for part, call in family_calls.calls(kernels_file, use, problem, dtype):
+                            plans.append((spec.name, (use, part), arch, None, "launch defaults", dtype))
+                            calls.append((call, arch))
         if baseline:
             from mlagen.bench import baseline as tutorial
 
@@ -254,7 +377,7 @@ def inspect_specs(
 
         def keep(index: int, launches: tuple[Launch, ...]) -> tuple[Launch, ...]:
             launcher = plans[index][1]
-            return autotune.own_launches(launcher, launches) if launcher is not None else launches
+            return autotune.own_launches(launcher, launches) if isinstance(launcher, Launcher) else launches
 
         compiled = autotune.compile_calls(calls, workers, desc, keep=keep)
     rows: list[KernelRow] = []
@@ -276,6 +399,29 @@ def inspect_specs(
                 _baseline_shape(shape),
                 readings,
             )
+            continue
+        if not isinstance(launcher, Launcher):
+            use, part = launcher
+            for launch, reading in pairs:
+                role = family_calls.role(part, launch.kernel)
+                flops, moved = layer_work(use, launch.kernel, role, problem, dtype)
+                node = family_calls.node_of(use, launch.kernel)
+                rows.append(
+                    KernelRow(
+                        "mlagen",
+                        name,
+                        node,
+                        dtype,
+                        launch.kernel,
+                        role,
+                        arch,
+                        launch,
+                        source,
+                        reading,
+                        flops,
+                        moved,
+                    )
+                )
             continue
         splits = autotune.decode_splits(launcher, config, shape, ARCHS[arch])
         rows += _rows(
@@ -354,13 +500,16 @@ def format_inspect(
             c = row.compiled
             label = row.kernel if row.kind == "mlagen" else f"{row.kernel} (baseline)"
             if c.error:  # the message in the last column, where the table does not pad it
-                body.append([label, row.use.node, row.settings] + [""] * 8 + ["compile failed: " + c.error])
+                body.append(
+                    [label, row.node, row.role, row.settings] + [""] * 8 + ["compile failed: " + c.error]
+                )
                 continue
             clocks = c.loop_clocks_per_1k_scores
             body.append(
                 [
                     label,
-                    row.use.node,
+                    row.node,
+                    row.role,
                     row.settings
                     + (" *" if row.source not in ("default", "launch defaults", "tutorial settings") else ""),
                     str(c.registers),
@@ -370,14 +519,15 @@ def format_inspect(
                     str(c.tma_loads),
                     f"{clocks:.0f}" if clocks is not None else "-",
                     f"{autotune.occupancy(c, limits)}/{limits.max_warps}",
-                    _amount(row.flops, 1e9),
-                    _amount(row.bytes, 1e6),
+                    _amount(row.flops, 1e9) if row.flops is not None else "-",
+                    _amount(row.bytes, 1e6) if row.bytes is not None else "-",
                 ]
             )
         lines += autotune.table(
             [
                 "kernel",
                 "node",
+                "role",
                 "config",
                 "regs",
                 "spill B",
@@ -393,20 +543,25 @@ def format_inspect(
         )
     tuned = sorted(
         {
-            f"{row.use.kernel} {row.role}: {row.source}"
+            f"{row.kernel} {row.role}: {row.source}"
             for row in rows
             if row.source not in ("default", "launch defaults", "tutorial settings")
         }
     )
     lines += [
         "",
-        "config: tile (BLOCK_M x BLOCK_N, decode: BLOCK_H x BLOCK_N), warps, stages, as launched; the static "
-        "default of mlagen/runtime/launch.py"
+        "role: forward, backward (_dkdv, _dq, _delta), decode (_append, _combine); sparse and compressed "
+        "layers also indexer, compressor (forward, _backward) and their decode_ steps",
+        "config: tile (BLOCK_M x BLOCK_N; decode and sparse attention: BLOCK_H x BLOCK_N, rows of (token, head) "
+        "or heads; compressor: BLOCK_J slots), warps, stages, as launched; the static default of "
+        "mlagen/runtime/launch.py"
         + (", * = from the tuning cache (" + "; ".join(tuned) + ")" if tuned else "")
-        + "; helpers run with their launch defaults",
-        "TMA: UTMALDG loads; loop clk/1K: issue-clocks per 1K scores (decode: (row, key) pairs) of the hot loop "
-        "(ANCHORS.md: instructions x warps / (tile / 1024) / 4)",
+        + "; helpers, and the sparse and compressed kernels (mlagen/runtime/sparse.py, compressed_kernels.py), "
+        "run with their launchers' defaults",
+        "TMA: UTMALDG loads; loop clk/1K: issue-clocks per 1K scores (decode: (row, key) pairs; indexers: "
+        "(query, key) or (head, key) pairs) of the hot loop (ANCHORS.md: instructions x warps / (tile / 1024) / 4)",
         "warps/SM: resident warps the registers and shared memory allow (occupancy); "
-        "GFLOP, MB: one call's matmul work and tensors moved (ANCHORS.md)",
+        "GFLOP, MB: one call's matmul work and tensors moved (ANCHORS.md; sparse and compressed layers: "
+        "inspect_kernels.layer_work, over the keys each query selects)",
     ]
     return lines

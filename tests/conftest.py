@@ -37,3 +37,20 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def _compile_cache_dir(request, tmp_path_factory):
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("mlagen-aot") if cache is not None else tmp_path_factory.mktemp("aot")
+
+
+@pytest.fixture(scope="module")
+def compile_cache(_compile_cache_dir):
+    """MLAGEN_CACHE_DIR of the arch tests (test_gpu_compile, test_sparse_compile,
+    test_compressed_compile): one directory of compile readings for the session (in pytest's
+    cache, so readings persist between runs), so a kernel that several of them launch alike
+    compiles once. Its tuning cache stays empty: every launcher takes its default config."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLAGEN_CACHE_DIR", str(_compile_cache_dir))
+        yield _compile_cache_dir

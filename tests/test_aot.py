@@ -12,8 +12,9 @@ import json
 
 import pytest
 
-from mlagen import aot, autotune
+from mlagen import aot, autotune, family_calls
 from mlagen.autotune import Shape
+from mlagen.family_calls import Problem
 from mlagen.runtime.launch import BlockConfig
 from mlagen.spec import load_spec
 from tests.helpers import ROOT, SPECS
@@ -28,6 +29,18 @@ FAMILIES = [
     ("hybrid_latent_window", "forward", Shape(2, 512)),  # latent chunk masks ("same", "earlier"), window
     ("hybrid_latent_window", "backward", Shape(2, 512)),
     ("perceiver_latent", "forward", Shape(2, 256)),  # not causal
+]
+
+
+# (spec, problem): the sparse and compressed layers' passes (mlagen.family_calls): indexer, sparse
+# MLA forward, backward and decode over a bf16 and an FP8 cache; compressors, entry indexer and
+# compressed attention forward, backward and decode, over selected entries, all entries, none.
+LAYERS = [
+    ("deepseek_v32", Problem(1, 256, 1000, 2)),  # a cache of 1002 tokens: not % 16
+    ("glm5", Problem(2, 100, 990, 1, cache_dtype="fp8")),
+    ("deepseek_v4_flash_csa", Problem(1, 256, 1000, 2)),
+    ("deepseek_v4_flash_hca", Problem(1, 512, 1000, 1, decode_batch=2)),
+    ("deepseek_v4_flash_sliding", Problem(1, 100, 300, 4)),
 ]
 
 
@@ -49,6 +62,27 @@ def captured():
     """Per family: what the launcher launched on meta tensors and on CPU tensors."""
     meta, labels = _calls("meta")
     cpu, _ = _calls("cpu")
+    with aot.Compiler(workers=2, use_cache=False) as compiler:
+        launched = compiler.capture(meta + cpu)
+    return list(zip(labels, launched[: len(meta)], launched[len(meta) :]))
+
+
+def _layer_calls(device: str) -> tuple[list, list]:
+    calls, labels = [], []
+    for name, problem in LAYERS:
+        (use,) = family_calls.family_uses(load_spec(SPECS / f"{name}.yaml"))
+        kernels_file = ROOT / "generated" / name / "kernels.py"
+        for part, call in family_calls.calls(kernels_file, use, problem, "bf16", device):
+            calls.append((call, 90))
+            labels.append((name, part))
+    return calls, labels
+
+
+@pytest.fixture(scope="module")
+def captured_layers():
+    """Per pass of each layer: what it launched on meta tensors and on CPU tensors."""
+    meta, labels = _layer_calls("meta")
+    cpu, _ = _layer_calls("cpu")
     with aot.Compiler(workers=2, use_cache=False) as compiler:
         launched = compiler.capture(meta + cpu)
     return list(zip(labels, launched[: len(meta)], launched[len(meta) :]))
@@ -85,6 +119,20 @@ def test_the_aot_key_is_the_key_triton_computes_for_real_tensors(captured):
         for meta, cpu in zip(on_meta, on_cpu, strict=True):
             assert meta.key == cpu.key, f"{name} {launcher.role} {meta.kernel}"
             assert meta.cache_key == cpu.cache_key
+
+
+def test_the_aot_key_of_the_sparse_and_compressed_kernels_is_the_key_for_real_tensors(captured_layers):
+    roles = set()
+    for (name, part), on_meta, on_cpu in captured_layers:
+        assert [launch.kernel for launch in on_meta] == [launch.kernel for launch in on_cpu], (name, part)
+        for meta, cpu in zip(on_meta, on_cpu, strict=True):
+            assert meta.key == cpu.key, f"{name} {part} {meta.kernel}"
+            assert meta.cache_key == cpu.cache_key
+            roles.add(family_calls.role(part, meta.kernel))
+    assert roles == {
+        "indexer", "forward", "backward", "backward_delta", "decode", "decode_append", "decode_indexer",
+        "decode_combine", "compressor", "compressor_backward", "decode_compressor",
+    }
 
 
 def test_the_specialisation_is_the_launchs(captured):

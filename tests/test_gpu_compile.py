@@ -1,6 +1,7 @@
 """The arch matrix: every kernel of every shipped spec, compiled as launched (mlagen.aot: the
 generated launchers called on meta tensors, Triton's own specialisation, the runtime's
-default config for that arch and dtype) for sm_80, sm_89, sm_90, sm_100 and sm_120, in bf16,
+default config for that arch and dtype; `mlagen inspect`'s rows, sparse and compressed
+layers included) for sm_80, sm_89, sm_90, sm_100 and sm_120, in bf16,
 fp16 and fp32 (tf32 dots). No GPU needed: Triton compiles for a GPUTarget and cuobjdump reads
 the cubin.
 
@@ -19,7 +20,7 @@ from collections import defaultdict
 
 import pytest
 
-from mlagen import aot, autotune
+from mlagen import aot, autotune, family_calls
 from mlagen.autotune import Shape
 from mlagen.inspect_kernels import inspect_specs
 from mlagen.runtime.launch import BlockConfig
@@ -29,19 +30,14 @@ from tests.helpers import SPECS
 SHIPPED = sorted(p.stem for p in SPECS.glob("*.yaml") if not p.stem.startswith("tiny_"))
 ARCHS = list(aot.ARCHS)
 DTYPES = ("bf16", "fp16", "fp32")
+FAMILY_DTYPES = ("bf16", "fp16")
 SHAPE = Shape(1, 4096)  # prefill 4096 tokens; decode one new token over 4096 cached
 MATMUL_ROLES = ("forward", "backward_dkdv", "backward_dq", "decode")
 
-# Kernel families whose launchers mlagen.autotune cannot call yet (autotune.LAUNCHABLE): this
-# matrix does not reach them; tests/test_sparse_compile.py and tests/test_compressed_compile.py
-# compile them through mlagen.aot the same way. Delete a prefix once autotune knows the family.
-NOT_YET_LAUNCHABLE = (
-    "sparse_mla_",
-    "indexer_logits_",
-    "compressed_attention_",
-    "compress_",
-    "entry_indexer_logits_",
-)
+# The roles of the sparse and compressed kernels (mlagen.family_calls) that run dots. Whether
+# those are all on the arch's own tensor-core instruction is tests/test_sparse_compile.py's and
+# tests/test_compressed_compile.py's to say (with their own GAPS); here they need tensor cores.
+FAMILY_MATMUL_ROLES = ("forward", "backward", "decode", "indexer", "decode_indexer")
 
 # (kernel role, dtypes, archs) -> why. Today's kernel bodies (issue 15, items 4 and 5, rewrite them):
 GAPS = {
@@ -64,15 +60,17 @@ def _gap_table() -> dict[tuple[str, str, str], str]:
 
 
 @pytest.fixture(scope="module")
-def matrix(request, tmp_path_factory):
-    """Every launched kernel's reading: KernelRows of inspect_specs over the whole matrix."""
-    cache = getattr(request.config, "cache", None)
-    where = cache.mkdir("mlagen-arch-matrix") if cache is not None else tmp_path_factory.mktemp("matrix")
-    with pytest.MonkeyPatch.context() as patch:
-        # Readings persist there; the tuning cache there stays empty, so every config is the default.
-        patch.setenv("MLAGEN_CACHE_DIR", str(where))
-        specs = [load_spec(SPECS / f"{name}.yaml") for name in SHIPPED]
-        return inspect_specs(specs, ARCHS, SHAPE, dtypes=list(DTYPES), workers=2)
+def matrix(compile_cache):
+    """Every launched kernel's reading: KernelRows of inspect_specs over the whole matrix. The
+    sparse and compressed layers in bf16 and fp16, the dtypes their models run in:
+    tests/test_sparse_compile.py and test_compressed_compile.py launch the same calls among
+    theirs, so with the readings shared (compile_cache) they add nothing to compile."""
+    specs = [load_spec(SPECS / f"{name}.yaml") for name in SHIPPED]
+    dense = [spec for spec in specs if not family_calls.family_uses(spec)]
+    layers = [spec for spec in specs if family_calls.family_uses(spec)]
+    return inspect_specs(dense, ARCHS, SHAPE, dtypes=list(DTYPES), workers=2) + inspect_specs(
+        layers, ARCHS, SHAPE, dtypes=list(FAMILY_DTYPES), workers=2
+    )
 
 
 def _problems(row) -> list[str]:
@@ -86,7 +84,10 @@ def _problems(row) -> list[str]:
         found.append(f"over {limit // 1024} KB of shared memory ({c.shared_bytes / 1024:.0f} KB)")
     if not 0 < c.registers <= 255:
         found.append(f"{c.registers} registers")
-    if row.role in MATMUL_ROLES:
+    if row.use is None:  # a sparse or compressed kernel
+        if row.role in FAMILY_MATMUL_ROLES and not c.tensor_core_ops:
+            found.append("no tensor-core instructions")
+    elif row.role in MATMUL_ROLES:
         family = aot.ARCHS[row.arch].tensor_core
         if not c.tensor_core_ops:
             found.append("no tensor-core instructions")
@@ -97,7 +98,10 @@ def _problems(row) -> list[str]:
 
 
 def _where(row) -> tuple[str, str, str]:
-    return row.role, row.use.dtype, f"sm_{row.arch}"
+    """GAPS' key: the dense kernels' role; a sparse or compressed kernel's name and role, which
+    no dense gap covers."""
+    role = row.role if row.use is not None else f"{row.kernel} {row.role}"
+    return role, row.dtype, f"sm_{row.arch}"
 
 
 @pytest.mark.slow
@@ -118,8 +122,7 @@ def test_every_shipped_kernel_compiles_on_every_arch_within_its_limits_on_its_te
 
 @pytest.mark.slow
 def test_the_matrix_reaches_every_kernel_of_every_shipped_spec(matrix):
-    """Every @triton.jit kernel a shipped spec generates is launched in the matrix, but for the
-    families autotune cannot launch yet (NOT_YET_LAUNCHABLE)."""
+    """Every @triton.jit kernel a shipped spec generates is launched in the matrix."""
     import tempfile
     from pathlib import Path
 
@@ -129,7 +132,7 @@ def test_the_matrix_reaches_every_kernel_of_every_shipped_spec(matrix):
         for name in SHIPPED:
             source = autotune.render_kernels(load_spec(SPECS / f"{name}.yaml"), Path(tmp)).read_text()
             kernels = {k for k in autotune.jit_constexprs(source) if _is_kernel(k, source)}
-            missed = sorted(k for k in kernels - launched if not k.startswith(NOT_YET_LAUNCHABLE))
+            missed = sorted(kernels - launched)
             assert not missed, f"{name}: kernels the arch matrix never launches: {missed}"
 
 
@@ -144,8 +147,8 @@ def test_the_shared_memory_estimate_is_a_lower_bound(matrix):
     what a compiled config takes, or pruning would drop configs that fit."""
     by_launch = defaultdict(list)
     for row in matrix:
-        if row.kind == "mlagen" and not row.compiled.error and row.role in MATMUL_ROLES:
-            by_launch[(row.spec, row.use.node, row.use.dtype, row.arch, row.role.split("_")[0])].append(row)
+        if row.use is not None and not row.compiled.error and row.role in MATMUL_ROLES:
+            by_launch[(row.spec, row.node, row.dtype, row.arch, row.role.split("_")[0])].append(row)
     assert by_launch
     for (spec, node, dtype, arch, role), rows in by_launch.items():
         (launcher,) = [launcher for launcher in autotune.launchers(rows[0].use) if launcher.role == role]

@@ -11,8 +11,8 @@ import re
 
 import pytest
 
-from mlagen import autotune, cli
-from mlagen.inspect_kernels import chosen_config, visible_pairs, work
+from mlagen import autotune, cli, family_calls
+from mlagen.inspect_kernels import chosen_config, layer_work, visible_pairs, work
 from mlagen.runtime import tuning_cache
 from mlagen.runtime.launch import BlockConfig
 from mlagen.spec import load_spec
@@ -41,12 +41,12 @@ def test_inspect_deepseek_v3_for_sm90_tables_every_kernel(capsys):
     lines = out.splitlines()
     assert lines[0].startswith("deepseek_v3 on sm_90")
     header = next(i for i, line in enumerate(lines) if line.startswith("kernel "))
-    assert _cells(lines[header]) == ["kernel", "node", "config", "regs", "spill B", "smem KB", "tensor-core ops",
-                                     "TMA", "loop clk/1K", "warps/SM", "GFLOP", "MB"]
+    assert _cells(lines[header]) == ["kernel", "node", "role", "config", "regs", "spill B", "smem KB",
+                                     "tensor-core ops", "TMA", "loop clk/1K", "warps/SM", "GFLOP", "MB"]
     rows = {line.split()[0]: _cells(line) for line in lines[header + 1: header + 1 + len(DEEPSEEK_KERNELS)]}
     assert set(rows) == set(DEEPSEEK_KERNELS)
     for kernel, cells in rows.items():
-        _, _node, _config, registers, spills, _smem, mma, _tma, clocks, occupancy = cells[:10]
+        _, _node, _role, _config, registers, spills, _smem, mma, _tma, clocks, occupancy = cells[:11]
         assert 0 < int(registers) <= 255 and spills == "0", cells
         assert occupancy.endswith("/64") and int(occupancy.split("/")[0]) > 0, cells
         if kernel in DEEPSEEK_KERNELS[:3] + DEEPSEEK_KERNELS[4:5]:  # forward, backward, decode: tensor cores
@@ -55,8 +55,9 @@ def test_inspect_deepseek_v3_for_sm90_tables_every_kernel(capsys):
             assert clocks == "-", cells
     # FLOPs of the causal forward at 4096 tokens, 128 heads: 2 * H * S(S+1)/2 * (192 + 128)
     assert f"{2 * 128 * 4096 * 4097 // 2 * 320 / 1e9:.3g}" in rows["attention_fwd_qk128_rope64_v128"]
-    assert rows["attention_fwd_qk128_rope64_v128"][2] == "128x128 w8 s2"  # the sm_90 default, as launched
-    assert int(rows["attention_fwd_qk128_rope64_v128"][7]) > 0  # keys and values through TMA
+    assert rows["attention_fwd_qk128_rope64_v128"][2] == "forward"
+    assert rows["attention_fwd_qk128_rope64_v128"][3] == "128x128 w8 s2"  # the sm_90 default, as launched
+    assert int(rows["attention_fwd_qk128_rope64_v128"][8]) > 0  # keys and values through TMA
     assert "loop clk/1K: issue-clocks per 1K scores" in out
 
 
@@ -103,6 +104,65 @@ def test_the_baseline_reads_as_anchors_says(capsys):
     assert 235 <= sum(r["hot_loop"]["issue_clocks_per_1k_scores"] for r in backward) <= 290
 
 
+# (kernel, role) of every kernel a sparse (DeepSeek-V3.2) and a compressed (DeepSeek-V4 CSA) layer
+# launches: forward, backward and one decode step (mlagen.family_calls).
+LAYER_KERNELS = {
+    "deepseek_v32": {
+        ("indexer_logits_d128", "indexer"), ("sparse_mla_lat512_rope64", "forward"),
+        ("_attention_bwd_delta", "backward_delta"), ("sparse_mla_lat512_rope64_bwd", "backward"),
+        ("mla_decode_lat512_rope64_append", "decode_append"), ("indexer_logits_d128_paged", "decode_indexer"),
+        ("sparse_mla_lat512_rope64", "decode"), ("mla_decode_lat512_rope64_combine", "decode_combine"),
+    },
+    "deepseek_v4_flash_csa": {
+        ("compress_d512_rope64", "compressor"), ("compress_d128_rope64", "compressor"),
+        ("entry_indexer_logits_d128", "indexer"), ("compressed_attention_d512_rope64", "forward"),
+        ("compress_d512_rope64_bwd", "compressor_backward"), ("compress_d128_rope64_bwd", "compressor_backward"),
+        ("compressed_attention_d512_rope64_bwd", "backward"), ("compress_d512_rope64", "decode_compressor"),
+        ("compress_d128_rope64", "decode_compressor"), ("entry_indexer_logits_d128", "decode_indexer"),
+        ("compressed_attention_d512_rope64", "decode"),
+    },
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(LAYER_KERNELS))
+def test_inspect_lists_every_kernel_of_a_sparse_or_compressed_layer(name, capsys, monkeypatch, compile_cache):
+    # the arch matrix's readings (tests/test_gpu_compile.py inspects this spec at this shape); no tuning cache
+    monkeypatch.setenv("MLAGEN_CACHE_DIR", str(compile_cache))
+    assert cli.main(["inspect", str(SPECS / f"{name}.yaml"), "--arch", "sm_90", "--json", "--workers", "2"]) == 0
+    records = json.loads(capsys.readouterr().out)
+    assert {(r["kernel"], r["role"]) for r in records} == LAYER_KERNELS[name] and len(records) == len(
+        LAYER_KERNELS[name])
+    nodes = {r["node"] for r in records}
+    assert nodes == ({"index_scores", "attn_latent"} if name == "deepseek_v32" else
+                     {"entries", "index_keys", "index_scores", "attn"})
+    for record in records:
+        assert record["kind"] == "mlagen" and record["spec"] == name and record["arch"] == "sm_90", record
+        assert record["error"] is None and record["spill_bytes"] == 0 and record["registers"] > 0, record
+        assert record["config_source"] == "launch defaults", record
+        assert (record["flops"] is None) == (record["role"] == "decode_combine"), record
+        assert {"num_warps", "num_stages"} <= set(record["config"]), record
+        if record["role"] in ("forward", "backward", "decode", "indexer", "decode_indexer"):
+            assert sum(record["mma"].values()) > 0 and record["hot_loop"]["mma"] > 0, record
+            assert record["flops"] > 0 and record["bytes"] > 0, record
+        if record["kernel"].startswith("compress_"):
+            assert "BLOCK_J" in record["config"] and sum(record["mma"].values()) == 0, record
+    # the launchers' own tiles: heads per program for sparse MLA, (token, head) rows for compressed attention
+    forward = next(r for r in records if r["role"] == "forward")
+    assert forward["config"].get("BLOCK_H" if name == "deepseek_v32" else "BLOCK_M") == 16
+
+
+def test_tune_says_which_kernels_it_leaves_to_their_defaults(capsys):
+    assert cli.main(["tune", str(SPECS / "tiny_dsa.yaml"), "--static", "--arch", "sm_90", "--seq-lens", "64",
+                     "--workers", "1"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("not tuned")]
+    assert lines == [
+        "not tuned: indexer_logits_d32, sparse_mla_lat32_rope8 and their backward and decode kernels: the sparse "
+        "and compressed launchers take no config from the tuning cache, they run their defaults "
+        "(mlagen/runtime/sparse.py, compressed_kernels.py), which `mlagen inspect` shows"
+    ]
+
+
 def test_inspect_rejects_an_unknown_arch_in_one_line(capsys):
     assert cli.main(["inspect", str(SPECS / "tiny_mla.yaml"), "--arch", "sm_75"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
@@ -131,6 +191,24 @@ def test_flops_and_bytes_follow_the_anchors_conventions():
     dkdv, _ = work(forward["backward"].use, "backward_dkdv", shape, splits=1)
     dq, _ = work(forward["backward"].use, "backward_dq", shape, splits=1)
     assert (dkdv, dq) == (2 * base, 1.5 * base)
+
+
+def test_sparse_and_compressed_flops_count_the_keys_each_query_attends_to():
+    problem = family_calls.Problem(batch=2, seq_len=3000, context=5000, new_tokens=2)
+    (sparse,) = family_calls.family_uses(load_spec(SPECS / "deepseek_v32.yaml"))
+    selected = 2 * sum(min(2048, q + 1) for q in range(3000))  # causal: query q sees q + 1 keys, keeps 2048
+    flops, _ = layer_work(sparse, sparse.attention, "forward", problem, "bf16")
+    assert flops == 2 * 128 * selected * (512 + 64 + 512)
+    flops, moved = layer_work(sparse, sparse.attention, "decode", problem, "bf16")
+    assert flops == 2 * 128 * (2 * 2 * 2048) * (512 + 64 + 512)
+    (csa,) = family_calls.family_uses(load_spec(SPECS / "deepseek_v4_flash_csa.yaml"))
+    # the 128-key window, and of the entries closed so far (one per 4 tokens) the top 512
+    keys = 2 * sum(min(128, q + 1) + min(512, (q + 1) // 4) for q in range(3000))
+    flops, _ = layer_work(csa, csa.attention, "forward", problem, "bf16")
+    assert flops == 2 * 64 * keys * 2 * 512
+    indexer_flops, _ = layer_work(csa, csa.indexer, "indexer", problem, "bf16")
+    assert indexer_flops == 2 * 2 * sum((q + 1) // 4 for q in range(3000)) * 64 * 128
+    assert layer_work(csa, "compress_d512_rope64", "compressor", problem, "bf16")[0] == 0.0
 
 
 def test_visible_pairs_count_the_masks():

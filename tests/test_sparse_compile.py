@@ -10,85 +10,45 @@ caches in the model's dtype and in FP8.
 
 from __future__ import annotations
 
-import functools
-
 import pytest
-import torch
 
+from mlagen import family_calls
 from mlagen.aot import ARCHS, Compiler, mma_count
-from mlagen.runtime.mla_decode import CachedTokens
-from mlagen.runtime.sparse_cache import PagedSparseCache
+from mlagen.family_calls import Problem
+from mlagen.spec import load_spec
 from tests.helpers import ROOT
+from tests.helpers import SPECS as SPEC_DIR
 
-SPECS = {"deepseek_v32": 64, "glm5": 32}  # spec -> index heads
+SPECS = ("deepseek_v32", "glm5")
 HEADS = (128, 64, 8)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-META = torch.device("meta")
-SEQ, CACHED, TOP_K = 256, 4096, 2048
+DTYPES = ("bf16", "fp16")
+SEQ, CACHED = 256, 4096
 
 
-def _kernels(spec: str):
-    from mlagen.aot import load_kernels_module
-
-    return load_kernels_module(ROOT / "generated" / spec / "kernels.py")
-
-
-def launch_all(spec: str, heads: int, dtype_name: str) -> None:
-    """Every launcher of the sparse path at one head count: the indexer (prefill, and over the
-    cache for 1 and 4 new tokens), sparse attention forward and backward, sparse decode over
-    bf16/fp16 and FP8 caches. Picklable (a worker of mlagen.aot.Compiler runs it)."""
-    kernels, dtype, index_heads = _kernels(spec), DTYPES[dtype_name], SPECS[spec]
-
-    def empty(*shape, type_=dtype):
-        return torch.empty(*shape, dtype=type_, device=META)
-
-    # the launchers themselves: the kernel table's entries are custom ops, which meta tensors
-    # would send to their fake implementations
-    (indexer,) = (getattr(kernels, f"{name}_launch") for name in kernels.SPARSE if name.startswith("indexer"))
-    (attention,) = (name for name in kernels.SPARSE if name.startswith("sparse_mla"))
-    indexer(
-        empty(1, SEQ, index_heads, 128),
-        empty(1, SEQ, 1, 128),
-        empty(1, SEQ, index_heads, type_=torch.float32),
-        scale=128**-0.5,
-        weight_scale=index_heads**-0.5,
-    )
-    q_latent, q_rope = empty(1, SEQ, heads, 512), empty(1, SEQ, heads, 64)
-    latent, rope_key = empty(1, SEQ, 1, 512), empty(1, SEQ, 1, 64)
-    index = empty(1, SEQ, TOP_K, type_=torch.int32)
-    out, lse = getattr(kernels, f"{attention}_launch")(q_latent, q_rope, latent, rope_key, index, scale=0.1)
-    getattr(kernels, f"{attention}_backward")(
-        out, q_latent, q_rope, latent, rope_key, index, out, lse, scale=0.1
-    )
-    for cache_dtype in ("model", "fp8"):
-        cache = PagedSparseCache(
-            2,
-            CACHED,
-            latent_dim=512,
-            rope_dim=64,
-            index_dim=128,
-            dtype=dtype,
-            device=META,
-            cache_dtype=cache_dtype,
-        )
-        context = [CACHED - 8] * 2  # a long cache before the new tokens, as decode sees it
-        cache.reserve(context)
-        cache.commit(context)
-        for new in (1, 4):
-            start = cache.reserve([new, new])
-            cache.commit([new, new])
-            cached = CachedTokens(cache, start, (new, new))
-            kernels.SPARSE_DECODE.index_scores(
-                empty(2, new, index_heads, 128),
-                empty(2, new, index_heads),
-                cached,
-                scale=128**-0.5,
-                weight_scale=index_heads**-0.5,
-            )
-            slots = empty(2, new, TOP_K, type_=torch.int32)
-            getattr(kernels, f"{attention}_paged_launch")(
-                empty(2, new, heads, 512), empty(2, new, heads, 64), cache, slots, scale=0.1
-            )
+def calls() -> list[tuple]:
+    """Every launcher of the sparse path, as `mlagen inspect` launches them (mlagen.family_calls):
+    the indexer (prefill, and over the cache), sparse attention forward and backward, and
+    sparse decode of 1 and 4 new tokens of two sequences after a long cache (not a multiple of
+    16, as decode sees it) in the model's dtype and in FP8; and the shape the arch matrix
+    inspects (tests/test_gpu_compile.py), whose kernels then compile once, here or there."""
+    found = []
+    for spec in SPECS:
+        (use,) = family_calls.family_uses(load_spec(SPEC_DIR / f"{spec}.yaml"))
+        kernels_file = ROOT / "generated" / spec / "kernels.py"
+        cases = [(Problem.of(1, 4096), family_calls.PASSES)]
+        for heads in HEADS:
+            cases.append((Problem(1, SEQ, CACHED, heads=heads), ("forward", "backward")))
+            cases += [
+                (Problem(1, SEQ, CACHED - 7, new, decode_batch=2, heads=heads, cache_dtype=cache), ("decode",))
+                for new in (1, 4)
+                for cache in ("model", "fp8")
+            ]
+        for dtype in DTYPES:
+            for problem, passes in cases:
+                for part, call in family_calls.calls(kernels_file, use, problem, dtype):
+                    if part in passes:
+                        found += [(call, arch) for arch in ARCHS]
+    return found
 
 
 # The kernels of the sparse path (the combine and the cache append belong to the MLA decode
@@ -134,22 +94,11 @@ def _problems(kernel: str, arch: int, compiled) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sparse_kernels_compile_as_launched_for_sm80_to_sm120_within_their_limits(request, tmp_path_factory):
-    calls = [
-        (functools.partial(launch_all, spec, heads, dtype), arch)
-        for spec in SPECS
-        for heads in HEADS
-        for dtype in DTYPES
-        for arch in ARCHS
-    ]
-    cache = getattr(request.config, "cache", None)
-    where = cache.mkdir("mlagen-sparse-matrix") if cache is not None else tmp_path_factory.mktemp("matrix")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MLAGEN_CACHE_DIR", str(where))  # readings persist between runs (cold: 2 minutes)
-        with Compiler(workers=2) as compiler:
-            captured = compiler.capture(calls)
-            launches = [launch for found in captured for launch in found if launch.kernel in EXPECTED]
-            readings = compiler.compile(launches)
+def test_sparse_kernels_compile_as_launched_for_sm80_to_sm120_within_their_limits(compile_cache):
+    with Compiler(workers=2) as compiler:
+        captured = compiler.capture(calls())
+        launches = [launch for found in captured for launch in found if launch.kernel in EXPECTED]
+        readings = compiler.compile(launches)
     assert {(launch.kernel, launch.arch) for launch in launches} == {(k, a) for k in EXPECTED for a in ARCHS}
     gaps = {
         (kernel, f"sm_{arch}") for (kernel, archs) in GAPS for arch in archs.removeprefix("sm_").split(" sm_")
