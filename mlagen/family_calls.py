@@ -23,12 +23,12 @@ from dataclasses import dataclass, replace
 import sympy
 import torch
 
+from mlagen.autotune import DTYPES
 from mlagen.ir import lower
-from mlagen.ir.ops import B, Graph, OpKind, S, T
+from mlagen.ir.ops import B, Node, OpKind, S, T
 from mlagen.passes import run_pipeline
 from mlagen.spec import CompressedSpec, MlaSpec, Spec
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PASSES = ("forward", "backward", "decode")
 PREFIXES = ("sparse_mla_", "compressed_attention_")  # the attention kernels of these families
 
@@ -139,12 +139,9 @@ def untuned(spec: Spec) -> str | None:
     )
 
 
-def _int(value: sympy.Expr | int, values: dict) -> int:
-    return int(sympy.sympify(value).subs(values))
-
-
 def family_uses(spec: Spec) -> list[FamilyUse]:
-    """The sparse and compressed attention nodes of the spec's prefill graph, with what they need."""
+    """The sparse and compressed attention nodes of the spec's prefill graph, with what they need
+    (a layer has one indexer and one selection, if any)."""
     if not isinstance(spec, MlaSpec | CompressedSpec):
         return []
     graph = run_pipeline(lower(spec), "prefill")
@@ -172,8 +169,7 @@ def family_uses(spec: Spec) -> list[FamilyUse]:
                 index_scale=float(index.attr("scale")),
                 weight_scale=float(index.attr("weight_scale")),
             )
-        # the selection's length with the sequence far longer than any top-k: the top-k itself
-        top_k = _top_k(graph, nodes)
+        top_k = _top_k(nodes.get(OpKind.TOP_K))
         if isinstance(spec, MlaSpec):
             uses.append(
                 SparseUse(
@@ -217,11 +213,11 @@ def family_uses(spec: Spec) -> list[FamilyUse]:
     return uses
 
 
-def _top_k(graph: Graph, nodes: dict) -> int:
-    selection = nodes.get(OpKind.TOP_K)
+def _top_k(selection: Node | None) -> int:
+    """The selection's length with the sequence far longer than any top-k: the top-k itself."""
     if selection is None:
         return 0
-    return _int(selection.shape[-1], {B: 1, S: 1 << 40, T: 1 << 40})
+    return int(sympy.sympify(selection.shape[-1]).subs({B: 1, S: 1 << 40, T: 1 << 40}))
 
 
 def node_of(use: FamilyUse, kernel: str) -> str:

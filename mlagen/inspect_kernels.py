@@ -100,90 +100,81 @@ def layer_work(
     batch, seq, heads = problem.batch, problem.seq_len, use.heads
     rows, new = problem.sequences, problem.new_tokens
     total = problem.context + new  # cached tokens after the decode step's
-    positions = torch.arange(1, seq + 1, dtype=torch.float64)  # keys visible to each prefill query
+    visible = torch.arange(1, seq + 1, dtype=torch.float64)  # keys each prefill query sees (causal)
+    index_heads, index_dim = use.index_heads, use.index_dim
     if isinstance(use, family_calls.SparseUse):
         latent, rope, top_k = use.latent, use.rope, use.top_k
-        selected = batch * float(positions.clamp(max=top_k).sum())
-        index_bytes = 4 * batch * seq * min(top_k, seq)
+        selected = batch * float(visible.clamp(max=top_k).sum())  # (query, key) pairs attended
+        chosen = rows * new * min(top_k, total)  # decode
+        stats = 4 * batch * heads * seq  # fp32 lse (and delta)
+        index = 4 * batch * seq * min(top_k, seq)
         fp8 = (problem.cache_dtype or use.cache_dtype) == "fp8"
         row = latent + 4 * (latent // 128) + 2 * rope if fp8 else e * (latent + rope)  # FlashMLA's FP8 rows
-        index_row = use.index_dim + 4 if fp8 else e * use.index_dim
+        index_row = index_dim + 4 if fp8 else e * index_dim
         if role == "indexer":
-            pairs = batch * seq * (seq + 1) / 2
-            moved = e * batch * seq * (use.index_heads + 1) * use.index_dim + 4 * batch * seq * (
-                use.index_heads + seq
+            flops = 2 * batch * seq * (seq + 1) / 2 * index_heads * index_dim
+            moved = e * batch * seq * (index_heads + 1) * index_dim + 4 * batch * seq * (index_heads + seq)
+        elif role == "forward":
+            flops = 2 * heads * selected * (2 * latent + rope)
+            moved = (
+                e * batch * seq * heads * (2 * latent + rope) + e * selected * (latent + rope) + index + stats
             )
-            return 2 * pairs * use.index_heads * use.index_dim, moved
-        if role == "forward":
-            moved = e * batch * seq * heads * (2 * latent + rope) + e * selected * (latent + rope)
-            return 2 * heads * selected * (2 * latent + rope), moved + index_bytes + 4 * batch * heads * seq
-        if role == "backward":
-            moved = e * batch * seq * heads * (3 * latent + 2 * rope) + (e + 4) * selected * (latent + rope)
-            return 2 * heads * selected * (
-                5 * latent + 3 * rope
-            ), moved + index_bytes + 8 * batch * heads * seq
-        if role == "backward_delta":
-            return 0.0, 2 * e * batch * seq * heads * latent + 8 * batch * heads * seq
-        chosen = rows * new * min(top_k, total)
-        if role == "decode":
+        elif role == "backward":  # scores, dP, dV, dQ, dK in one kernel; row gradients added in fp32
+            flops = 2 * heads * selected * (5 * latent + 3 * rope)
+            queries = e * batch * seq * heads * (3 * latent + 2 * rope)  # Q, dQ, dO
+            moved = queries + (e + 4) * selected * (latent + rope) + index + 2 * stats
+        elif role == "backward_delta":
+            flops, moved = 0.0, 2 * e * batch * seq * heads * latent + 2 * stats
+        elif role == "decode":
+            flops = 2 * heads * chosen * (2 * latent + rope)
             moved = row * chosen + e * rows * new * heads * (2 * latent + rope) + 4 * chosen
-            return 2 * heads * chosen * (2 * latent + rope), moved
-        if role == "decode_indexer":
-            pairs = rows * new * total
-            moved = index_row * rows * total + e * rows * new * use.index_heads * use.index_dim
-            return 2 * pairs * use.index_heads * use.index_dim, moved + 4 * rows * new * (
-                use.index_heads + total
-            )
-        if role == "decode_append":
-            return 0.0, 2 * e * rows * new * (latent + rope)
-        return None, None
+        elif role == "decode_indexer":
+            flops = 2 * rows * new * total * index_heads * index_dim
+            queries = e * rows * new * index_heads * index_dim
+            moved = index_row * rows * total + queries + 4 * rows * new * (index_heads + total)
+        elif role == "decode_append":
+            flops, moved = 0.0, 2 * e * rows * new * (latent + rope)
+        else:
+            return None, None
+        return flops, moved
     dim, rate, top_k, window = use.dim, use.rate, use.top_k, use.window
-    closed = (positions // rate) if rate else torch.zeros_like(positions)  # entries each query sees
+    closed = visible // rate if rate else torch.zeros_like(visible)  # entries each prefill query sees
     attended = closed.clamp(max=top_k) if top_k else closed
-    pairs = batch * heads * float(positions.clamp(max=window).sum() + attended.sum())
+    pairs = batch * heads * float(visible.clamp(max=window).sum() + attended.sum())
     entries = batch * (seq // rate if rate else 0)
-    index_bytes = 4 * batch * seq * min(top_k, seq // rate) if top_k else 0
-    if role == "forward":
-        moved = (
-            e * (2 * batch * seq * heads + batch * seq + entries) * dim
-            + index_bytes
-            + 4 * batch * seq * heads
-        )
-        return 2 * pairs * 2 * dim, moved
-    if role == "backward":
-        moved = (
-            e * (3 * batch * seq * heads + batch * seq + entries) * dim + 4 * (batch * seq + entries) * dim
-        )
-        return 2 * pairs * 5 * dim, moved + index_bytes + 8 * batch * seq * heads
-    if role == "indexer":
-        queries, scores = batch * seq, batch * seq * (seq // rate)
-        moved = e * (queries * use.index_heads + entries) * use.index_dim + 4 * (
-            queries * use.index_heads + scores
-        )
-        return 2 * batch * float(closed.sum()) * use.index_heads * use.index_dim, moved
-    if role == "decode_indexer":
-        queries, cached = rows * new, rows * (total // rate)
-        moved = e * (queries * use.index_heads + cached) * use.index_dim + 4 * (
-            queries * use.index_heads + new * cached
-        )
-        return 2 * new * cached * use.index_heads * use.index_dim, moved
-    if role == "decode":
-        seen = total // rate if rate else 0
-        chosen = min(top_k, seen) if top_k else seen
-        ring = e * rows * min(window, total) * dim
-        read = e * rows * (new * chosen if top_k else seen) * dim
-        moved = ring + read + 2 * e * rows * new * heads * dim + 4 * rows * new * chosen * bool(top_k)
-        return 2 * rows * new * heads * (min(window, total) + chosen) * 2 * dim, moved
+    index = 4 * batch * seq * min(top_k, seq // rate) if top_k else 0
+    stats = 4 * batch * seq * heads
+    seen = total // rate if rate else 0  # decode: entries in the cache
     compressor = next((c for c in use.compressors if c.kernel == kernel.removesuffix("_bwd")), None)
-    if compressor is None:
-        return None, None
-    width, pooled = compressor.width, compressor.dim
-    if role == "decode_compressor":  # the new tokens and the pending ones, into the windows they close
+    if role == "forward":
+        flops = 2 * pairs * 2 * dim
+        moved = e * (2 * batch * seq * heads + batch * seq + entries) * dim + index + stats
+    elif role == "backward":  # scores, dP, dV, dQ, dK in one kernel; key and entry gradients in fp32
+        flops = 2 * pairs * 5 * dim
+        moved = (e * (3 * batch * seq * heads) + (e + 4) * (batch * seq + entries)) * dim + index + 2 * stats
+    elif role == "indexer":
+        flops = 2 * batch * float(closed.sum()) * index_heads * index_dim
+        moved = e * (batch * seq * index_heads + entries) * index_dim + 4 * batch * seq * (
+            index_heads + seq // rate
+        )
+    elif role == "decode_indexer":
+        flops = 2 * rows * new * seen * index_heads * index_dim
+        moved = e * rows * (new * index_heads + seen) * index_dim + 4 * rows * new * (index_heads + seen)
+    elif role == "decode":
+        chosen = min(top_k, seen) if top_k else seen
+        flops = 2 * rows * new * heads * (min(window, total) + chosen) * 2 * dim
+        read = rows * (min(window, total) + (new * chosen if top_k else seen)) * dim  # ring and entries
+        moved = e * read + 2 * e * rows * new * heads * dim + 4 * rows * new * chosen * bool(top_k)
+    elif compressor is not None and role == "decode_compressor":  # new and pending tokens into closed windows
         slots = compressor.rate * (2 if compressor.overlap else 1)
         closes = max(1, -(-new // compressor.rate))
-        return 0.0, 2 * e * rows * (new + slots) * width + e * rows * closes * pooled
-    out = e * batch * (seq // compressor.rate) * pooled
-    return 0.0, (4 if role == "compressor_backward" else 2) * e * batch * seq * width + out
+        flops, moved = 0.0, e * (2 * rows * (new + slots) * compressor.width + rows * closes * compressor.dim)
+    elif compressor is not None:  # kv and gate in (and their gradients out), the entries out (or in)
+        tokens = (4 if role == "compressor_backward" else 2) * batch * seq * compressor.width
+        flops, moved = 0.0, e * (tokens + batch * (seq // compressor.rate) * compressor.dim)
+    else:
+        return None, None
+    return flops, moved
 
 
 def chosen_config(

@@ -6,7 +6,8 @@ stand-in driver (the exact specialisation a launch on that GPU gets) and reads t
 The shapes are DeepSeek-V4-Flash's (head dim 512, rope 64, indexer 64 heads of 128), with 64
 and 8 query heads (the head count is a run-time argument: 64 stands for every count Triton
 specialises alike, V4-Pro's 128 included, 8 for a tensor-parallel rank's few): training and
-prefill forward and backward, and decode of 1 and 4 new tokens over the cache's ring and pages.
+prefill forward and backward, and decode of 1 and 4 new tokens over the cache's ring and pages;
+the launches are `mlagen inspect`'s (mlagen.family_calls), its shape among them.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ cores. No GPU: mlagen.aot captures each launcher call on meta tensors under a st
 
 The shapes are DeepSeek-V3.2's and GLM-5's (latent 512 + rope 64, indexer 64 or 32 heads of
 128), with 128, 64 and 8 query heads (a tensor-parallel rank's few), 1 and 4 new tokens, and
-caches in the model's dtype and in FP8.
+caches in the model's dtype and in FP8; the launches are `mlagen inspect`'s
+(mlagen.family_calls), its shape among them.
 """
 
 from __future__ import annotations
