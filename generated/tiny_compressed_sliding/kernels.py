@@ -14,6 +14,7 @@ from mlagen.runtime.attention import (
     LOG2E,
     accumulator,
     check_operands,
+    decode_splits,
     dot_precision,
     group_mask_args,
     last_dim_contiguous,
