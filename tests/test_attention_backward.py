@@ -122,3 +122,34 @@ def test_lse_gradient_flows_through_the_custom_op():
     assert max_error(merged(q, k, v, use_kernel=True), full) < 1e-5
     for kernel, reference_leaf in zip(leaves, golden, strict=True):
         assert max_error(kernel.grad, reference_leaf.grad) < 1e-4
+
+
+# Decode-like shapes (all of a head's query rows in one block, a long cache): the forward splits
+# the keys over programs and merges them (the interpreter splits every 64 keys), so the backward
+# reads the merged log-sum-exp.
+SPLIT_KV_CASES = [
+    Case("gqa-few-queries-long-cache", heads_q=4, heads_k=2, seqlen_q=3, seqlen_k=100),
+    Case("window-few-queries-long-cache", heads_q=2, heads_k=2, seqlen_q=2, seqlen_k=130, window=70),
+    Case("split-dots-few-queries-long-cache", package="tiny_mla", heads_q=2, heads_k=2, seqlen_q=2, seqlen_k=90),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", SPLIT_KV_CASES, ids=[c.id for c in SPLIT_KV_CASES])
+def test_gradients_through_a_forward_split_over_the_keys_match_reference(case, dtype, monkeypatch):
+    from mlagen.runtime import ops
+
+    kernel = next(iter(generated(case.package).kernels.ATTENTION))
+    # The op runs the launcher registered last for this kernel name (packages share it): count
+    # the combine launches of that launcher's module.
+    launcher_globals = ops._IMPLEMENTATIONS[kernel][0].__globals__
+    combine, merges = launcher_globals[f"{kernel}_combine"], []
+
+    class Counting:
+        def __getitem__(self, grid):
+            merges.append(grid)
+            return combine[grid]
+
+    monkeypatch.setitem(launcher_globals, f"{kernel}_combine", Counting())
+    _check(case, dtype)
+    assert merges, "the forward did not split its keys"

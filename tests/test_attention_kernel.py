@@ -346,3 +346,92 @@ def test_kernel_with_every_tile_masked_matches_reference(case):
     assert_close_to_golden(out, eager, golden, atol=ATOL[torch.float32], what=f"{case.id} every tile masked")
     finite = golden_lse.isfinite()
     assert torch.equal(finite, lse.isfinite()) and max_error(lse[finite], golden_lse[finite]) < 1e-4
+
+
+# GQA packing: the query heads of one key head share a program's rows, (token, head) pairs
+# token-major, so a block's rows span fewer tokens than rows (the interpreter's 16 rows: 8, 4 or
+# 16 / 3 tokens), blocks start inside a token's heads, and one key tile serves the whole group.
+PACKED_CASES = [c for c in CASES if c.heads_q > c.heads_k] + [
+    Case("gqa-decode-one-token", heads_q=4, heads_k=1, seqlen_q=1, seqlen_k=40),
+    Case("gqa-decode-three-tokens-window", heads_q=6, heads_k=2, seqlen_q=3, seqlen_k=40, window=9),
+    Case("gqa-group-of-three-across-blocks", heads_q=6, heads_k=2, seqlen_q=37, seqlen_k=37),
+    Case("gqa-latent-chunks", heads_q=4, heads_k=2, causal=False, seqlen_q=12, seqlen_k=37, group_mask=("same", 4, 8)),
+    Case("mla-per-head-keys-decode", package="tiny_mla", heads_q=4, heads_k=2, shared_rope_key=False, seqlen_q=2,
+         seqlen_k=30),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", PACKED_CASES, ids=[c.id for c in PACKED_CASES])
+def test_kernel_with_query_heads_packed_into_rows_matches_reference(case, dtype):
+    _, operands = _operands(case, dtype)
+    options = dict(scale=0.25, causal=case.causal, window=case.window, group_mask=case.group_mask)
+    launch = _forward_launch(case.package)
+    golden, golden_lse = reference.attention(
+        *[None if t is None else t.double() for t in operands], **options, return_lse=True
+    )
+    eager = reference.attention(*operands, **options)
+    descriptors = (False, True) if case.package == "tiny_gqa" else (False,)
+    for pack_gqa, through_descriptors in [(pack, d) for pack in (True, False) for d in descriptors]:
+        out, lse = launch(*operands, **options, pack_gqa=pack_gqa, descriptors=through_descriptors)
+        what = f"{case.id} {dtype} pack_gqa={pack_gqa} descriptors={through_descriptors}"
+        assert_close_to_golden(out, eager, golden, atol=ATOL[dtype], what=what)
+        finite = golden_lse.isfinite()
+        assert torch.equal(finite, lse.isfinite()), what
+        assert max_error(lse[finite], golden_lse[finite]) < (1e-4 if dtype == torch.float32 else 2e-3), what
+
+
+def test_query_heads_are_packed_where_that_leaves_fewer_padded_rows():
+    from mlagen.runtime.launch import packs_gqa
+
+    cpu = torch.device("cpu")
+    for arch in (80, 90, 100):
+        assert packs_gqa(1, 8, 128, cpu, arch)  # decode: 8 rows in one program, not 8 programs
+        assert packs_gqa(4, 4, 64, cpu, arch)
+        assert packs_gqa(4097, 4, 128, cpu, arch)  # 129 blocks of rows, not 4 x 33
+        assert not packs_gqa(4096, 4, 128, cpu, arch)  # full tiles either way
+        assert not packs_gqa(1, 1, 128, cpu, arch)  # MHA: nothing to pack
+    for arch in (89, 120):  # the packed tile spills there
+        assert not packs_gqa(1, 8, 128, cpu, arch)
+
+
+# Split-KV (decode: few query rows over a long cache): the keys of one row block spread over
+# programs, merged by the combine kernel. Splits of 16-key tiles under the interpreter, so split
+# boundaries fall inside windows, at the causal edge of a cached prefix, and past a block's keys.
+SPLIT_CASES = [
+    Case("decode-one-token", seqlen_q=1, seqlen_k=100),
+    Case("decode-gqa-four-tokens", heads_q=4, heads_k=2, seqlen_q=4, seqlen_k=90),
+    Case("decode-mqa-window", heads_q=4, heads_k=1, seqlen_q=2, seqlen_k=100, window=37),
+    Case("decode-window-shorter-than-a-split", heads_q=2, heads_k=2, seqlen_q=3, seqlen_k=100, window=5),
+    Case("cross-attention-few-queries", causal=False, seqlen_q=5, seqlen_k=77),
+    Case("more-queries-than-keys-see-nothing", seqlen_q=12, seqlen_k=7),
+    Case("latent-chunks", causal=False, seqlen_q=12, seqlen_k=70, group_mask=("same", 4, 20)),
+    Case("mla-split-dots-decode", package="tiny_mla", heads_q=4, heads_k=4, seqlen_q=2, seqlen_k=80),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=["fp32", "fp16", "fp64"])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=[c.id for c in SPLIT_CASES])
+def test_kernel_with_keys_split_over_programs_matches_reference(case, dtype):
+    _, operands = _operands(case, dtype)
+    options = dict(scale=0.25, causal=case.causal, window=case.window, group_mask=case.group_mask)
+    launch = _forward_launch(case.package)
+    golden, golden_lse = reference.attention(
+        *[None if t is None else t.double() for t in operands], **options, return_lse=True
+    )
+    eager = reference.attention(*operands, **options)
+    atol = {torch.float64: 1e-12, **ATOL}[dtype]
+    packings = (True, False) if case.heads_q > case.heads_k else (None,)
+    for num_splits, pack_gqa in [(n, p) for n in (1, 2, 3, 7) for p in packings]:
+        out, lse = launch(*operands, **options, num_splits=num_splits, pack_gqa=pack_gqa)
+        what = f"{case.id} {dtype} splits={num_splits} pack_gqa={pack_gqa}"
+        assert out.dtype == dtype and lse.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+        assert not out.isnan().any(), what
+        assert_close_to_golden(out, eager, golden, atol=atol, what=what)
+        finite = golden_lse.isfinite()
+        assert torch.equal(finite, lse.isfinite()), what
+        # the reference returns its lse in fp32, fp64 inputs too: 1e-6 is that rounding at lse ~ 5
+        assert max_error(lse[finite], golden_lse[finite]) < {torch.float16: 2e-3, torch.float64: 1e-6}.get(
+            dtype, 1e-4
+        ), what
+        assert torch.equal(out[~finite.transpose(1, 2)], torch.zeros_like(out[~finite.transpose(1, 2)])), what

@@ -23,7 +23,7 @@ from mlagen.runtime.attention import (
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
-from mlagen.runtime.launch import default_backward_config, default_config, default_decode_config, separate_full_tiles
+from mlagen.runtime.launch import default_backward_config, default_config, default_decode_config, packs_gqa, separate_full_tiles
 from mlagen.runtime.mla_decode import DecodeOps, cache_descriptors
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.sparse import (
@@ -46,16 +46,24 @@ from mlagen.runtime.tuning_cache import attention_key, decode_key, tuned_config
 
 
 @triton.jit
-def _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
-               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
-               BLOCK_M: tl.constexpr):
+def _query_tokens(start_m, seqlen_q, BLOCK_M: tl.constexpr, HEADS_PER_TOKEN: tl.constexpr):
+    # The first and last query token of row block start_m. A block's rows are tokens, or, with
+    # the query heads of one key head packed into the rows (GQA packing), (token, head) pairs
+    # token-major: HEADS_PER_TOKEN rows per token.
+    first_q = (start_m * BLOCK_M) // HEADS_PER_TOKEN
+    last_q = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // HEADS_PER_TOKEN, seqlen_q - 1)
+    return first_q, last_q
+
+
+@triton.jit
+def _key_range(first_q, last_q, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
     # Keys outside [lo, hi) are masked for every row of the block, so the loop skips them:
     # causal blocks stop at the diagonal, windowed ones start at the window, and the
     # latent family's chunk masks visit only the chunks a block can see (O(N*M), not O(N^2)).
     # The loop starts at the tile holding lo and reads the keys outside [lo, hi) in its first
     # and last tiles as zeros, so a NaN there cannot reach the block through 0 * NaN in P @ V.
-    first_q = start_m * BLOCK_M
-    last_q = tl.minimum(first_q + BLOCK_M, seqlen_q) - 1
+    # first_q, last_q: the block's first and last query token (_query_tokens).
     lo = 0
     hi = seqlen_k
     if CAUSAL:
@@ -71,14 +79,11 @@ def _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
 
 
 @triton.jit
-def _keys_seen_by_all(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
-                      CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
+def _keys_seen_by_all(first_q, last_q, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                      CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
     # The keys [lo, hi) that every query row of the block sees (empty when lo >= hi): the
     # forward reads their full tiles without any mask work. Causal limits come from the
     # block's first row, window limits from its last, group masks need one group per block.
-    first_q = start_m * BLOCK_M
-    last_q = tl.minimum(first_q + BLOCK_M, seqlen_q) - 1
     lo = 0
     hi = seqlen_k
     if CAUSAL:

@@ -14,28 +14,37 @@ from mlagen.runtime.attention import (
     LOG2E,
     accumulator,
     check_operands,
+    decode_splits,
     dot_precision,
     group_mask_args,
     last_dim_contiguous,
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
-from mlagen.runtime.launch import default_backward_config, default_config, separate_full_tiles
+from mlagen.runtime.launch import default_backward_config, default_config, packs_gqa, separate_full_tiles
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.tuning_cache import attention_key, tuned_config
 
 
 @triton.jit
-def _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
-               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
-               BLOCK_M: tl.constexpr):
+def _query_tokens(start_m, seqlen_q, BLOCK_M: tl.constexpr, HEADS_PER_TOKEN: tl.constexpr):
+    # The first and last query token of row block start_m. A block's rows are tokens, or, with
+    # the query heads of one key head packed into the rows (GQA packing), (token, head) pairs
+    # token-major: HEADS_PER_TOKEN rows per token.
+    first_q = (start_m * BLOCK_M) // HEADS_PER_TOKEN
+    last_q = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // HEADS_PER_TOKEN, seqlen_q - 1)
+    return first_q, last_q
+
+
+@triton.jit
+def _key_range(first_q, last_q, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+               CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
     # Keys outside [lo, hi) are masked for every row of the block, so the loop skips them:
     # causal blocks stop at the diagonal, windowed ones start at the window, and the
     # latent family's chunk masks visit only the chunks a block can see (O(N*M), not O(N^2)).
     # The loop starts at the tile holding lo and reads the keys outside [lo, hi) in its first
     # and last tiles as zeros, so a NaN there cannot reach the block through 0 * NaN in P @ V.
-    first_q = start_m * BLOCK_M
-    last_q = tl.minimum(first_q + BLOCK_M, seqlen_q) - 1
+    # first_q, last_q: the block's first and last query token (_query_tokens).
     lo = 0
     hi = seqlen_k
     if CAUSAL:
@@ -51,14 +60,11 @@ def _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
 
 
 @triton.jit
-def _keys_seen_by_all(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
-                      CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
-                      BLOCK_M: tl.constexpr):
+def _keys_seen_by_all(first_q, last_q, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                      CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr):
     # The keys [lo, hi) that every query row of the block sees (empty when lo >= hi): the
     # forward reads their full tiles without any mask work. Causal limits come from the
     # block's first row, window limits from its last, group masks need one group per block.
-    first_q = start_m * BLOCK_M
-    last_q = tl.minimum(first_q + BLOCK_M, seqlen_q) - 1
     lo = 0
     hi = seqlen_k
     if CAUSAL:
@@ -282,36 +288,55 @@ def attention_fwd_qk16_v16(
     stride_qa_b, stride_qa_s, stride_qa_h,
     stride_ka_b, stride_ka_s, stride_ka_h,
     stride_v_b, stride_v_s, stride_v_h,
-    stride_o_b, stride_o_s, stride_o_h,
+    stride_o_b, stride_o_s, stride_o_h, stride_lse_b, stride_lse_h, stride_lse_s,
+    stride_o_split, stride_lse_split, keys_per_split,
     seqlen_q, seqlen_k, heads_q, qk_scale, window, q_group_size, k_group_size,
     HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, KEY_DESCRIPTORS: tl.constexpr, FULL_TILES: tl.constexpr,
+    PACK_GQA: tl.constexpr, SPLIT_KV: tl.constexpr,
 ):
     # Q_A: [B, Sq, Hq, 16]  K_A: [B, Sk, Hk, 16]  V: [B, Sk, Hk, 16]  O: [B, Sq, Hq, 16]
     # LSE: [B, Hq, Sq] fp32, natural log; Hq = Hk * HEAD_GROUP (GQA/MQA read K/V once per group).
+    # SPLIT_KV (decode: few query rows over many keys): program_id(2) takes the keys
+    # [split * keys_per_split, + keys_per_split), a multiple of BLOCK_N, so no tile straddles two
+    # splits; O and LSE are then that split's fp32 partials (strides *_split), for the combine.
     # KEY_DESCRIPTORS: K_A and V are tensor descriptors (TMA) of token rows x head columns
     # (mlagen.runtime.descriptors.head_rows), else pointers; V_ROWS: V's pointer, which masked
     # tiles read (with pointers, V itself).
     # FULL_TILES: the tiles every row sees whole run in a loop of their own, without masks
     # (else the masked loop visits every tile).
+    # PACK_GQA: a program's rows are the (token, head) pairs of the HEAD_GROUP query heads that
+    # share one key head, token-major, so few query tokens (decode) still fill the tile and
+    # each key tile is read once for the group; else the rows are tokens of one query head.
     D_A: tl.constexpr = 16
     PAD_A: tl.constexpr = 16
     D_V: tl.constexpr = 16
     PAD_V: tl.constexpr = 16
     start_m = tl.program_id(0)
-    off_bh = tl.program_id(1)
-    off_b = off_bh // heads_q
-    off_h = off_bh % heads_q
-    off_kh = off_h // HEAD_GROUP
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        heads_k = heads_q // HEAD_GROUP
+        off_b = tl.program_id(1) // heads_k
+        off_kh = tl.program_id(1) % heads_k
+        rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = rows // HEAD_GROUP  # each row's query token
+        off_h = off_kh * HEAD_GROUP + rows % HEAD_GROUP  # and query head
+        row_ok = rows < seqlen_q * HEAD_GROUP
+        first_q, last_q = _query_tokens(start_m, seqlen_q, BLOCK_M, HEAD_GROUP)
+    else:
+        off_b = tl.program_id(1) // heads_q
+        off_h = tl.program_id(1) % heads_q
+        off_kh = off_h // HEAD_GROUP
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < seqlen_q
+        first_q, last_q = _query_tokens(start_m, seqlen_q, BLOCK_M, 1)
     offs_n = tl.arange(0, BLOCK_N)
     offs_a = tl.arange(0, PAD_A)
     offs_v = tl.arange(0, PAD_V)
-    row_ok = offs_m < seqlen_q
 
-    q_a = tl.load(Q_A + off_b * stride_qa_b + off_h * stride_qa_h + offs_m[:, None] * stride_qa_s + offs_a[None, :],
-                  mask=row_ok[:, None] & (offs_a[None, :] < D_A), other=0.0)
+    # off_h: one head, or each row's head (PACK_GQA)
+    q_a_rows = off_b * stride_qa_b + off_h * stride_qa_h + offs_m * stride_qa_s
+    q_a = tl.load(Q_A + q_a_rows[:, None] + offs_a[None, :], mask=row_ok[:, None] & (offs_a[None, :] < D_A), other=0.0)
     # Where the keys of this (batch, key head) start: a descriptor's token row and head column,
     # or a pointer to the head's first token.
     if KEY_DESCRIPTORS:
@@ -332,10 +357,22 @@ def attention_fwd_qk16_v16(
     # row sees, [full_lo, full_hi), run without masks (first: m_i is finite after them); the
     # edge tiles before (window, group masks) and after (diagonal, group masks, sequence end)
     # run masked. The three ranges are disjoint, tile-aligned and cover [lo, hi).
-    lo, hi = _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
-                        CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M)
-    full_lo, full_hi = _keys_seen_by_all(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
-                                         CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M)
+    lo, hi = _key_range(first_q, last_q, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                        CAUSAL, WINDOWED, GROUP_MASK)
+    full_lo, full_hi = _keys_seen_by_all(first_q, last_q, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                                         CAUSAL, WINDOWED, GROUP_MASK)
+    if SPLIT_KV:
+        split_lo = tl.program_id(2) * keys_per_split
+        split_hi = split_lo + keys_per_split
+        lo, hi = tl.maximum(lo, split_lo), tl.minimum(hi, split_hi)
+        full_lo, full_hi = tl.maximum(full_lo, split_lo), tl.minimum(full_hi, split_hi)
+        # A split outside the block's keys visits no tile (its rows store zeros and lse -inf): an
+        # empty range inside an edge tile would still visit that tile's keys of other splits.
+        empty = hi <= lo
+        lo, hi = tl.where(empty, split_lo, lo), tl.where(empty, split_lo, hi)
+        full_lo, full_hi = tl.where(empty, split_lo, full_lo), tl.where(empty, split_lo, full_hi)
+        O += tl.program_id(2) * stride_o_split
+        LSE += tl.program_id(2) * stride_lse_split
     first_tile = (lo // BLOCK_N) * BLOCK_N
     if FULL_TILES:
         full_first = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK_N) * BLOCK_N, first_tile), hi)
@@ -388,18 +425,60 @@ def attention_fwd_qk16_v16(
     # value that another row of the block may see (one select per output, after the loop).
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_safe[:, None])
-    o_ptrs = O + off_b * stride_o_b + off_h * stride_o_h + offs_m[:, None] * stride_o_s + offs_v[None, :]
-    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_v[None, :] < D_V))
+    o_rows = off_b * stride_o_b + off_h * stride_o_h + offs_m * stride_o_s
+    tl.store(O + o_rows[:, None] + offs_v[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_v[None, :] < D_V))
     # log-sum-exp in natural log, so partial results over disjoint keys merge exactly.
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    tl.store(LSE + off_bh * seqlen_q + offs_m, lse, mask=row_ok)
+    tl.store(LSE + off_b * stride_lse_b + off_h * stride_lse_h + offs_m * stride_lse_s, lse, mask=row_ok)
+
+
+@triton.jit
+def attention_fwd_qk16_v16_combine(
+    O_PART, LSE_PART, OUT, LSE, stride_o_b, stride_o_s, stride_o_h, stride_lse_b, stride_lse_h,
+    heads, seqlen_q, num_splits, PAD_SPLITS: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    # O_PART: [B, splits, Sq * H, 16], LSE_PART: [B, splits, Sq * H] (natural log, -inf
+    # where a split holds no key of the row, whose partial then is exact zeros).
+    # OUT: [B, Sq, H, 16] by its strides; LSE (WRITE_LSE): [B, H, Sq] by stride_lse_b/_h.
+    # One split's row at a time: all of them at once ([64, 512] fp32 at 64 splits) spill.
+    WIDTH: tl.constexpr = 16
+    PAD_WIDTH: tl.constexpr = 16
+    row = tl.program_id(0)
+    seq = tl.program_id(1)
+    rows = seqlen_q * heads
+    offs_s = tl.arange(0, PAD_SPLITS)
+    offs_w = tl.arange(0, PAD_WIDTH)
+    first_part = seq * num_splits * rows + row
+    lse = tl.load(LSE_PART + first_part + offs_s * rows, mask=offs_s < num_splits, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # a row no split saw: zeros, lse -inf
+    total = tl.sum(tl.exp(lse - top), 0)
+    out = tl.zeros([PAD_WIDTH], O_PART.dtype.element_ty)
+    for split in range(num_splits):
+        part = first_part + split * rows
+        weight = tl.exp(tl.load(LSE_PART + part) - top)
+        out += weight * tl.load(O_PART + part * WIDTH + offs_w, mask=offs_w < WIDTH, other=0.0)
+    out = out / tl.where(total == 0.0, 1.0, total)
+    token, head = row // heads, row % heads
+    tl.store(OUT + seq * stride_o_b + token * stride_o_s + head * stride_o_h + offs_w,
+             out.to(OUT.dtype.element_ty), mask=offs_w < WIDTH)
+    if WRITE_LSE:
+        tl.store(LSE + seq * stride_lse_b + head * stride_lse_h + token,
+                 tl.where(total == 0.0, float("-inf"), top + tl.log(total)))
+
 
 
 def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, window=None, group_mask=None, config=None, descriptors=None,
-                                  full_tiles=None):
+                                  full_tiles=None, pack_gqa=None, num_splits=None):
     """Launch attention_fwd_qk16_v16; returns (out [B, Sq, Hq, 16], lse [B, Hq, Sq] fp32, fp64 for fp64 inputs).
     descriptors: read K and V through tensor descriptors (TMA); full_tiles: run the tiles every query
-    of a block sees without masks, in a loop of their own; None: as suits the launch's arch."""
+    of a block sees without masks, in a loop of their own; pack_gqa: the query heads of a key head
+    share a program's rows (None: where that leaves fewer padded rows, as in decode);
+    num_splits: split the keys over that many programs per row block, merged by
+    attention_fwd_qk16_v16_combine (None: only where all of a head's (group's) query rows fit one block
+    and the grid would not fill the GPU, as decode_splits chooses); None: as suits the
+    launch's arch."""
     dims = check_operands(q_a, q_b, k_a, k_b, v, expected=(16, 0, 16))
     if not scale >= 0:
         raise ValueError(f"{scale=} must be >= 0 (a softmax scale)")
@@ -422,17 +501,45 @@ def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, windo
         keys = tables if descriptors else keys
     if full_tiles is None:
         full_tiles = separate_full_tiles(16, q_a.device, dtype=q_a.dtype)
-    grid = (triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)
-    attention_fwd_qk16_v16[grid](
-        q_a, *keys, v, out, lse,
-        *q_a.stride()[:3], *k_a.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+    group = dims.heads_q // dims.heads_k
+    if pack_gqa is None:
+        pack_gqa = packs_gqa(dims.seqlen_q, group, config.block_m, q_a.device)
+    rows = dims.seqlen_q * group if pack_gqa else dims.seqlen_q  # a program's rows, per head (group)
+    grid = (triton.cdiv(rows, config.block_m), dims.batch * (dims.heads_k if pack_gqa else dims.heads_q))
+    if num_splits is None and grid[0] > 1:
+        num_splits = 1  # prefill: the row blocks fill the GPU
+    num_splits, keys_per_split = decode_splits(
+        grid[0] * grid[1], min(rows, config.block_m), dims.seqlen_k, q_a.device, block_n=config.block_n,
+        latent=16, rope=16, dtype=q_a.dtype, num_splits=num_splits,
+    )
+    if num_splits > 1:
+        # fp32 partials [B, splits, Sq, Hq, 16] and [B, splits, Sq * Hq], merged into out and lse
+        o_part = torch.empty((dims.batch, num_splits, dims.seqlen_q, dims.heads_q, 16),
+                             dtype=lse.dtype, device=q_a.device)
+        lse_part = torch.empty((dims.batch, num_splits, dims.seqlen_q * dims.heads_q), dtype=lse.dtype,
+                               device=q_a.device)
+        o_strides = (o_part.stride(0), o_part.stride(2), o_part.stride(3))
+        lse_strides = (lse_part.stride(0), 1, dims.heads_q)
+        split_strides = (o_part.stride(1), lse_part.stride(1))
+    else:
+        o_part, lse_part = out, lse
+        o_strides, lse_strides, split_strides = out.stride()[:3], lse.stride(), (0, 0)
+    attention_fwd_qk16_v16[(*grid, num_splits)](
+        q_a, *keys, v, o_part, lse_part,
+        *q_a.stride()[:3], *k_a.stride()[:3], *v.stride()[:3],
+        *o_strides, *lse_strides, *split_strides, keys_per_split,
         dims.seqlen_q, dims.seqlen_k, dims.heads_q, scale * LOG2E, window or 0, q_group_size, k_group_size,
-        HEAD_GROUP=dims.heads_q // dims.heads_k, DOT_PRECISION=dot_precision(q_a.dtype),
+        HEAD_GROUP=group, DOT_PRECISION=dot_precision(q_a.dtype),
         ACC_DTYPE=accumulator(q_a.dtype),
         CAUSAL=causal, WINDOWED=window is not None, GROUP_MASK=mask_code,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, KEY_DESCRIPTORS=descriptors, FULL_TILES=full_tiles,
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        PACK_GQA=bool(pack_gqa), SPLIT_KV=num_splits > 1, num_warps=config.num_warps, num_stages=config.num_stages,
     )
+    if num_splits > 1:
+        attention_fwd_qk16_v16_combine[(dims.seqlen_q * dims.heads_q, dims.batch)](
+            o_part, lse_part, out, lse, *out.stride()[:3], lse.stride(0), lse.stride(1),
+            dims.heads_q, dims.seqlen_q, num_splits, PAD_SPLITS=triton.next_power_of_2(num_splits), WRITE_LSE=True,
+        )
     return out, lse
 
 
@@ -620,8 +727,9 @@ def attention_fwd_qk16_v16_bwd_dq(
     k_a_rows = K_A + off_b * stride_ka_b + off_kh * stride_ka_h
     v_rows = V + off_b * stride_v_b + off_kh * stride_v_h
 
-    lo, hi = _key_range(start_m, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
-                        CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M)
+    first_q, last_q = _query_tokens(start_m, seqlen_q, BLOCK_M, 1)
+    lo, hi = _key_range(first_q, last_q, seqlen_q, seqlen_k, window, q_group_size, k_group_size,
+                        CAUSAL, WINDOWED, GROUP_MASK)
     first = (lo // BLOCK_N) * BLOCK_N
     full_lo, full_hi = _keys_seen_by_every_query(start_m * BLOCK_M, seqlen_q, seqlen_k, window, q_group_size,
                                                  k_group_size, CAUSAL, WINDOWED, GROUP_MASK, BLOCK_M)

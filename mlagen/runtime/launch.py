@@ -158,6 +158,27 @@ def separate_full_tiles(
     return _wide_elements(dtype) or head_dim_qk <= 128
 
 
+def packs_gqa(
+    seqlen_q: int, head_group: int, block_m: int, device: torch.device, arch: int | None = None
+) -> bool:
+    """Whether the forward packs the head_group query heads of a key head into one program's
+    rows ((token, head) pairs). Only where that leaves fewer padded rows: decode and short
+    queries (one new token and 8 query heads per key head: one 128-row program with 8 rows in
+    use instead of 8 programs with 1 each, every key tile read once, not 8 times). Prefill whose
+    length is a multiple of block_m gains no rows and keeps the unpacked tiles. Not on sm_89 and
+    sm_120 (measured with Triton 3.9, llama3_8b decode, bf16): there the packed rows' token and
+    head indices take ptxas to 255 registers and 48-64 spilled bytes at 128x64 (206 unpacked),
+    and 16-56 at 64x64; sm_80, sm_90 and sm_100 pack with 0 spills and 1-3 more registers."""
+    if head_group <= 1:
+        return False
+    arch = arch or launch_arch(device)
+    if arch is not None and smem_class(arch) == "small":
+        return False
+    unpacked_rows = head_group * -(-seqlen_q // block_m) * block_m
+    packed_rows = -(-(seqlen_q * head_group) // block_m) * block_m
+    return packed_rows < unpacked_rows
+
+
 def default_backward_config(
     head_dim_qk: int,
     head_dim_v: int,
