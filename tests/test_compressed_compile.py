@@ -1,12 +1,16 @@
 """The compressed (DeepSeek-V4) kernels compile, as their launchers launch them, for every GPU
-generation from sm_80 to sm_120, in bf16 and fp16, without spilling registers, and their dots
-run on tensor cores. No GPU: mlagen.aot captures each launcher call on meta tensors under a
-stand-in driver (the exact specialisation a launch on that GPU gets) and reads the cubin.
+generation from sm_80 to sm_120, in bf16 and fp16, within their limits. No GPU: mlagen.aot
+captures each launcher call on meta tensors under a stand-in driver (the exact specialisation
+a launch on that GPU gets) and reads the cubin.
 
 The shapes are DeepSeek-V4-Flash's (head dim 512, rope 64, indexer 64 heads of 128), with 64
 and 8 query heads (the head count is a run-time argument: 64 stands for every count Triton
 specialises alike, V4-Pro's 128 included, 8 for a tensor-parallel rank's few): training and
 prefill forward and backward, and decode of 1 and 4 new tokens over the cache's ring and pages.
+
+Every kernel spills nothing and fits its arch's shared memory, and the matmul kernels run on
+that arch's own tensor cores (mlagen.aot.problems: HMMA on sm_80/89/120, HGMMA on sm_90,
+tcgen05 on sm_100); what today's kernels miss is listed in GAPS with the reason.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import functools
 import pytest
 import torch
 
-from mlagen.aot import ARCHS, Compiler
+from mlagen.aot import ARCHS, Compiler, problems
 from mlagen.runtime.compressed_cache import CachedAttention, CachedEntries, CompressorWrite
 from tests.helpers import ROOT
 
@@ -84,30 +88,52 @@ def launch_all(spec: str, heads: int, dtype_name: str) -> None:
                    scale=512**-0.5, window=128, rate=max(rate, 1), cached=cached)
 
 
+MATMUL = ("entry_indexer_logits_d128", "compressed_attention_d512_rope64", "compressed_attention_d512_rope64_bwd")
+# (kernel, archs) -> why its dots are not all on the arch's own tensor-core instruction
+# (mlagen.aot.problems): the test fails on a new miss and on a listed one that no longer
+# happens (then delete it).
+GAPS = {
+    (
+        "compressed_attention_d512_rope64_bwd",
+        "sm_90 sm_100",
+    ): "mma.sync: 16-row tiles; at 64 rows the [64, 256] fp32 dQ half and the loop-invariant wgmma "
+    "descriptors of Q's and dO's four [64, 256] halves pass 255 registers (700-1300 B of spills on sm_90)",
+}
+
+
 @pytest.mark.slow
-def test_compressed_kernels_compile_as_launched_for_sm80_to_sm120_without_spills():
+def test_compressed_kernels_compile_as_launched_for_sm80_to_sm120_within_their_limits(request, tmp_path_factory):
     # fp16 and bf16 compile alike but for the element type; the few-heads specialisation once, in bf16.
     cases = [(heads, "bf16") for heads in HEADS] + [(HEADS[0], "fp16")]
     calls = [
         (functools.partial(launch_all, spec, heads, dtype), arch)
         for spec in SPECS for heads, dtype in cases for arch in ARCHS
     ]
-    with Compiler(workers=2) as compiler:
-        captured = compiler.capture(calls)
-        launches = [launch for found in captured for launch in found]
-        readings = compiler.compile(launches)
+    cache = getattr(request.config, "cache", None)
+    where = cache.mkdir("mlagen-compressed-matrix") if cache is not None else tmp_path_factory.mktemp("matrix")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLAGEN_CACHE_DIR", str(where))  # readings persist between runs
+        with Compiler(workers=2) as compiler:
+            captured = compiler.capture(calls)
+            launches = [launch for found in captured for launch in found]
+            readings = compiler.compile(launches)
     kernels = {launch.kernel for launch in launches}
     assert kernels == {
         "compress_d512_rope64", "compress_d512_rope64_bwd", "compress_d128_rope64", "compress_d128_rope64_bwd",
-        "entry_indexer_logits_d128", "compressed_attention_d512_rope64", "compressed_attention_d512_rope64_bwd",
-    }
+        *MATMUL,
+    }  # the compressor pools with elementwise math, no matmul
     assert {launch.arch for launch in launches} == set(ARCHS)
+    gaps = {
+        (kernel, f"sm_{arch}") for (kernel, archs) in GAPS for arch in archs.removeprefix("sm_").split(" sm_")
+    }
+    found, unexpected = set(), []
     for launch in launches:
-        compiled = readings[launch.cache_key]
-        what = f"{launch.kernel} sm_{launch.arch} w{launch.num_warps} {launch.constant}: {compiled}"
-        assert not compiled.error, what
-        assert compiled.spill_bytes == 0, what
-        assert 0 < compiled.registers <= 255, what
-        assert compiled.shared_bytes <= ARCHS[launch.arch].smem_per_block, what
-        if not launch.kernel.startswith("compress_"):  # the compressor pools with elementwise math, no matmul
-            assert compiled.tensor_core_ops > 0, what
+        where = (launch.kernel, f"sm_{launch.arch}")
+        for problem in problems(readings[launch.cache_key], matmul=launch.kernel in MATMUL):
+            if problem.startswith("not all") and where in gaps:
+                found.add(where)
+            else:
+                unexpected.append(f"{where} w{launch.num_warps} {launch.constant}: {problem}")
+    assert not unexpected, "\n".join(unexpected)
+    fixed = sorted(where for where in gaps if where not in found)
+    assert not fixed, f"no longer missing, delete from GAPS: {fixed}"
