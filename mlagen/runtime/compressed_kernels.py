@@ -61,11 +61,14 @@ def compressed_attention_config(
     if arch is None:
         return INTERPRETED_ATTENTION
     if dim > 256 and _own_mma_needs_64_rows(arch, dtype):
-        # 64 rows, half the output columns a program, key tiles in 2 stages (cp.async). sm_100:
-        # 32-key tiles, 196-214 registers, 113 KB. sm_90 holds the wgmma accumulators in
-        # registers: 32-key tiles spill 48-56 bytes over the ring at 8 heads (64-key tiles
-        # 136-280 at any head count), 16-key tiles fit (215-244 registers, 96 KB).
-        return AttentionConfig(64, 16 if arch // 10 == 9 else 32, 8, 2, column_halves=2)
+        # 64 rows, half the output columns a program, key tiles in 2 stages (cp.async). sm_100
+        # (tcgen05 accumulates in tensor memory): 32-key tiles, 196-214 registers, 113 KB. sm_90
+        # holds the accumulators in registers: 32-key tiles fit at head counts Triton
+        # specialises as multiples of 16 (220-240 registers, 128 KB) but spill 48-56 bytes over
+        # the ring at 8 heads (the (token, head) index math of an unspecialised count), where
+        # 16-key tiles fit (215-244 registers, 96 KB); 64-key tiles spill 136-280 bytes.
+        narrow = arch // 10 == 9 and heads % 16 != 0
+        return AttentionConfig(64, 16 if narrow else 32, 8, 2, column_halves=2)
     if dim > 256:
         return AttentionConfig(16, 32, 8, 1, column_halves=1)
     return AttentionConfig(32, 32, 4, 2, column_halves=1)
