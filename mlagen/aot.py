@@ -177,6 +177,32 @@ def mma_count(compiled: CompiledKernel, kind: str) -> int:
     return sum(n for opcode, n in compiled.mma if opcode == kind)
 
 
+def problems(compiled: CompiledKernel, *, matmul: bool) -> list[str]:
+    """What keeps a compiled kernel from the arch matrix's rule (issue 15 item 7), one line
+    each, [] when none: it compiles, spills nothing, holds 1-255 registers and no more shared
+    memory than its arch gives a block, and a matmul kernel's dots all run on its arch's own
+    tensor cores (ARCHS[...].tensor_core: no HMMA left where that is HGMMA or tcgen05; a dot
+    of fewer than 64 rows falls back to mma.sync there)."""
+    if compiled.error:
+        return [f"compile failed: {compiled.error}"]
+    arch, found = ARCHS[compiled.arch], []
+    if compiled.spill_bytes:
+        found.append(f"spills {compiled.spill_bytes} B")
+    if compiled.shared_bytes > arch.smem_per_block:
+        found.append(
+            f"over {arch.smem_per_block // 1024} KB of shared memory ({compiled.shared_bytes / 1024:.0f} KB)"
+        )
+    if not 0 < compiled.registers <= 255:
+        found.append(f"{compiled.registers} registers")
+    if matmul:
+        family = arch.tensor_core
+        if not compiled.tensor_core_ops:
+            found.append("no tensor-core instructions")
+        elif not mma_count(compiled, family) or (family != "HMMA" and mma_count(compiled, "HMMA")):
+            found.append(f"not all {family}: " + " + ".join(f"{n} {opcode}" for opcode, n in compiled.mma))
+    return found
+
+
 # Bump when the reading of a cubin changes, so cached readings are not reused.
 ANALYSIS_VERSION = 1
 

@@ -31,7 +31,7 @@ from mlagen.runtime.compressed import (
     index_scores_reference,
     top_k_reference,
 )
-from mlagen.runtime.compressed_kernels import _Attention, _Compress
+from mlagen.runtime.compressed_kernels import AttentionConfig, _Attention, _Compress
 from mlagen.spec import CompressedSpec, load_spec, parse_spec
 from mlagen.spec.from_hf_v4 import layer_specs
 from tests.helpers import ROOT, SPECS, assert_close_to_golden, generated, max_error
@@ -202,13 +202,24 @@ def test_kernel_gradients_match_the_reference(layer):
 GRADCHECK = dict(eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
 
 
-@pytest.mark.parametrize("entries", ["none", "dense", "selected"])
-def test_attention_kernel_gradcheck_in_fp64(entries):
-    # The interpreter runs the kernels in fp64: the backward (atomic dK + dV, dQ, the sinks)
-    # against finite differences of the forward, raw keys and entries, inverse rope included.
+# Programs keep the output's columns whole (mma.sync archs) or one half each (sm_90, sm_100).
+HALVES = pytest.mark.parametrize("halves", [1, 2], ids=["whole_columns", "column_halves"])
+
+
+def _attention_kernels(halves: int):
     launch, backward = generated("tiny_compressed_csa").kernels.COMPRESSED_OPS.attentions[
         "compressed_attention_d64_rope32"
     ]
+    config = AttentionConfig(16, 16, 1, 1, column_halves=halves)
+    return functools.partial(launch, config=config), functools.partial(backward, config=config)
+
+
+@HALVES
+@pytest.mark.parametrize("entries", ["none", "dense", "selected"])
+def test_attention_kernel_gradcheck_in_fp64(entries, halves):
+    # The interpreter runs the kernels in fp64: the backward (atomic dK + dV, dQ, the sinks)
+    # against finite differences of the forward, raw keys and entries, inverse rope included.
+    launch, backward = _attention_kernels(halves)
     torch.manual_seed(0)
     batch, seqlen, heads, dim = 1, 6, 2, 64
     double = torch.float64
@@ -442,12 +453,13 @@ def test_inexpressible_v4_configs_are_refused_in_one_line(case):
     assert fragment in str(info.value) and str(info.value).startswith("config.json: ")
 
 
+@HALVES
 @pytest.mark.parametrize("heads", [1, 3, 16])
 @pytest.mark.parametrize("entries", ["none", "dense", "selected"])
-def test_attention_kernel_at_any_head_count(entries, heads):
+def test_attention_kernel_at_any_head_count(entries, heads, halves):
     """Rows are (token, head) pairs: a block may hold parts of several tokens (heads < 16) or a
     part of one token's heads; the kernel against the reference at head counts that split blocks unevenly."""
-    launch, _ = generated("tiny_compressed_csa").kernels.COMPRESSED_OPS.attentions["compressed_attention_d64_rope32"]
+    launch, _ = _attention_kernels(halves)
     torch.manual_seed(heads)
     batch, seqlen, rate = 2, 19, 4
     cos, sin = PairRotary(32, 10000.0, None)(torch.arange(seqlen).expand(batch, seqlen), torch.float32)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 from mlagen import family_calls
-from mlagen.aot import ARCHS, Compiler, mma_count
+from mlagen.aot import ARCHS, Compiler, problems
 from mlagen.family_calls import Problem
 from mlagen.spec import load_spec
 from tests.helpers import ROOT
@@ -75,25 +75,6 @@ GAPS = {
 }
 
 
-def _problems(kernel: str, arch: int, compiled) -> list[str]:
-    if compiled.error:
-        return [f"compile failed: {compiled.error}"]
-    found = []
-    if compiled.spill_bytes:
-        found.append(f"spills {compiled.spill_bytes} B")
-    if compiled.shared_bytes > ARCHS[arch].smem_per_block:
-        found.append(f"{compiled.shared_bytes} B of shared memory")
-    if not 0 < compiled.registers <= 255:
-        found.append(f"{compiled.registers} registers")
-    if kernel in MATMUL:
-        family = ARCHS[arch].tensor_core
-        if not compiled.tensor_core_ops:
-            found.append("no tensor-core instructions")
-        elif not mma_count(compiled, family) or (family != "HMMA" and mma_count(compiled, "HMMA")):
-            found.append(f"not all {family}: {compiled.mma}")
-    return found
-
-
 @pytest.mark.slow
 def test_sparse_kernels_compile_as_launched_for_sm80_to_sm120_within_their_limits(compile_cache):
     with Compiler(workers=2) as compiler:
@@ -107,7 +88,7 @@ def test_sparse_kernels_compile_as_launched_for_sm80_to_sm120_within_their_limit
     found, unexpected = set(), []
     for launch in launches:
         where = (launch.kernel, f"sm_{launch.arch}")
-        for problem in _problems(launch.kernel, launch.arch, readings[launch.cache_key]):
+        for problem in problems(readings[launch.cache_key], matmul=launch.kernel in MATMUL):
             if problem.startswith("not all") and where in gaps:
                 found.add(where)
             else:

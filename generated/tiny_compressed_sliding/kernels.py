@@ -23,6 +23,7 @@ from mlagen.runtime.attention import (
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
 from mlagen.runtime.launch import default_backward_config, default_config, packs_gqa, separate_full_tiles
 from mlagen.runtime.ops import attention_op
+from mlagen.runtime.compressed import rope_pairs
 from mlagen.runtime.compressed_kernels import (
     KernelOps,
     compressed_attention_backward_config,
@@ -291,31 +292,36 @@ def _attention_bwd_delta(O, DO, DELTA, stride_o_b, stride_o_s, stride_o_h, strid
 
 
 @triton.jit
-def _compressed_attention_d64_rope32_keys(rows, ok, offs):
-    # Even and odd columns of BLOCK_N key rows (row pointers; rows that are not `ok` read zeros).
-    mask = ok[:, None] & (offs[None, :] < 32)
-    even = tl.load(rows[:, None] + 2 * offs[None, :], mask=mask, other=0.0)
-    odd = tl.load(rows[:, None] + 2 * offs[None, :] + 1, mask=mask, other=0.0)
-    return even, odd
+def _compressed_attention_d64_rope32_columns(rows, ok, first, offs):
+    # Columns first .. first + PAD_HALF of a tile of rows (row pointers; rows that are not `ok`
+    # and columns past D read zeros).
+    D: tl.constexpr = 64
+    PAD_HALF: tl.constexpr = 32
+    if 2 * PAD_HALF == D:
+        mask = ok[:, None] & (offs[None, :] >= 0)
+    else:
+        mask = ok[:, None] & (first + offs[None, :] < D)
+    return tl.load(rows[:, None] + first + offs[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _compressed_attention_d64_rope32_step(q_even, q_odd, k_even, k_odd, visible, m_i, l_i, acc_even, acc_odd, qk_scale,
-                       DOT_PRECISION: tl.constexpr):
+def _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i, acc_mine, acc_other, qk_scale,
+                       COLUMN_HALVES: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One tile of keys through the online softmax (base 2): K = V, so the tile read for the
-    # scores is the tile the probabilities multiply.
-    scores = tl.dot(q_even, tl.trans(k_even), input_precision=DOT_PRECISION)
-    scores += tl.dot(q_odd, tl.trans(k_odd), input_precision=DOT_PRECISION)
+    # scores is the tile the probabilities multiply (the program's half, or both).
+    scores = tl.dot(q_mine, tl.trans(k_mine), input_precision=DOT_PRECISION)
+    scores = tl.dot(q_other, tl.trans(k_other), scores, input_precision=DOT_PRECISION)
     scores = tl.where(visible, scores * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.math.exp2(scores - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    p = p.to(k_even.dtype)
-    acc_even = acc_even * alpha[:, None] + tl.dot(p, k_even, input_precision=DOT_PRECISION)
-    acc_odd = acc_odd * alpha[:, None] + tl.dot(p, k_odd, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc_even, acc_odd
+    p = p.to(k_mine.dtype)
+    acc_mine = tl.dot(p, k_mine, acc_mine * alpha[:, None], input_precision=DOT_PRECISION)
+    if COLUMN_HALVES == 1:
+        acc_other = tl.dot(p, k_other, acc_other * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc_mine, acc_other
 
 
 @triton.jit
@@ -330,15 +336,23 @@ def _compressed_attention_d64_rope32_entry_rows(ENTRIES, PAGE_TABLE, seq, index,
 
 
 @triton.jit
-def _compressed_attention_d64_rope32_rotate(even, odd, COS, SIN, seq, token, row_ok, offs, stride_cs_b, stride_cs_s, sign,
-                         ACC_DTYPE: tl.constexpr):
-    # (e, o) -> (e cos - sign o sin, o cos + sign e sin) on the last rope pairs, at each row's token.
-    first_rotated = 16
-    rotated = row_ok[:, None] & (offs[None, :] >= first_rotated) & (offs[None, :] < 32)
-    angle = seq * stride_cs_b + token[:, None] * stride_cs_s + (offs[None, :] - first_rotated)
+def _compressed_attention_d64_rope32_store(O, o_rows, acc, first, l_safe, COS, SIN, seq, token, row_ok, stride_cs_b, stride_cs_s,
+                        BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    # One column half of the output, columns first .. first + PAD_HALF: normalised, and its pairs
+    # (e, o) among the last rope pairs turned back by the query's angle, (e cos + o sin, o cos - e sin).
+    D: tl.constexpr = 64
+    PAIRS: tl.constexpr = 16
+    FIRST_ROTATED: tl.constexpr = 16
+    even, odd = tl.split(tl.reshape(acc / l_safe[:, None], [BLOCK_M, PAIRS, 2]))
+    pair = first // 2 + tl.arange(0, PAIRS)
+    rotated = row_ok[:, None] & (pair[None, :] >= FIRST_ROTATED) & (pair[None, :] < D // 2)
+    angle = seq * stride_cs_b + token[:, None] * stride_cs_s + (pair[None, :] - FIRST_ROTATED)
     cos = tl.load(COS + angle, mask=rotated, other=1.0).to(ACC_DTYPE)
-    sin = tl.load(SIN + angle, mask=rotated, other=0.0).to(ACC_DTYPE) * sign
-    return even * cos - odd * sin, odd * cos + even * sin
+    sin = tl.load(SIN + angle, mask=rotated, other=0.0).to(ACC_DTYPE)
+    out = tl.reshape(tl.join(even * cos + odd * sin, odd * cos - even * sin), [BLOCK_M, 2 * PAIRS])
+    columns = first + tl.arange(0, 2 * PAIRS)
+    tl.store(o_rows[:, None] + columns[None, :], out.to(O.dtype.element_ty),
+             mask=row_ok[:, None] & (columns[None, :] < D))
 
 
 @triton.jit
@@ -361,7 +375,8 @@ def compressed_attention_d64_rope32(
     stride_o_b, stride_o_s, stride_o_h,
     seqlen_q, heads, window, rate, top_k, qk_scale,
     RING: tl.constexpr, ENTRIES_MODE: tl.constexpr, PAGE: tl.constexpr, SINK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, COLUMN_HALVES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Q: [B, Sq, H, 64] rotated queries; KV: [B, Sq, 1, 64] this call's rotated K = V rows
     # (token i of sequence b at position FIRST_NEW[b] + i); RING_KV: [B, RING, 64] the decode
@@ -369,11 +384,13 @@ def compressed_attention_d64_rope32(
     # ENTRIES: [B, W, 1, 64] (PAGE 0) or pages [*, PAGE, 64] through PAGE_TABLE; ENTRY_COUNTS: [B]
     # SELECTED: [B, Sq, top_k] entry indices, -1 for none (ENTRIES_MODE 2)  SINKS: [H] fp32
     # COS, SIN: [B, Sq, 16] at the query positions  O: [B, Sq, H, 64]
-    # LSE: [B, Sq, H] natural log, the sink included (for the backward)
-    HALF: tl.constexpr = 32
+    # LSE: [B, Sq, H] natural log, the sink included (for the backward; the first column half's)
     PAD_HALF: tl.constexpr = 32
-    start_m = tl.program_id(0)
+    column_half = tl.program_id(0) % COLUMN_HALVES
+    start_m = tl.program_id(0) // COLUMN_HALVES
     seq = tl.program_id(1)
+    mine = column_half * PAD_HALF
+    other = PAD_HALF - mine
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q * heads
     token = rows // heads
@@ -387,7 +404,8 @@ def compressed_attention_d64_rope32(
     offs = tl.arange(0, PAD_HALF)
     offs_n = tl.arange(0, BLOCK_N)
     q_rows = Q + seq * stride_q_b + token.to(tl.int64) * stride_q_s + head * stride_q_h
-    q_even, q_odd = _compressed_attention_d64_rope32_keys(q_rows, row_ok, offs)
+    q_mine = _compressed_attention_d64_rope32_columns(q_rows, row_ok, mine, offs)
+    q_other = _compressed_attention_d64_rope32_columns(q_rows, row_ok, other, offs)
 
     if SINK:  # the sink logit starts the softmax: running max = sink, sum = exp(0) = 1, no value
         m_i = tl.load(SINKS + head, mask=row_ok, other=0.0).to(ACC_DTYPE) * 1.4426950408889634
@@ -395,8 +413,8 @@ def compressed_attention_d64_rope32(
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
         l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
-    acc_even = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)
-    acc_odd = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)
+    acc_mine = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)
+    acc_other = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)  # COLUMN_HALVES 2: never written
 
     ring_lo, new_lo = _compressed_attention_d64_rope32_key_ranges(first_new, pos_lo, pos_hi, window, RING)
     if RING > 0:  # earlier tokens' rows, from the ring
@@ -405,18 +423,22 @@ def compressed_attention_d64_rope32(
             key_ok = keys < first_new
             visible = key_ok[None, :] & (keys[None, :] > position[:, None] - window) & row_ok[:, None]
             k_rows = RING_KV + seq * stride_ring_b + (keys % RING).to(tl.int64) * stride_ring_s
-            k_even, k_odd = _compressed_attention_d64_rope32_keys(k_rows, key_ok, offs)
-            m_i, l_i, acc_even, acc_odd = _compressed_attention_d64_rope32_step(q_even, q_odd, k_even, k_odd, visible, m_i, l_i,
-                                                             acc_even, acc_odd, qk_scale, DOT_PRECISION)
+            k_mine = _compressed_attention_d64_rope32_columns(k_rows, key_ok, mine, offs)
+            k_other = _compressed_attention_d64_rope32_columns(k_rows, key_ok, other, offs)
+            m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
+                                                               acc_mine, acc_other, qk_scale, COLUMN_HALVES,
+                                                               DOT_PRECISION)
     for start in range(new_lo, pos_hi + 1, BLOCK_N):  # this call's rows
         keys = start + offs_n
         key_ok = keys <= pos_hi
         visible = (key_ok[None, :] & (keys[None, :] <= position[:, None])
                    & (keys[None, :] > position[:, None] - window) & row_ok[:, None])
         k_rows = KV + seq * stride_kv_b + (keys - first_new).to(tl.int64) * stride_kv_s
-        k_even, k_odd = _compressed_attention_d64_rope32_keys(k_rows, key_ok, offs)
-        m_i, l_i, acc_even, acc_odd = _compressed_attention_d64_rope32_step(q_even, q_odd, k_even, k_odd, visible, m_i, l_i,
-                                                         acc_even, acc_odd, qk_scale, DOT_PRECISION)
+        k_mine = _compressed_attention_d64_rope32_columns(k_rows, key_ok, mine, offs)
+        k_other = _compressed_attention_d64_rope32_columns(k_rows, key_ok, other, offs)
+        m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
+                                                           acc_mine, acc_other, qk_scale, COLUMN_HALVES,
+                                                           DOT_PRECISION)
     if ENTRIES_MODE > 0:
         count = tl.load(ENTRY_COUNTS + seq)
         threshold = tl.minimum((position + 1) // rate, count)
@@ -426,9 +448,11 @@ def compressed_attention_d64_rope32(
             visible = (index[None, :] < threshold[:, None]) & row_ok[:, None]
             k_rows = _compressed_attention_d64_rope32_entry_rows(ENTRIES, PAGE_TABLE, seq, index, index < count, stride_e_b, stride_e_w,
                                                stride_table_b, PAGE)
-            k_even, k_odd = _compressed_attention_d64_rope32_keys(k_rows, index < count, offs)
-            m_i, l_i, acc_even, acc_odd = _compressed_attention_d64_rope32_step(q_even, q_odd, k_even, k_odd, visible, m_i, l_i,
-                                                             acc_even, acc_odd, qk_scale, DOT_PRECISION)
+            k_mine = _compressed_attention_d64_rope32_columns(k_rows, index < count, mine, offs)
+            k_other = _compressed_attention_d64_rope32_columns(k_rows, index < count, other, offs)
+            m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
+                                                               acc_mine, acc_other, qk_scale, COLUMN_HALVES,
+                                                               DOT_PRECISION)
     if ENTRIES_MODE == 2:  # the entries the indexer selected for each token of the block
         for picked_token in range(token_lo, token_hi + 1):
             for start in range(0, top_k, BLOCK_N):
@@ -440,68 +464,85 @@ def compressed_attention_d64_rope32(
                            & (token[:, None] == picked_token) & row_ok[:, None])
                 k_rows = _compressed_attention_d64_rope32_entry_rows(ENTRIES, PAGE_TABLE, seq, index, exists, stride_e_b, stride_e_w,
                                                    stride_table_b, PAGE)
-                k_even, k_odd = _compressed_attention_d64_rope32_keys(k_rows, exists, offs)
-                m_i, l_i, acc_even, acc_odd = _compressed_attention_d64_rope32_step(q_even, q_odd, k_even, k_odd, visible, m_i, l_i,
-                                                                 acc_even, acc_odd, qk_scale, DOT_PRECISION)
+                k_mine = _compressed_attention_d64_rope32_columns(k_rows, exists, mine, offs)
+                k_other = _compressed_attention_d64_rope32_columns(k_rows, exists, other, offs)
+                m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i,
+                                                                   l_i, acc_mine, acc_other, qk_scale, COLUMN_HALVES,
+                                                                   DOT_PRECISION)
 
-    # Every query sees its own row, so l_i > 0; the rope pairs turn back by the query's angle.
+    # Every query sees its own row, so l_i > 0.
     l_safe = tl.where(row_ok, l_i, 1.0)
-    out_even = acc_even / l_safe[:, None]
-    out_odd = acc_odd / l_safe[:, None]
-    out_even, out_odd = _compressed_attention_d64_rope32_rotate(out_even, out_odd, COS, SIN, seq, token, row_ok, offs, stride_cs_b,
-                                             stride_cs_s, -1.0, ACC_DTYPE)
     o_rows = O + seq * stride_o_b + token.to(tl.int64) * stride_o_s + head * stride_o_h
-    mask = row_ok[:, None] & (offs[None, :] < HALF)
-    tl.store(o_rows[:, None] + 2 * offs[None, :], out_even.to(O.dtype.element_ty), mask=mask)
-    tl.store(o_rows[:, None] + 2 * offs[None, :] + 1, out_odd.to(O.dtype.element_ty), mask=mask)
+    _compressed_attention_d64_rope32_store(O, o_rows, acc_mine, mine, l_safe, COS, SIN, seq, token, row_ok, stride_cs_b, stride_cs_s,
+                        BLOCK_M, ACC_DTYPE)
+    if COLUMN_HALVES == 1:
+        _compressed_attention_d64_rope32_store(O, o_rows, acc_other, other, l_safe, COS, SIN, seq, token, row_ok, stride_cs_b,
+                            stride_cs_s, BLOCK_M, ACC_DTYPE)
     lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
-    tl.store(LSE + (seq * seqlen_q + token) * heads + head, lse, mask=row_ok)
+    # one half stores it (as a vector: the interpreter rejects scalar & vector masks)
+    tl.store(LSE + (seq * seqlen_q + token) * heads + head, lse, mask=row_ok & ((rows * 0 + column_half) == 0))
 
 
 @triton.jit
-def _compressed_attention_d64_rope32_bwd_tile(q_even, q_odd, do_even, do_odd, k_rows, key_ok, visible, lse2, delta, dq_even, dq_odd,
-                           d_rows, offs, qk_scale, sm_scale, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    # dS = P (dP - delta), dP = dO . V; dQ += dS K; d(K = V) = dS^T Q * scale + P^T dO.
-    k_even, k_odd = _compressed_attention_d64_rope32_keys(k_rows, key_ok, offs)
-    scores = tl.dot(q_even, tl.trans(k_even), input_precision=DOT_PRECISION)
-    scores += tl.dot(q_odd, tl.trans(k_odd), input_precision=DOT_PRECISION)
+def _compressed_attention_d64_rope32_bwd_tile(q_mine, q_other, do_mine, do_other, k_rows, key_ok, visible, lse2, delta, dq_mine,
+                           dq_other, d_rows, mine, other, offs, qk_scale, sm_scale, COLUMN_HALVES: tl.constexpr,
+                           DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    # dS = P (dP - delta), dP = dO . V; dQ += dS K; d(K = V) = dS^T Q * scale + P^T dO, of the
+    # program's column half (or both), added into the key rows' gradient.
+    k_mine = _compressed_attention_d64_rope32_columns(k_rows, key_ok, mine, offs)
+    k_other = _compressed_attention_d64_rope32_columns(k_rows, key_ok, other, offs)
+    scores = tl.dot(q_mine, tl.trans(k_mine), input_precision=DOT_PRECISION)
+    scores = tl.dot(q_other, tl.trans(k_other), scores, input_precision=DOT_PRECISION)
     probs = tl.where(visible, tl.math.exp2(scores * qk_scale - lse2[:, None]), 0.0)
-    d_probs = tl.dot(do_even, tl.trans(k_even), input_precision=DOT_PRECISION)
-    d_probs += tl.dot(do_odd, tl.trans(k_odd), input_precision=DOT_PRECISION)
+    d_probs = tl.dot(do_mine, tl.trans(k_mine), input_precision=DOT_PRECISION)
+    d_probs = tl.dot(do_other, tl.trans(k_other), d_probs, input_precision=DOT_PRECISION)
     d_scores = probs * (d_probs - delta[:, None])
-    dq_even += tl.dot(d_scores.to(k_even.dtype), k_even, input_precision=DOT_PRECISION)
-    dq_odd += tl.dot(d_scores.to(k_odd.dtype), k_odd, input_precision=DOT_PRECISION)
-    d_scores = (d_scores * sm_scale).to(q_even.dtype)
-    probs = probs.to(do_even.dtype)
-    dk_even = tl.dot(tl.trans(d_scores), q_even, input_precision=DOT_PRECISION)
-    dk_even += tl.dot(tl.trans(probs), do_even, input_precision=DOT_PRECISION)
-    dk_odd = tl.dot(tl.trans(d_scores), q_odd, input_precision=DOT_PRECISION)
-    dk_odd += tl.dot(tl.trans(probs), do_odd, input_precision=DOT_PRECISION)
-    mask = key_ok[:, None] & (offs[None, :] < 32)
-    tl.atomic_add(d_rows[:, None] + 2 * offs[None, :], dk_even.to(ACC_DTYPE), mask=mask)
-    tl.atomic_add(d_rows[:, None] + 2 * offs[None, :] + 1, dk_odd.to(ACC_DTYPE), mask=mask)
-    return dq_even, dq_odd
+    dq_mine = tl.dot(d_scores.to(k_mine.dtype), k_mine, dq_mine, input_precision=DOT_PRECISION)
+    scaled = (d_scores * sm_scale).to(q_mine.dtype)
+    probs = probs.to(do_mine.dtype)
+    mask = key_ok[:, None] & (mine + offs[None, :] < 64)
+    d_key = tl.dot(tl.trans(scaled), q_mine, input_precision=DOT_PRECISION)
+    d_key = tl.dot(tl.trans(probs), do_mine, d_key, input_precision=DOT_PRECISION)
+    tl.atomic_add(d_rows[:, None] + mine + offs[None, :], d_key.to(ACC_DTYPE), mask=mask)
+    if COLUMN_HALVES == 1:
+        dq_other = tl.dot(d_scores.to(k_other.dtype), k_other, dq_other, input_precision=DOT_PRECISION)
+        mask = key_ok[:, None] & (other + offs[None, :] < 64)
+        d_key = tl.dot(tl.trans(scaled), q_other, input_precision=DOT_PRECISION)
+        d_key = tl.dot(tl.trans(probs), do_other, d_key, input_precision=DOT_PRECISION)
+        tl.atomic_add(d_rows[:, None] + other + offs[None, :], d_key.to(ACC_DTYPE), mask=mask)
+    return dq_mine, dq_other
+
+
+@triton.jit
+def _compressed_attention_d64_rope32_store_dq(D_Q, dq_rows, dq, first, sm_scale, row_ok, offs):
+    mask = row_ok[:, None] & (first + offs[None, :] < 64)
+    tl.store(dq_rows[:, None] + first + offs[None, :], (dq * sm_scale).to(D_Q.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def compressed_attention_d64_rope32_bwd(
-    Q, KV, ENTRIES, SELECTED, COS, SIN, D_OUT, LSE, DELTA, D_Q, D_KV, D_ENTRIES,
+    Q, KV, ENTRIES, SELECTED, D_OUT, LSE, DELTA, D_Q, D_KV, D_ENTRIES,
     stride_q_b, stride_q_s, stride_q_h, stride_kv_b, stride_kv_s, stride_e_b, stride_e_w,
-    stride_sel_b, stride_sel_s, stride_cs_b, stride_cs_s, stride_do_b, stride_do_s, stride_do_h,
+    stride_sel_b, stride_sel_s, stride_do_b, stride_do_s, stride_do_h,
     seqlen_q, heads, window, rate, count, top_k, qk_scale, sm_scale,
     ENTRIES_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    COLUMN_HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Backward of one block of (token, head) rows (training: no cache, tokens at positions
-    # 0..Sq-1, `count` entries [B, W, 1, D]). P comes back from the forward's LSE; dQ is this
-    # program's own, dK + dV of each key tile (K = V: one gradient) are added atomically to
-    # D_KV [B, Sq, D] and D_ENTRIES [B, W, D] (fp32): with selected entries the queries that see
-    # a key are a scattered set, so no program can own a key's gradient.
-    # D_OUT: [B, Sq, H, 64] the gradient of the rotated-back output; DELTA: [B, Sq, H] rowsum(dO * O).
+    # 0..Sq-1, `count` entries [B, W, 1, D]), of one column half (COLUMN_HALVES 2) or both.
+    # P comes back from the forward's LSE; dQ is this program's own, dK + dV of each key tile
+    # (K = V: one gradient) are added atomically to D_KV [B, Sq, D] and D_ENTRIES [B, W, D]
+    # (fp32): with selected entries the queries that see a key are a scattered set, so no
+    # program can own a key's gradient.
+    # D_OUT: [B, Sq, H, 64] the gradient of the output turned forward by +angle (the output was
+    # rotated back by -angle; the launcher turns it, so dO is read as Q is); DELTA: [B, Sq, H] rowsum(dO * O).
+    D: tl.constexpr = 64
     PAD_HALF: tl.constexpr = 32
-    HALF: tl.constexpr = 32
-    start_m = tl.program_id(0)
+    column_half = tl.program_id(0) % COLUMN_HALVES
+    start_m = tl.program_id(0) // COLUMN_HALVES
     seq = tl.program_id(1)
+    mine = column_half * PAD_HALF
+    other = PAD_HALF - mine
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q * heads
     token = rows // heads
@@ -510,21 +551,17 @@ def compressed_attention_d64_rope32_bwd(
     token_hi = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // heads, seqlen_q - 1)
     offs = tl.arange(0, PAD_HALF)
     offs_n = tl.arange(0, BLOCK_N)
-    col_ok = offs[None, :] < HALF
-    q_even, q_odd = _compressed_attention_d64_rope32_keys(Q + seq * stride_q_b + token.to(tl.int64) * stride_q_s + head * stride_q_h,
-                                       row_ok, offs)
-    do_even, do_odd = _compressed_attention_d64_rope32_keys(D_OUT + seq * stride_do_b + token.to(tl.int64) * stride_do_s
-                                         + head * stride_do_h, row_ok, offs)
-    # The output was rotated back by -angle: its gradient turns forward by +angle.
-    do_even, do_odd = _compressed_attention_d64_rope32_rotate(do_even.to(ACC_DTYPE), do_odd.to(ACC_DTYPE), COS, SIN, seq, token,
-                                           row_ok, offs, stride_cs_b, stride_cs_s, 1.0, ACC_DTYPE)
-    do_even = do_even.to(q_even.dtype)
-    do_odd = do_odd.to(q_even.dtype)
+    q_rows = Q + seq * stride_q_b + token.to(tl.int64) * stride_q_s + head * stride_q_h
+    q_mine = _compressed_attention_d64_rope32_columns(q_rows, row_ok, mine, offs)
+    q_other = _compressed_attention_d64_rope32_columns(q_rows, row_ok, other, offs)
+    do_rows = D_OUT + seq * stride_do_b + token.to(tl.int64) * stride_do_s + head * stride_do_h
+    do_mine = _compressed_attention_d64_rope32_columns(do_rows, row_ok, mine, offs)
+    do_other = _compressed_attention_d64_rope32_columns(do_rows, row_ok, other, offs)
     stat = (seq * seqlen_q + token) * heads + head
     lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
-    dq_even = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)
-    dq_odd = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)
+    dq_mine = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)
+    dq_other = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)  # COLUMN_HALVES 2: never written
 
     # Raw rows, then entries: the forward's loops, each tile's gradient added into its rows.
     for start in range(tl.maximum(token_lo - window + 1, 0), token_hi + 1, BLOCK_N):
@@ -533,9 +570,10 @@ def compressed_attention_d64_rope32_bwd(
         visible = (key_ok[None, :] & (keys[None, :] <= token[:, None]) & (keys[None, :] > token[:, None] - window)
                    & row_ok[:, None])
         k_rows = KV + seq * stride_kv_b + keys.to(tl.int64) * stride_kv_s
-        dq_even, dq_odd = _compressed_attention_d64_rope32_bwd_tile(q_even, q_odd, do_even, do_odd, k_rows, key_ok, visible, lse2, delta,
-                                                 dq_even, dq_odd, D_KV + (seq * seqlen_q + keys.to(tl.int64)) * (2 * HALF),
-                                                 offs, qk_scale, sm_scale, DOT_PRECISION, ACC_DTYPE)
+        d_rows = D_KV + (seq * seqlen_q + keys.to(tl.int64)) * D
+        dq_mine, dq_other = _compressed_attention_d64_rope32_bwd_tile(q_mine, q_other, do_mine, do_other, k_rows, key_ok, visible, lse2,
+                                                   delta, dq_mine, dq_other, d_rows, mine, other, offs, qk_scale,
+                                                   sm_scale, COLUMN_HALVES, DOT_PRECISION, ACC_DTYPE)
     if ENTRIES_MODE > 0:
         threshold = tl.minimum((token + 1) // rate, count)
     if ENTRIES_MODE == 1:
@@ -544,10 +582,10 @@ def compressed_attention_d64_rope32_bwd(
             exists = index < count
             visible = (index[None, :] < threshold[:, None]) & row_ok[:, None]
             k_rows = ENTRIES + seq * stride_e_b + index.to(tl.int64) * stride_e_w
-            d_rows = D_ENTRIES + (seq * count + index.to(tl.int64)) * (2 * HALF)
-            dq_even, dq_odd = _compressed_attention_d64_rope32_bwd_tile(q_even, q_odd, do_even, do_odd, k_rows, exists, visible, lse2,
-                                                     delta, dq_even, dq_odd, d_rows, offs, qk_scale, sm_scale,
-                                                     DOT_PRECISION, ACC_DTYPE)
+            d_rows = D_ENTRIES + (seq * count + index.to(tl.int64)) * D
+            dq_mine, dq_other = _compressed_attention_d64_rope32_bwd_tile(q_mine, q_other, do_mine, do_other, k_rows, exists, visible,
+                                                       lse2, delta, dq_mine, dq_other, d_rows, mine, other, offs,
+                                                       qk_scale, sm_scale, COLUMN_HALVES, DOT_PRECISION, ACC_DTYPE)
     if ENTRIES_MODE == 2:
         for picked_token in range(token_lo, token_hi + 1):
             for start in range(0, top_k, BLOCK_N):
@@ -559,15 +597,16 @@ def compressed_attention_d64_rope32_bwd(
                 visible = (exists[None, :] & (index[None, :] < threshold[:, None])
                            & (token[:, None] == picked_token) & row_ok[:, None])
                 k_rows = ENTRIES + seq * stride_e_b + index.to(tl.int64) * stride_e_w
-                d_rows = D_ENTRIES + (seq * count + index.to(tl.int64)) * (2 * HALF)
-                dq_even, dq_odd = _compressed_attention_d64_rope32_bwd_tile(q_even, q_odd, do_even, do_odd, k_rows, exists, visible,
-                                                         lse2, delta, dq_even, dq_odd, d_rows, offs, qk_scale,
-                                                         sm_scale, DOT_PRECISION, ACC_DTYPE)
+                d_rows = D_ENTRIES + (seq * count + index.to(tl.int64)) * D
+                dq_mine, dq_other = _compressed_attention_d64_rope32_bwd_tile(q_mine, q_other, do_mine, do_other, k_rows, exists,
+                                                           visible, lse2, delta, dq_mine, dq_other, d_rows, mine,
+                                                           other, offs, qk_scale, sm_scale, COLUMN_HALVES,
+                                                           DOT_PRECISION, ACC_DTYPE)
 
-    dq_rows = D_Q + ((seq * seqlen_q + token.to(tl.int64)) * heads + head) * (2 * HALF)
-    mask = row_ok[:, None] & col_ok
-    tl.store(dq_rows[:, None] + 2 * offs[None, :], (dq_even * sm_scale).to(D_Q.dtype.element_ty), mask=mask)
-    tl.store(dq_rows[:, None] + 2 * offs[None, :] + 1, (dq_odd * sm_scale).to(D_Q.dtype.element_ty), mask=mask)
+    dq_rows = D_Q + ((seq * seqlen_q + token.to(tl.int64)) * heads + head) * D
+    _compressed_attention_d64_rope32_store_dq(D_Q, dq_rows, dq_mine, mine, sm_scale, row_ok, offs)
+    if COLUMN_HALVES == 1:
+        _compressed_attention_d64_rope32_store_dq(D_Q, dq_rows, dq_other, other, sm_scale, row_ok, offs)
 
 
 def compressed_attention_d64_rope32_launch(query, key, entries, selected, sinks, cos, sin, *, scale, window, rate, cached=None,
@@ -579,7 +618,7 @@ def compressed_attention_d64_rope32_launch(query, key, entries, selected, sinks,
     from its ring, and `entries` are its pages. Returns (out [B, Sq, H, 64], lse [B, Sq, H] fp32)."""
     query, key, cos, sin = (last_dim_contiguous(t) for t in (query, key, cos, sin))
     batch, seqlen, heads, _ = query.shape
-    config = config or compressed_attention_config(64, heads, query.device)
+    config = config or compressed_attention_config(64, heads, query.device, query.dtype)
     out = torch.empty_like(query)
     lse = torch.empty((batch, seqlen, heads), dtype=lse_dtype(query.dtype), device=query.device)
     if batch == 0 or seqlen == 0:
@@ -597,7 +636,7 @@ def compressed_attention_d64_rope32_launch(query, key, entries, selected, sinks,
     entries = key if entries is None else entries
     selected = first_new if selected is None else selected
     sel_strides = (selected.stride(0), selected.stride(1)) if mode == 2 else (0, 0)
-    compressed_attention_d64_rope32[(triton.cdiv(seqlen * heads, config.block_m), batch)](
+    compressed_attention_d64_rope32[(triton.cdiv(seqlen * heads, config.block_m) * config.column_halves, batch)](
         query, key, ring, entries, page_table, selected, sinks if sinks is not None else lse, cos, sin, out, lse,
         first_new, counts,
         *query.stride()[:3], key.stride(0), key.stride(1), ring.stride(0), ring.stride(1), *entry_strides,
@@ -605,7 +644,8 @@ def compressed_attention_d64_rope32_launch(query, key, entries, selected, sinks,
         seqlen, heads, window, max(rate, 1), selected.shape[-1] if mode == 2 else 0, scale * LOG2E,
         RING=ring_slots, ENTRIES_MODE=mode, PAGE=page, SINK=sinks is not None,
         DOT_PRECISION=dot_precision(query.dtype), ACC_DTYPE=accumulator(query.dtype),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+        COLUMN_HALVES=config.column_halves, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
 
@@ -626,16 +666,17 @@ def compressed_attention_d64_rope32_backward(grad_out, query, key, entries, sele
     mode = 0 if entries is None else 2 if selected is not None else 1
     if batch and seqlen:
         config = config or compressed_attention_backward_config(64, heads, query.device)
+        turned = rope_pairs(grad_out, cos, sin)
         entries_arg = key if entries is None else entries
         selected_arg = delta if selected is None else selected
-        compressed_attention_d64_rope32_bwd[(triton.cdiv(seqlen * heads, config.block_m), batch)](
-            query, key, entries_arg, selected_arg, cos, sin, grad_out, lse, delta, d_query, d_key, d_entries,
+        compressed_attention_d64_rope32_bwd[(triton.cdiv(seqlen * heads, config.block_m) * config.column_halves, batch)](
+            query, key, entries_arg, selected_arg, turned, lse, delta, d_query, d_key, d_entries,
             *query.stride()[:3], key.stride(0), key.stride(1), entries_arg.stride(0), entries_arg.stride(1),
-            *((selected.stride(0), selected.stride(1)) if mode == 2 else (0, 0)), cos.stride(0), cos.stride(1),
-            *grad_out.stride()[:3],
+            *((selected.stride(0), selected.stride(1)) if mode == 2 else (0, 0)), *turned.stride()[:3],
             seqlen, heads, window, max(rate, 1), count, selected.shape[-1] if mode == 2 else 0, scale * LOG2E, scale,
             ENTRIES_MODE=mode, DOT_PRECISION=dot_precision(query.dtype), ACC_DTYPE=accumulator(query.dtype),
-            BLOCK_M=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+            COLUMN_HALVES=config.column_halves, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            num_warps=config.num_warps, num_stages=config.num_stages,
         )
     d_sinks = None
     if sinks is not None:

@@ -165,19 +165,18 @@ class CompressedKernels:
 class AttentionVariant:
     """Attention over the window's raw K = V rows and compressed entries (all visible ones,
     or the selected ones), sinks in the softmax, inverse RoPE in the epilogue. Columns are
-    processed as the even and the odd half of the head (the RoPE pairs' two members)."""
+    processed in two halves, [0, pad_half) and [pad_half, dim), that a program may keep
+    the output of one at a time."""
 
     name: str
     dim: int
     rope_dim: int
 
     @property
-    def half(self) -> int:
-        return self.dim // 2
-
-    @property
     def pad_half(self) -> int:
-        return padded(self.half)
+        """The first half's width: a tile width (a power of two, so an even number of columns:
+        no RoPE pair straddles the halves) of at least half the head."""
+        return padded(-(-self.dim // 2))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from mlagen.runtime.compressed import entry_positions, top_k_reference
-from mlagen.runtime.launch import INTERPRETER_CONFIG, BlockConfig, launch_arch
+from mlagen.runtime.launch import INTERPRETER_CONFIG, BlockConfig, launch_arch, smem_class
 
 # --- block sizes --------------------------------------------------------------------------------
 
@@ -29,23 +29,63 @@ def compressor_config(rate: int, overlap: bool, device: torch.device) -> BlockCo
     return BlockConfig(block_m=1, block_n=min(4, 1 << (slots - 1).bit_length()), num_warps=8, num_stages=1)
 
 
-def compressed_attention_config(dim: int, heads: int, device: torch.device) -> BlockConfig:
-    """block_m rows are (token, head) pairs, block_n keys per step. The [block_m, D] fp32
-    accumulator (its even and odd halves), the query and a K = V tile [block_n, D] live at once."""
-    if launch_arch(device) is None:
-        return INTERPRETER_CONFIG
-    if dim > 256:
-        return BlockConfig(block_m=16, block_n=32, num_warps=8, num_stages=1)
-    return BlockConfig(block_m=32, block_n=32, num_warps=4, num_stages=2)
+@dataclass(frozen=True, slots=True)
+class AttentionConfig:
+    """Tiles of the compressed attention kernels. block_m rows are (token, head) pairs, block_n
+    keys per step; column_halves 2 gives each of two programs one half of the output columns
+    (templates/_compressed_attention.jinja)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    column_halves: int
 
 
-def compressed_attention_backward_config(dim: int, heads: int, device: torch.device) -> BlockConfig:
-    """The backward holds the query, dO and the dQ accumulator ([block_m, D] each) and a key tile."""
-    if launch_arch(device) is None:
-        return INTERPRETER_CONFIG
+# Small tiles under the interpreter make short test sequences span several blocks; both column
+# halves in programs of their own, as on sm_90 and sm_100 (tests pass column_halves=1 too).
+INTERPRETED_ATTENTION = AttentionConfig(16, 16, 1, 1, column_halves=2)
+
+
+def _own_mma_needs_64_rows(arch: int, dtype: torch.dtype) -> bool:
+    """wgmma (sm_90) and tcgen05 (sm_100) take 16-bit dots of 64 rows or more."""
+    return smem_class(arch) == "large" and dtype.itemsize == 2
+
+
+def compressed_attention_config(
+    dim: int, heads: int, device: torch.device, dtype: torch.dtype
+) -> AttentionConfig:
+    """The [block_m, D] fp32 accumulator (or its half), the query and a K = V tile [block_n, D]
+    live at once."""
+    arch = launch_arch(device)
+    if arch is None:
+        return INTERPRETED_ATTENTION
+    if dim > 256 and _own_mma_needs_64_rows(arch, dtype):
+        # 64 rows, half the output columns a program, key tiles in 2 stages (cp.async). sm_100
+        # (tcgen05 accumulates in tensor memory): 32-key tiles, 196-214 registers, 113 KB. sm_90
+        # holds the accumulators in registers: 32-key tiles fit at head counts Triton
+        # specialises as multiples of 16 (220-240 registers, 128 KB) but spill 48-56 bytes over
+        # the ring at 8 heads (the (token, head) index math of an unspecialised count), where
+        # 16-key tiles fit (215-244 registers, 96 KB); 64-key tiles spill 136-280 bytes.
+        narrow = arch // 10 == 9 and heads % 16 != 0
+        return AttentionConfig(64, 16 if narrow else 32, 8, 2, column_halves=2)
     if dim > 256:
-        return BlockConfig(block_m=16, block_n=16, num_warps=4, num_stages=1)
-    return BlockConfig(block_m=16, block_n=32, num_warps=4, num_stages=1)
+        return AttentionConfig(16, 32, 8, 1, column_halves=1)
+    return AttentionConfig(32, 32, 4, 2, column_halves=1)
+
+
+def compressed_attention_backward_config(dim: int, heads: int, device: torch.device) -> AttentionConfig:
+    """The backward holds the query, dO and the dQ accumulator ([block_m, D] each) and a key
+    tile. mma.sync tiles on every arch: at 64 rows (wgmma, tcgen05) a column half's program
+    spills 700-1300 bytes on sm_90 with 16-, 32- or 64-key tiles, 1 or 2 stages, d(K = V) as
+    [keys, D / 2] or transposed: the [64, 256] fp32 dQ half and the loop-invariant wgmma
+    descriptors of the four [64, 256] operands the scores and dP read (Q's and dO's halves,
+    64 K-steps of 64-bit descriptors) pass 255 registers."""
+    if launch_arch(device) is None:
+        return INTERPRETED_ATTENTION
+    if dim > 256:
+        return AttentionConfig(16, 16, 4, 1, column_halves=1)
+    return AttentionConfig(16, 32, 4, 1, column_halves=1)
 
 
 def entry_indexer_config(device: torch.device) -> BlockConfig:

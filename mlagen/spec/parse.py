@@ -248,7 +248,7 @@ FAMILY_FIELDS["compressed"] = (
         low=32,
         high=1024,
         multiple_of=32,
-        why="K = V is split into its even and odd columns (the RoPE pairs), each a tensor-core tile 16 wide",
+        why="K = V is split into two column halves of whole RoPE pairs, each a tensor-core tile 16 wide",
     ),
     FieldRule("rope_head_dim", int, low=2, high=1024),
     FieldRule("rope", dict),
