@@ -153,7 +153,7 @@ class CompiledKernel:
 
     @property
     def loop_clocks_per_1k_scores(self) -> float | None:
-        """Issue-clocks per 1K scores of the hot loop (ANCHORS.md "Static reading"): one
+        """Issue-clocks per 1K scores of one program's hot loop (ANCHORS.md "Static reading"): one
         instruction per warp per clock on each of the SM's 4 schedulers,
         instructions x warps / (tile scores / 1024) / 4."""
         scores = self.tile[0] * self.tile[1]

@@ -41,6 +41,7 @@ from mlagen.runtime.attention import GROUP_MASK_CODES, AttentionDims, padded
 from mlagen.runtime.launch import (
     BlockConfig,
     LaunchTarget,
+    decode_column_halves,
     default_backward_config,
     default_config,
     default_decode_config,
@@ -286,10 +287,11 @@ def tile_bounds(launcher: Launcher, constexprs: dict[str, tuple[str, ...]], shap
     return bounds
 
 
-def register_estimate(launcher: Launcher, config: BlockConfig) -> float:
+def register_estimate(launcher: Launcher, config: BlockConfig, arch: int | None = None) -> float:
     """32-bit registers per thread for the tiles a program keeps live, from the head dims:
     fp32 accumulators and score tiles, and the operand tiles it holds across the loop
-    (16-bit values two to a register). A cheap bound before compiling anything."""
+    (16-bit values two to a register). A cheap bound before compiling anything; without an
+    arch, the least of the archs' (decode: a column half)."""
     use = launcher.use
     pad_qk = padded(use.d_a) + padded(use.d_b)
     pad_v = padded(use.d_v)
@@ -303,10 +305,14 @@ def register_estimate(launcher: Launcher, config: BlockConfig) -> float:
         dq = n * pad_qk + 2 * m * n  # dQ; P and dP
         values = max(dkdv, dq)
     elif launcher.role == "decode":
-        # O's column half accumulated (templates/_mla_decode.jinja), one score tile; Q stays in
-        # shared memory for wgmma / tcgen05, and where mma.sync holds it in registers the
-        # compile's spill reading prunes (64 x 64 on 4 warps: 160 here, 251 measured on sm_90).
-        values = m * pad_v // 2 + m * n
+        # O accumulated, all of its columns or a column half (runtime.launch.decode_column_halves,
+        # templates/_mla_decode.jinja), one score tile; Q stays in shared memory for wgmma /
+        # tcgen05, and where mma.sync holds it in registers the compile's spill reading prunes
+        # (64 x 64 on 8 warps, all columns: 144 here, 244 measured on sm_90).
+        halves = arch is None or decode_column_halves(
+            torch.device("meta"), arch=arch, dtype=DTYPES[use.dtype]
+        )
+        values = m * (pad_v // 2 if halves else pad_v) + m * n
     else:  # forward: Q held, O accumulated, one score tile
         values = m * pad_qk * packed + m * pad_v + m * n
     return values / (32 * config.num_warps)
@@ -352,7 +358,7 @@ def candidates(
             for warps in WARPS:
                 for stages in STAGES:
                     config = BlockConfig(m, n, warps, stages)
-                    if register_estimate(launcher, config) > REGISTER_ESTIMATE_LIMIT:
+                    if register_estimate(launcher, config, arch) > REGISTER_ESTIMATE_LIMIT:
                         continue
                     if arch is not None and shared_estimate(launcher, config) > ARCHS[arch].smem_per_block:
                         continue
@@ -375,7 +381,10 @@ def decode_splits(launcher: Launcher, config: BlockConfig, shape: Shape, arch: A
     use = launcher.use
     seq_q, seq_k = use.lengths(shape)
     rows = seq_q * use.heads_q
-    programs = 2 * -(-rows // config.block_m) * shape.batch  # the grid: column halves x row blocks x batch
+    halves = decode_column_halves(torch.device("meta"), arch=arch.sm, dtype=DTYPES[use.dtype])
+    programs = (
+        (2 if halves else 1) * -(-rows // config.block_m) * shape.batch
+    )  # (column halves x) row blocks x batch
     with launching_for(LaunchTarget(arch.sm, arch.sms)):
         splits, _ = attention.decode_splits(
             programs,

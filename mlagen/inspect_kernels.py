@@ -549,8 +549,10 @@ def format_inspect(
         + (", * = from the tuning cache (" + "; ".join(tuned) + ")" if tuned else "")
         + "; helpers, and the sparse and compressed kernels (mlagen/runtime/sparse.py, compressed_kernels.py), "
         "run with their launchers' defaults",
-        "TMA: UTMALDG loads; loop clk/1K: issue-clocks per 1K scores (decode: (row, key) pairs; indexers: "
-        "(query, key) or (head, key) pairs) of the hot loop (ANCHORS.md: instructions x warps / (tile / 1024) / 4)",
+        "TMA: UTMALDG loads; loop clk/1K: issue-clocks per 1K scores of one program's hot loop (ANCHORS.md: "
+        "instructions x warps / (tile / 1024) / 4); decode: per 1K (token-head row, key) pairs of the program "
+        "(the MLA decode keeps all latent columns on sm_90/sm_100 and half of them elsewhere and in fp32: two "
+        "programs then cover each pair, double the reading); indexers: (query, key) or (head, key) pairs",
         "warps/SM: resident warps the registers and shared memory allow (occupancy); "
         "GFLOP, MB: one call's matmul work and tensors moved (ANCHORS.md; sparse and compressed layers: "
         "inspect_kernels.layer_work, over the keys each query selects)",

@@ -313,10 +313,14 @@ def test_candidates_come_from_the_templates_tile_constexprs_bounded_by_the_ir():
             assert autotune.default_for(launcher, long, arch) in autotune.candidates(launcher, constexprs, long,
                                                                                      arch), (role, arch)
     decode = autotune.candidates(launchers["decode"], constexprs, long)
-    # a program keeps half of the 512-wide output: 64 rows fit one warpgroup (the sm_90 default),
-    # 128 rows need 8 warps ([128, 256] fp32 on 4 warps is 256 registers a thread)
+    # without an arch, as a program that keeps half of the 512-wide output (mma.sync archs): 64
+    # rows fit one warpgroup, 128 rows need 8 warps ([128, 256] fp32 on 4 warps is 256 registers
+    # a thread)
     assert BlockConfig(64, 64, 4, 2) in decode
     assert {c.num_warps for c in decode if c.block_m == 128} == {8}
+    # on sm_90 a program keeps all of it: 64 rows need two warpgroups
+    hopper = autotune.candidates(launchers["decode"], constexprs, long, 90)
+    assert BlockConfig(64, 64, 8, 2) in hopper and BlockConfig(64, 64, 4, 2) not in hopper
 
 
 def test_tiles_are_no_wider_than_the_shape_needs():

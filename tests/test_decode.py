@@ -15,7 +15,7 @@ from mlagen.ir import S, T, lower
 from mlagen.ir.ops import OpKind
 from mlagen.passes import run_pipeline
 from mlagen.runtime.attention import CACHE_BYTES_PER_PARTIAL_BYTE, decode_splits
-from mlagen.runtime.launch import LaunchTarget, default_decode_config, launching_for
+from mlagen.runtime.launch import LaunchTarget, decode_column_halves, default_decode_config, launching_for
 from mlagen.runtime.mla_decode import CachedTokens
 from mlagen.spec import load_spec, parse_spec
 from tests.helpers import SPECS, assert_close_to_golden, generated, max_error
@@ -135,21 +135,24 @@ def test_right_padding_changes_no_real_token_and_gives_zeros(mla_package, path):
     assert cache.host_lengths() == [p + n for p, n in zip(prompt_counts, step_counts)]
 
 
+@pytest.mark.parametrize("halves", [False, True], ids=["all-columns", "column-halves"])
 @pytest.mark.parametrize(
     "page_size, descriptors",
     [(8, False), (16, True), (16, False), (32, True)],
     ids=["pages-smaller-than-a-tile", "tiles-through-descriptors", "tiles-through-pointers", "two-tiles-a-page"],
 )
-def test_split_kv_partials_merge_exactly(page_size, descriptors, monkeypatch):
+def test_split_kv_partials_merge_exactly(page_size, descriptors, halves, monkeypatch):
     # The decode kernel splits a long cache across programs; any split count gives the same result,
     # whichever way it reads whole key tiles (one page lookup per tile and tensor descriptors, or
-    # plain loads as on sm_80), and one split writes the output with no combine launch.
+    # plain loads as on sm_80), and one split writes the output with no combine launch; a program
+    # keeps all latent columns (sm_90, sm_100) or one half of them (mma.sync archs, fp32).
     module = _module("tiny_mla_yarn")
     kernels = generated("tiny_mla_yarn").kernels
     decode = next(name for name in dir(kernels) if name.startswith("mla_decode_") and name.endswith("_launch")
                   and "append" not in name)
+    monkeypatch.setattr(kernels, "decode_column_halves", lambda *args, **kwargs: halves)
     if not descriptors:
-        monkeypatch.setattr(kernels, "cache_descriptors", lambda *args: (None, None))
+        monkeypatch.setattr(kernels, "cache_descriptors", lambda *args, **kwargs: (None, None))
     cache = module.new_cache(2, 80, page_size=page_size)
     x = torch.randn(2, 70, 64)
     with torch.no_grad():
@@ -174,7 +177,8 @@ def test_split_count_fills_an_h100_once_and_bounds_the_partials(batch, heads):
     meta = torch.device("meta")
     with launching_for(LaunchTarget(90, 132)):
         config = default_decode_config(heads, meta, dtype=torch.bfloat16)
-        programs = 2 * -(-heads // config.block_m) * batch  # column halves x row blocks x batch
+        assert not decode_column_halves(meta, dtype=torch.bfloat16), "one program keeps all 512 columns"
+        programs = -(-heads // config.block_m) * batch  # row blocks x batch
         rows = min(heads, config.block_m)
         splits, keys_per_split = decode_splits(
             programs, rows, 4096, meta, block_n=config.block_n, latent=512, rope=64, dtype=torch.bfloat16

@@ -22,7 +22,10 @@ from mlagen.runtime.attention import (
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
-from mlagen.runtime.launch import default_backward_config, default_config, default_decode_config, packs_gqa, separate_full_tiles
+from mlagen.runtime.launch import (
+    decode_column_halves, default_backward_config, default_config, default_decode_config, packs_gqa,
+    separate_full_tiles,
+)
 from mlagen.runtime.mla_decode import DecodeOps, cache_descriptors
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.tuning_cache import attention_key, decode_key, tuned_config
@@ -912,20 +915,22 @@ def mla_decode_lat32_rope16_append(
 @triton.jit
 def mla_decode_lat32_rope16_keys(
     BUFFER, LATENT_DESC, ROPE_DESC, table, start_n, hi, mine, other,
-    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, USE_DESCRIPTORS: tl.constexpr, MASKED: tl.constexpr,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, COLUMNS: tl.constexpr, HALVES: tl.constexpr,
+    USE_DESCRIPTORS: tl.constexpr, MASKED: tl.constexpr,
 ):
-    # The cache rows of keys start_n ... start_n + BLOCK_N: the program's latent column half (from
-    # column `mine`), the other half (from `other`), each [BLOCK_N, 16], and the rope
+    # The cache rows of keys start_n ... start_n + BLOCK_N: latent columns mine ... mine + COLUMNS
+    # (all of them, or the program's column half and then the other half from `other`; where
+    # there is no other half the first is returned twice), each [BLOCK_N, COLUMNS], and the rope
     # key [BLOCK_N, 16]. Full tiles (all keys < hi) load unmasked, through tensor descriptors
     # (TMA) where the launcher made them; the one partial tile reads the keys past hi, which no
     # query of the program may see, as zeros (a NaN there must not reach 0 * NaN).
     LATENT: tl.constexpr = 32
     ROPE: tl.constexpr = 16
     ROW: tl.constexpr = LATENT + ROPE
-    HALF: tl.constexpr = 16
+    PAD_LATENT: tl.constexpr = 32
     PAD_ROPE: tl.constexpr = 16
     offs_n = tl.arange(0, BLOCK_N)
-    offs_h = tl.arange(0, HALF)
+    offs_c = tl.arange(0, COLUMNS)
     offs_r = tl.arange(0, PAD_ROPE)
     keys = start_n + offs_n
     if PAGE % BLOCK_N == 0:
@@ -936,30 +941,62 @@ def mla_decode_lat32_rope16_keys(
         rows = tl.load(table + keys // PAGE, mask=keys < hi, other=0).to(tl.int64) * PAGE + keys % PAGE
     if USE_DESCRIPTORS and not MASKED:
         latent_mine = LATENT_DESC.load([first, mine])
-        latent_other = LATENT_DESC.load([first, other])
+        latent_other = LATENT_DESC.load([first, other]) if HALVES else latent_mine
         k_rope = ROPE_DESC.load([first, LATENT])
-    elif MASKED or LATENT < 2 * HALF or ROPE < PAD_ROPE:
+    elif MASKED or LATENT < PAD_LATENT or ROPE < PAD_ROPE:
         key_ok = keys < hi if MASKED else keys >= 0
-        latent_mine = tl.load(BUFFER + rows[:, None] * ROW + mine + offs_h[None, :],
-                              mask=key_ok[:, None] & (mine + offs_h[None, :] < LATENT), other=0.0)
-        latent_other = tl.load(BUFFER + rows[:, None] * ROW + other + offs_h[None, :],
-                               mask=key_ok[:, None] & (other + offs_h[None, :] < LATENT), other=0.0)
+        latent_mine = tl.load(BUFFER + rows[:, None] * ROW + mine + offs_c[None, :],
+                              mask=key_ok[:, None] & (mine + offs_c[None, :] < LATENT), other=0.0)
+        latent_other = latent_mine
+        if HALVES:
+            latent_other = tl.load(BUFFER + rows[:, None] * ROW + other + offs_c[None, :],
+                                   mask=key_ok[:, None] & (other + offs_c[None, :] < LATENT), other=0.0)
         k_rope = tl.load(BUFFER + rows[:, None] * ROW + LATENT + offs_r[None, :],
                          mask=key_ok[:, None] & (offs_r[None, :] < ROPE), other=0.0)
     else:  # a whole tile of unpadded widths
-        latent_mine = tl.load(BUFFER + rows[:, None] * ROW + mine + offs_h[None, :])
-        latent_other = tl.load(BUFFER + rows[:, None] * ROW + other + offs_h[None, :])
+        latent_mine = tl.load(BUFFER + rows[:, None] * ROW + mine + offs_c[None, :])
+        latent_other = tl.load(BUFFER + rows[:, None] * ROW + other + offs_c[None, :]) if HALVES else latent_mine
         k_rope = tl.load(BUFFER + rows[:, None] * ROW + LATENT + offs_r[None, :])
     return latent_mine, latent_other, k_rope
 
 
 @triton.jit
 def mla_decode_lat32_rope16_step(
+    q_latent, q_rope, latent, k_rope, keep, masked, m_i, l_i, acc, qk_scale,
+    DOT_PRECISION: tl.constexpr,
+):
+    # One key tile into the online softmax (base 2) of the program's rows, all latent columns.
+    # With 8 warps (two warpgroups) Triton splits the N of every dot across the warpgroups:
+    # for P @ latent that is FlashMLA's split of the 32 output columns (a [BLOCK_H, 16] fp32
+    # accumulator per warpgroup), and for the scores each warpgroup computes half of the tile,
+    # no score twice, P meeting the other half in shared memory. Triton keeps the scores that
+    # way only while no dot follows them in the same block (AccelerateMatmul's "chained dot"
+    # rule puts all warps on the rows: at 64 rows both warpgroups would compute the whole score
+    # tile, instruction N halved, and it spills): the mask under `if masked`, a branch of its
+    # own, ends the chain there (and unmasked tiles skip it); the rope and latent scores add as
+    # two dots, as one accumulating into the other would chain too.
+    s_latent = tl.dot(q_latent, tl.trans(latent), input_precision=DOT_PRECISION)
+    s_rope = tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
+    scores = s_latent * qk_scale + s_rope * qk_scale
+    if masked:
+        scores = tl.where(keep, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    # rows that saw no key yet keep m = -inf: exp2 against 0 gives 0, not NaN
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(scores - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(latent.dtype), latent, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def mla_decode_lat32_rope16_step_half(
     q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep, m_i, l_i, acc, qk_scale,
     DOT_PRECISION: tl.constexpr,
 ):
-    # One key tile into the online softmax (base 2) of the program's rows: scores over the whole
-    # latent and the rope key, values from the program's column half of the same latent tile.
+    # The same for a program that keeps one column half: scores over the whole latent and the
+    # rope key, values from the program's column half of the same latent tile.
     scores = tl.dot(q_mine, tl.trans(latent_mine), input_precision=DOT_PRECISION)
     scores = tl.dot(q_other, tl.trans(latent_other), scores, input_precision=DOT_PRECISION)
     scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=DOT_PRECISION)
@@ -981,17 +1018,20 @@ def mla_decode_lat32_rope16(
     stride_o_b, stride_o_split, stride_o_s, stride_o_h,
     heads, seqlen_q, keys_per_split, num_splits, qk_scale,
     PAGE: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    USE_DESCRIPTORS: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_DESCRIPTORS: tl.constexpr, PARTIAL: tl.constexpr, HALVES: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Absorbed MLA decode after FlashMLA: a program takes BLOCK_H query rows of one sequence, one
-    # split of its keys and one half of the 32 output columns. Rows are (new token, head)
-    # pairs: every head and speculative token of a sequence reads the same latent, so a cache page
-    # is read from memory once per BLOCK_H rows (the two column halves are neighbours in the grid
-    # and meet in L2), and BLOCK_H = 64 makes every dot M=64 (wgmma on sm_90). Each half computes
-    # the whole score tile and keeps a [BLOCK_H, 16] accumulator: the full one is 128
-    # registers a thread at 8 warps and spills. Rows past seqlen_q * heads (fewer heads on a
-    # tensor-parallel rank, one new token) are padding of the program, never of memory: they
-    # load zeros and store nothing.
+    # Absorbed MLA decode after FlashMLA: a program takes BLOCK_H query rows of one sequence and
+    # one split of its keys. Rows are (new token, head) pairs: every head and speculative token
+    # of a sequence reads the same latent, so a cache tile is read once per BLOCK_H rows, and
+    # BLOCK_H = 64 makes every dot M=64 (wgmma on sm_90, tcgen05 on sm_100). The program keeps
+    # all 32 output columns ([BLOCK_H, 32] fp32: on 8 warps 128 registers a
+    # thread, see _step), or with HALVES (mma.sync archs and fp32, whose operand tiles sit in
+    # registers: all columns spill there) one half of them, the neighbouring program of the grid
+    # the other: each half then computes the whole score tile and reads the whole cache tile (the
+    # second time mostly from L2). Rows past seqlen_q * heads (fewer heads on a tensor-parallel
+    # rank, one new token) are padding of the program, never of memory: they load zeros and
+    # store nothing.
     # Q_LATENT: [B, Sq, H, 32] (q_nope @ W_UK)  Q_ROPE: [B, Sq, H, 16]
     # BUFFER: [pages, PAGE, 32 + 16] (LATENT_DESC, ROPE_DESC: its rows as tensor descriptors)
     # PAGE_TABLE: [B, pages per sequence]  SEQ_LENS: [B] cached tokens, the new ones included;
@@ -1001,25 +1041,31 @@ def mla_decode_lat32_rope16(
     # log), merged by the combine; otherwise (one split) OUT is the output [B, Sq, H, 32].
     LATENT: tl.constexpr = 32
     ROPE: tl.constexpr = 16
-    HALF: tl.constexpr = 16
     PAD_ROPE: tl.constexpr = 16
-    column_half = tl.program_id(0) % 2
-    row_block = tl.program_id(0) // 2
+    COLUMNS: tl.constexpr = 16 if HALVES else 32
+    if HALVES:
+        column_half = tl.program_id(0) % 2
+        row_block = tl.program_id(0) // 2
+    else:
+        column_half = 0
+        row_block = tl.program_id(0)
     seq = tl.program_id(1)
     split = tl.program_id(2)
-    mine = column_half * HALF
-    other = HALF - mine
+    mine = column_half * COLUMNS
+    other = COLUMNS - mine
     rows = row_block * BLOCK_H + tl.arange(0, BLOCK_H)
     row_ok = rows < seqlen_q * heads
     token = rows // heads
     head = rows % heads
-    offs_h = tl.arange(0, HALF)
+    offs_c = tl.arange(0, COLUMNS)
     offs_r = tl.arange(0, PAD_ROPE)
     q_rows = Q_LATENT + seq * stride_ql_b + token * stride_ql_s + head * stride_ql_h
-    q_mine = tl.load(q_rows[:, None] + mine + offs_h[None, :],
-                     mask=row_ok[:, None] & (mine + offs_h[None, :] < LATENT), other=0.0)
-    q_other = tl.load(q_rows[:, None] + other + offs_h[None, :],
-                      mask=row_ok[:, None] & (other + offs_h[None, :] < LATENT), other=0.0)
+    q_mine = tl.load(q_rows[:, None] + mine + offs_c[None, :],
+                     mask=row_ok[:, None] & (mine + offs_c[None, :] < LATENT), other=0.0)
+    q_other = q_mine
+    if HALVES:
+        q_other = tl.load(q_rows[:, None] + other + offs_c[None, :],
+                          mask=row_ok[:, None] & (other + offs_c[None, :] < LATENT), other=0.0)
     q_rope = tl.load(Q_ROPE + seq * stride_qr_b + token[:, None] * stride_qr_s + head[:, None] * stride_qr_h
                      + offs_r[None, :], mask=row_ok[:, None] & (offs_r[None, :] < ROPE), other=0.0)
 
@@ -1030,40 +1076,54 @@ def mla_decode_lat32_rope16(
     hi = tl.minimum(lo + keys_per_split, seq_len)
     if CAUSAL:
         hi = tl.minimum(hi, first_new + tl.max(tl.where(row_ok, token, 0), 0) + 1)
+    # the whole tiles from mask_from on may hold keys that some row must not see
+    mask_from = tl.minimum(hi, first_new + 1) if CAUSAL else hi
     table = PAGE_TABLE + seq * stride_table_b
     m_i = tl.full([BLOCK_H], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_H], ACC_DTYPE)
-    acc = tl.zeros([BLOCK_H, HALF], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_H, COLUMNS], ACC_DTYPE)
     # Keys lo ... full_end in whole tiles without load masks, and before them the partial tile
     # full_end ... hi if there is one: first, so nothing of it stays live through the loop.
     full_end = lo + tl.maximum(hi - lo, 0) // BLOCK_N * BLOCK_N
     if full_end < hi:
         latent_mine, latent_other, k_rope = mla_decode_lat32_rope16_keys(
-            BUFFER, LATENT_DESC, ROPE_DESC, table, full_end, hi, mine, other, PAGE, BLOCK_N, USE_DESCRIPTORS, True)
+            BUFFER, LATENT_DESC, ROPE_DESC, table, full_end, hi, mine, other, PAGE, BLOCK_N, COLUMNS, HALVES,
+            USE_DESCRIPTORS, True)
         keys = full_end + tl.arange(0, BLOCK_N)
         keep = (keys < hi)[None, :]
         if CAUSAL:
             keep = keep & (keys[None, :] <= query_pos[:, None])
-        m_i, l_i, acc = mla_decode_lat32_rope16_step(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
-                                      m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        if HALVES:
+            m_i, l_i, acc = mla_decode_lat32_rope16_step_half(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
+                                                 m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        else:
+            # (masked: always; as `hi - full_end > 0`, which the compiler does not fold into the
+            # enclosing condition, so this tile's scores stay split across the warpgroups too)
+            m_i, l_i, acc = mla_decode_lat32_rope16_step(q_mine, q_rope, latent_mine, k_rope, keep, hi - full_end > 0,
+                                            m_i, l_i, acc, qk_scale, DOT_PRECISION)
     for start_n in range(lo, full_end, BLOCK_N):
         latent_mine, latent_other, k_rope = mla_decode_lat32_rope16_keys(
-            BUFFER, LATENT_DESC, ROPE_DESC, table, start_n, hi, mine, other, PAGE, BLOCK_N, USE_DESCRIPTORS, False)
+            BUFFER, LATENT_DESC, ROPE_DESC, table, start_n, hi, mine, other, PAGE, BLOCK_N, COLUMNS, HALVES,
+            USE_DESCRIPTORS, False)
         keys = start_n + tl.arange(0, BLOCK_N)
         keep = keys[None, :] <= query_pos[:, None] if CAUSAL else (keys < hi)[None, :]
-        m_i, l_i, acc = mla_decode_lat32_rope16_step(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
-                                      m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        if HALVES:
+            m_i, l_i, acc = mla_decode_lat32_rope16_step_half(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
+                                                 m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        else:
+            m_i, l_i, acc = mla_decode_lat32_rope16_step(q_mine, q_rope, latent_mine, k_rope, keep, start_n + BLOCK_N > mask_from,
+                                            m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     # A row that sees no key of this split stores exact zeros, which the combine weighs by 0: its
     # acc is 0 * latent, NaN when the split held a NaN row that a later new token may see.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_safe[:, None])
     where = OUT + seq * stride_o_b + split * stride_o_split + token * stride_o_s + head * stride_o_h + mine
-    tl.store(where[:, None] + offs_h[None, :], out.to(OUT.dtype.element_ty),
-             mask=row_ok[:, None] & (mine + offs_h[None, :] < LATENT))
+    tl.store(where[:, None] + offs_c[None, :], out.to(OUT.dtype.element_ty),
+             mask=row_ok[:, None] & (mine + offs_c[None, :] < LATENT))
     if PARTIAL:
-        # both halves hold the same statistics: the first stores them (its half as a vector: the
-        # interpreter rejects scalar & vector masks)
+        # column halves hold the same statistics: the first stores them (its half as a vector:
+        # the interpreter rejects scalar & vector masks)
         lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
         tl.store(LSE_PART + (seq * num_splits + split) * seqlen_q * heads + rows, lse,
                  mask=row_ok & (rows * 0 + column_half == 0))
@@ -1123,8 +1183,9 @@ def mla_decode_lat32_rope16_launch(q_latent, q_rope, cached, *, scale, causal, n
         shape = decode_key(batch, seqlen_q, heads, longest, causal=causal)
         config = (tuned_config((mla_decode_lat32_rope16,), shape, q_latent)
                   or default_decode_config(rows, q_latent.device, dtype=q_latent.dtype))
-    # Programs along x: (row block, column half of the latent) pairs, the halves side by side.
-    programs = 2 * triton.cdiv(rows, config.block_m)
+    # Programs along x: row blocks, or (row block, column half of the latent) pairs, the halves side by side.
+    halves = decode_column_halves(q_latent.device, dtype=q_latent.dtype)
+    programs = (2 if halves else 1) * triton.cdiv(rows, config.block_m)
     num_splits, keys_per_split = decode_splits(
         programs * batch, min(rows, config.block_m), longest, q_latent.device, block_n=config.block_n,
         latent=32, rope=16, dtype=q_latent.dtype, num_splits=num_splits or config.num_splits,
@@ -1139,7 +1200,7 @@ def mla_decode_lat32_rope16_launch(q_latent, q_rope, cached, *, scale, causal, n
                               device=q_latent.device)
         partial_lse = torch.empty((batch, num_splits, rows), dtype=accumulator_dtype, device=q_latent.device)
         strides = partial.stride()[:4]
-    latent_rows, rope_rows = cache_descriptors(cache, config.block_n, q_latent.device)
+    latent_rows, rope_rows = cache_descriptors(cache, config.block_n, q_latent.device, halves=halves)
     mla_decode_lat32_rope16[(programs, batch, num_splits)](
         q_latent, q_rope, cache.buffer, latent_rows, rope_rows, cache.page_table, cache.lengths, cached.start,
         partial, partial_lse,
@@ -1147,7 +1208,7 @@ def mla_decode_lat32_rope16_launch(q_latent, q_rope, cached, *, scale, causal, n
         heads, seqlen_q, keys_per_split, num_splits, scale * LOG2E,
         PAGE=cache.page_size, CAUSAL=causal, DOT_PRECISION=dot_precision(q_latent.dtype),
         ACC_DTYPE=accumulator(q_latent.dtype), USE_DESCRIPTORS=latent_rows is not None, PARTIAL=num_splits > 1,
-        BLOCK_H=config.block_m, BLOCK_N=config.block_n,
+        HALVES=halves, BLOCK_H=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:

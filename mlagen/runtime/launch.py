@@ -218,11 +218,25 @@ def default_backward_config(
     return BlockConfig(block_m=32, block_n=128, num_warps=8, num_stages=2 if arch == 90 else 3)  # 96-128 KB
 
 
+def decode_column_halves(
+    device: torch.device, arch: int | None = None, dtype: torch.dtype | None = None
+) -> bool:
+    """Whether a decode program keeps half of the latent output columns, two programs per row
+    block (each computing the whole score tile and reading the whole cache tile), rather than
+    all of them (templates/_mla_decode.jinja). All columns where wgmma (sm_90) and tcgen05
+    (sm_100) read the operand tiles from shared memory; halves on the mma.sync archs and in
+    fp32, whose operand tiles sit in registers: a [64, 512] fp32 accumulator spills there.
+    Under the interpreter as on sm_90: 16-bit in one program, fp32 in halves."""
+    arch = arch or launch_arch(device)
+    return _wide_elements(dtype) or (arch is not None and smem_class(arch) != "large")
+
+
 def default_decode_config(
     query_rows: int, device: torch.device, arch: int | None = None, dtype: torch.dtype | None = None
 ) -> BlockConfig:
-    """block_m is the number of (token, head) rows per program, which share each cache page read;
-    each program keeps half of the 512-wide latent output (templates/_mla_decode.jinja)."""
+    """block_m is the number of (token, head) rows per program, which share each cache tile
+    read; a program keeps all of the 512-wide latent output, or half of it where
+    decode_column_halves says so (templates/_mla_decode.jinja)."""
     arch = arch or launch_arch(device)
     if arch is None:
         return INTERPRETER_CONFIG
@@ -236,10 +250,12 @@ def default_decode_config(
             return BlockConfig(block_m=32, block_n=16, num_warps=4, num_stages=2)
         return BlockConfig(block_m=16, block_n=16, num_warps=4, num_stages=2)
     if room == "large":
-        # 64 rows make every dot M=64: wgmma on sm_90 (4 warps, one warpgroup: 251 registers with
-        # the [64, 256] accumulator, 216 KB with Q and two 64-key stages), tcgen05 on sm_100
-        # (4 warps spill there; 8: 215 registers). Fewer rows are padding inside the program.
-        return BlockConfig(block_m=64, block_n=64, num_warps=4 if arch // 10 == 9 else 8, num_stages=2)
+        # 64 rows make every dot M=64 and all 512 columns stay in one program: wgmma on sm_90 (8
+        # warps, two warpgroups each holding half of the [64, 512] fp32 accumulator: 244
+        # registers, 224 KB with Q and two 64-key stages), tcgen05 on sm_100 (the accumulator in
+        # tensor memory; 64 keys take 281 KB there, the latent tile triple-buffered: 32 keys,
+        # 177 KB). Fewer rows are padding inside the program.
+        return BlockConfig(block_m=64, block_n=64 if arch // 10 == 9 else 32, num_warps=8, num_stages=2)
     # mma.sync parts: tiles no taller than the rows (16-row steps), so few heads waste little.
     if query_rows <= 16:
         return BlockConfig(block_m=16, block_n=32, num_warps=4, num_stages=2)

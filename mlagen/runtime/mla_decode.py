@@ -60,9 +60,10 @@ class DecodeOps:
         return self.attention(q_latent, q_rope, cached, scale=scale, causal=causal)
 
 
-def cache_descriptors(cache: PagedLatentCache, block_n: int, device: torch.device) -> tuple:
+def cache_descriptors(cache: PagedLatentCache, block_n: int, device: torch.device, *, halves: bool) -> tuple:
     """Tensor descriptors (TMA on sm_90 and sm_100) of the cache's rows for the decode kernel's
-    full key tiles: (latent half [block_n, latent / 2], rope key [block_n, rope]) boxes of the
+    full key tiles: (latent [block_n, latent], or a column half [block_n, latent / 2] where the
+    kernel runs in column halves, rope key [block_n, rope]) boxes of the
     buffer seen as [pages * page_size, latent + rope]; (None, None) where the kernel reads with
     plain loads: sm_80, sm_89 and sm_12x, or when a tile is not one run of rows of one page, or a
     width is not its tile's (a power of two, at least 16). The interpreter takes them too, so CPU tests check that path."""
@@ -79,7 +80,7 @@ def cache_descriptors(cache: PagedLatentCache, block_n: int, device: torch.devic
     ):
         return None, None
     rows = cache.buffer.view(-1, row)
-    boxes = (cache.latent_dim // 2, cache.rope_dim)
+    boxes = (cache.latent_dim // 2 if halves else cache.latent_dim, cache.rope_dim)
     return tuple(TensorDescriptor(rows, list(rows.shape), [row, 1], [block_n, width]) for width in boxes)
 
 
