@@ -18,6 +18,7 @@ import triton.language as tl
 from mlagen.runtime import fp8
 from mlagen.runtime.mla_decode import CachedTokens
 from mlagen.runtime.sparse import (
+    SparseConfig,
     reference_index_scores,
     reference_index_scores_over_cache,
     reference_sparse_attention,
@@ -132,6 +133,27 @@ def test_paged_indexer_logits_match_the_reference_over_the_cache(cache_dtype):
     assert got[1, 2].isinf().all(), "a padding query (past the row's new tokens) sees nothing"
 
 
+def test_paged_indexer_pads_index_heads_inside_the_program():
+    """sm_90 and sm_100 give the dot at least 64 rows (GLM-5's 32 index heads pad to 64): rows
+    past the index heads read zeros and add nothing to the scores."""
+    gen = torch.Generator().manual_seed(1)
+    lengths, new = [21, 9], (3, 2)
+    cache = paged_cache("model", lengths, gen)
+    cached = CachedTokens(
+        cache, torch.tensor([length - n for length, n in zip(lengths, new)], dtype=torch.int32), new
+    )
+    query = torch.randn(2, 3, 4, INDEX_DIM, generator=gen)
+    weights = torch.randn(2, 3, 4, generator=gen)
+    padded = SparseConfig(16, 16, 1, 1, tokens=2)
+    got = KERNELS.indexer_logits_d32_paged_launch(
+        query, weights, cached, scale=0.3, weight_scale=0.5, config=padded
+    )
+    expected = KERNELS.SPARSE_DECODE.index_scores(query, weights, cached, scale=0.3, weight_scale=0.5)
+    assert torch.equal(got.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert (got[finite] - expected[finite]).abs().max() <= 1e-6 * expected[finite].abs().max()
+
+
 def test_top_k_marks_missing_keys():
     scores = torch.tensor([[[0.5, float("-inf"), float("-inf")], [0.1, 0.3, float("-inf")]]])
     assert top_k(scores, 2).tolist() == [[[0, -1], [1, 0]]]
@@ -155,6 +177,29 @@ def test_sparse_attention_against_the_fp64_golden(heads, dtype):
     assert_close_to_golden(
         got, eager, golden, atol=1e-6 if dtype == torch.float32 else 1e-3, what=f"{dtype} {heads}"
     )
+
+
+@pytest.mark.parametrize("heads", [3, 20])
+def test_outputs_stored_through_tensor_descriptors_match_pointer_stores(heads):
+    """sm_90 and sm_100 store the output halves through tensor descriptors (TMA), which must not
+    write the heads past `heads` that pad the program's rows (the next query's rows lie there);
+    the interpreter runs that path when the launcher is told to."""
+    gen = torch.Generator().manual_seed(2)
+    q_latent, q_rope, latent, rope_key = operands(2, 7, 9, heads, torch.float32, gen)
+    index = random_index(2, 7, 9, 6, gen)
+    launch = KERNELS.sparse_mla_lat32_rope8_launch
+    out, lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE, descriptors=True)
+    plain_out, plain_lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE, descriptors=False)
+    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    expected = reference(q_latent, q_rope, latent, rope_key, index)
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    cache = paged_cache("model", [9, 9], gen)
+    slots = cache.slots_of(index)
+    paged = KERNELS.sparse_mla_lat32_rope8_paged_launch
+    decoded = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2, descriptors=True)
+    plain = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2, descriptors=False)
+    assert torch.equal(decoded, plain)
 
 
 def test_sparse_attention_gradcheck_fp64():
