@@ -133,9 +133,11 @@ def test_paged_indexer_logits_match_the_reference_over_the_cache(cache_dtype):
     assert got[1, 2].isinf().all(), "a padding query (past the row's new tokens) sees nothing"
 
 
-def test_paged_indexer_pads_index_heads_inside_the_program():
-    """sm_90 and sm_100 give the dot at least 64 rows (GLM-5's 32 index heads pad to 64): rows
-    past the index heads read zeros and add nothing to the scores."""
+@pytest.mark.parametrize("rows", [16, 32])
+def test_paged_indexer_packs_tokens_into_the_rows_of_its_dots(rows):
+    """sm_90 and sm_100 give the dot at least 64 rows (GLM-5's 32 index heads: 2 tokens per
+    dot). Here 4 index heads pad to 16 rows a token, 1 or 2 tokens per dot, 3 tokens per
+    program (the second dot half padding): padding rows add nothing to the scores."""
     gen = torch.Generator().manual_seed(1)
     lengths, new = [21, 9], (3, 2)
     cache = paged_cache("model", lengths, gen)
@@ -144,7 +146,7 @@ def test_paged_indexer_pads_index_heads_inside_the_program():
     )
     query = torch.randn(2, 3, 4, INDEX_DIM, generator=gen)
     weights = torch.randn(2, 3, 4, generator=gen)
-    padded = SparseConfig(16, 16, 1, 1, tokens=2)
+    padded = SparseConfig(rows, 16, 1, 1, tokens=3)
     got = KERNELS.indexer_logits_d32_paged_launch(
         query, weights, cached, scale=0.3, weight_scale=0.5, config=padded
     )

@@ -44,6 +44,7 @@ from mlagen.runtime.sparse import (
     sparse_config,
     sparse_split_count,
 )
+from mlagen.tiles import padded
 from mlagen.runtime.tuning_cache import attention_key, decode_key, tuned_config
 
 
@@ -705,11 +706,13 @@ def indexer_logits_d128_paged(
     stride_o_b, stride_o_s,
     seqlen_q, seqlen_k, heads, scale, tokens,
     PAGE: tl.constexpr, FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: BLOCK_N cached keys of one sequence against `tokens` of its new tokens. The rows
-    # of each dot are the index heads (BLOCK_H >= H_I), so one dot scores every head of a token
-    # and the weighted head sum is a column sum.
+    # of each dot are (token, index head) pairs, HEAD_ROWS (the index heads, padded) per token and
+    # BLOCK_H // HEAD_ROWS tokens per dot: one dot scores every head of those tokens, and each
+    # token's weighted head sum is a column sum over its rows. (GLM-5's 32 index heads: 2 tokens
+    # per 64-row dot where wgmma / tcgen05 want 64 rows; rows past the tokens are padding.)
     # Q: [B, Sq, H_I, 128]  W: [B, Sq, H_I] fp32  OUT: [B, Sq, Sk] fp32 (Sk: the longest cache)
     # KEYS: cache slot t (page * PAGE + offset) at t * stride_key_t: 128 values of Q's dtype,
     # or FP8: 128 e4m3 codes and an fp32 scale at KEY_SCALES + t * stride_scale_t.
@@ -718,13 +721,15 @@ def indexer_logits_d128_paged(
     # (the rest of its Sq rows are padding and get -inf).
     D: tl.constexpr = 128
     PAD_D: tl.constexpr = 128
+    PACK: tl.constexpr = BLOCK_H // HEAD_ROWS
     start_n = tl.program_id(0)
     off_b = tl.program_id(1)
     token_block = tl.program_id(2)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, PAD_D)
-    offs_h = tl.arange(0, BLOCK_H)
-    head_ok = offs_h < heads
+    row_step = tl.arange(0, BLOCK_H) // HEAD_ROWS  # the row's token among the dot's PACK
+    head = tl.arange(0, BLOCK_H) % HEAD_ROWS
+    offs_p = tl.arange(0, PACK)
     length = tl.load(SEQ_LENS + off_b)
     first_new = tl.load(START + off_b)
     count = tl.load(NEW_TOKENS + off_b)
@@ -741,17 +746,20 @@ def indexer_logits_d128_paged(
     else:
         keys = tl.load(KEYS + slots[None, :] * stride_key_t + offs_d[:, None], mask=key_mask, other=0.0)
         key_scale = tl.full([BLOCK_N], 1.0, tl.float32)
-    for step in range(tokens):
-        token = token_block * tokens + step
-        token_ok = (offs_h * 0 + token) < seqlen_q  # (as a vector: the interpreter rejects scalar & vector masks)
-        q = tl.load(Q + off_b * stride_q_b + token * stride_q_s + offs_h[:, None] * stride_q_h + offs_d[None, :],
-                    mask=(head_ok & token_ok)[:, None] & (offs_d[None, :] < D), other=0.0)
-        w = tl.load(W + off_b * stride_w_b + token * stride_w_s + offs_h, mask=head_ok & token_ok, other=0.0)
+    for step in range(0, tokens, PACK):
+        token = token_block * tokens + step + row_step
+        row_ok = (head < heads) & (step + row_step < tokens) & (token < seqlen_q)
+        q = tl.load(Q + off_b * stride_q_b + token[:, None] * stride_q_s + head[:, None] * stride_q_h
+                    + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        w = tl.load(W + off_b * stride_w_b + token * stride_w_s + head, mask=row_ok, other=0.0)
         logits = tl.dot(q, keys, input_precision=DOT_PRECISION).to(ACC_DTYPE) * (key_scale * scale)[None, :]
-        scores = tl.sum(tl.maximum(logits, 0.0) * w.to(ACC_DTYPE)[:, None], 0)
-        visible = key_ok & (offs_n <= first_new + token) & ((offs_n * 0 + token) < count)
-        tl.store(OUT + off_b * stride_o_b + token * stride_o_s + offs_n, tl.where(visible, scores, float("-inf")),
-                 mask=(offs_n < seqlen_k) & ((offs_n * 0 + token) < seqlen_q))
+        weighted = tl.maximum(logits, 0.0) * w.to(ACC_DTYPE)[:, None]
+        scores = tl.sum(tl.reshape(weighted, (PACK, HEAD_ROWS, BLOCK_N)), 1)
+        tokens_p = token_block * tokens + step + offs_p
+        token_ok = (step + offs_p < tokens) & (tokens_p < seqlen_q)
+        visible = key_ok[None, :] & (offs_n[None, :] <= first_new + tokens_p[:, None]) & (tokens_p < count)[:, None]
+        tl.store(OUT + off_b * stride_o_b + tokens_p[:, None] * stride_o_s + offs_n[None, :],
+                 tl.where(visible, scores, float("-inf")), mask=token_ok[:, None] & (offs_n < seqlen_k)[None, :])
 
 
 def indexer_logits_d128_paged_launch(query, weights, cached, *, scale, weight_scale, config=None):
@@ -767,6 +775,8 @@ def indexer_logits_d128_paged_launch(query, weights, cached, *, scale, weight_sc
     lengths = torch.tensor(cached.new_tokens, dtype=torch.int32, device=query.device)
     out = torch.empty((batch, seqlen_q, seqlen_k), dtype=torch.float32, device=query.device)
     keys, key_scales = cache.index_key_views()
+    head_rows = padded(heads)
+    assert config.block_m % head_rows == 0, f"{config.block_m} rows per dot cannot hold {heads} index heads"
     tokens = min(seqlen_q, config.tokens)
     grid = (triton.cdiv(seqlen_k, config.block_n), batch, triton.cdiv(seqlen_q, tokens))
     indexer_logits_d128_paged[grid](
@@ -775,7 +785,7 @@ def indexer_logits_d128_paged_launch(query, weights, cached, *, scale, weight_sc
         cache.page_table.stride(0), *out.stride()[:2],
         seqlen_q, seqlen_k, heads, scale, tokens,
         PAGE=cache.page_size, FP8=cache.fp8, DOT_PRECISION=dot_precision(query.dtype),
-        ACC_DTYPE=tl.float32, BLOCK_H=config.block_m, BLOCK_N=config.block_n,
+        ACC_DTYPE=tl.float32, HEAD_ROWS=head_rows, BLOCK_H=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
