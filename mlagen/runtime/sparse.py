@@ -54,11 +54,10 @@ def indexer_config(device: torch.device) -> SparseConfig:
 
 
 def paged_indexer_config(index_heads: int, device: torch.device, fp8: bool = False) -> SparseConfig:
-    """Rows are the index heads: every head of a token in one dot (64 for DeepSeek-V3.2), at
-    least 64 where wgmma (sm_90) and tcgen05 (sm_100) want M=64 (GLM-5's 32 heads pad inside the
-    program: the kernel reads each key tile once for every head and token, so the padded rows
-    cost tensor-core time, not memory). FP8 keys hold codes and decoded values at once: half
-    the keys per step."""
+    """Rows are (token, index head) pairs: every head of a token in one dot (64 for
+    DeepSeek-V3.2), at least 64 rows where wgmma (sm_90) and tcgen05 (sm_100) want M=64: GLM-5's
+    32 index heads take 2 tokens per dot (one in decode, the other half padding inside the
+    program). FP8 keys hold codes and decoded values at once: half the keys per step."""
     rows = padded(index_heads)
     arch = launch_arch(device)
     if arch is None:
@@ -106,7 +105,9 @@ def sparse_backward_config(heads: int, latent: int, device: torch.device) -> Spa
     if smem_class(arch) == "large":
         # 64-column chunks: 206 registers, 88 KB on sm_90; 232 on sm_100 (128-wide chunks spill 240-630 B)
         return SparseConfig(64, 64, 4, 2)
-    return SparseConfig(16, 32, 4, 2)
+    # mma.sync: 32 heads x 64 keys on 8 warps, 226-238 registers, 32 KB (16 x 32 on 4 warps takes
+    # 1.8x the issue slots per (head, key) pair; 32 x 64 on 4 warps spills 440 B)
+    return SparseConfig(16 if heads <= 16 else 32, 64, 8, 2)
 
 
 def output_rows(out: Tensor, block_h: int, latent: int, descriptors: bool | None = None):
