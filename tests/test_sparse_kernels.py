@@ -204,6 +204,29 @@ def test_outputs_stored_through_tensor_descriptors_match_pointer_stores(heads):
     assert torch.equal(decoded, plain)
 
 
+@pytest.mark.parametrize("heads", [3, 20])
+def test_programs_keeping_both_column_halves_match_programs_splitting_them(heads):
+    """sm_90 and sm_100 split the latent's output columns between two programs; the mma.sync
+    parts keep both halves in one (runtime.sparse.sparse_config): prefill and paged decode
+    give the same outputs either way."""
+    gen = torch.Generator().manual_seed(2)
+    q_latent, q_rope, latent, rope_key = operands(2, 7, 9, heads, torch.float32, gen)
+    index = random_index(2, 7, 9, 6, gen)
+    both = SparseConfig(16, 16, 1, 1, column_programs=1)
+    launch = KERNELS.sparse_mla_lat32_rope8_launch
+    out, lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE, config=both)
+    split_out, split_lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE)
+    torch.testing.assert_close(out, split_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, split_lse, rtol=1e-6, atol=1e-6)
+    for cache_dtype in ("model", "fp8"):
+        cache = paged_cache(cache_dtype, [9, 9], gen)
+        slots = cache.slots_of(index)
+        paged = KERNELS.sparse_mla_lat32_rope8_paged_launch
+        decoded = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2, config=both)
+        split = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2)
+        torch.testing.assert_close(decoded, split, rtol=1e-6, atol=1e-6)
+
+
 def test_sparse_attention_gradcheck_fp64():
     gen = torch.Generator().manual_seed(3)
     tensors = [t.requires_grad_() for t in operands(2, 5, 5, 3, torch.float64, gen)]

@@ -398,6 +398,8 @@ def mla_decode_lat32_rope8_step(
 ):
     # One key tile into the online softmax (base 2) of the program's rows: scores over the whole
     # latent and the rope key, values from the program's column half of the same latent tile.
+    # Also returns the tile's P and the rescale factor, for a caller that keeps the other half
+    # too (the sparse forward on mma.sync parts).
     scores = tl.dot(q_mine, tl.trans(latent_mine), input_precision=DOT_PRECISION)
     scores = tl.dot(q_other, tl.trans(latent_other), scores, input_precision=DOT_PRECISION)
     scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=DOT_PRECISION)
@@ -409,7 +411,7 @@ def mla_decode_lat32_rope8_step(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(latent_mine.dtype), latent_mine, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    return m_new, l_i, acc, p, alpha
 
 
 @triton.jit
@@ -482,15 +484,15 @@ def mla_decode_lat32_rope8(
         keep = (keys < hi)[None, :]
         if CAUSAL:
             keep = keep & (keys[None, :] <= query_pos[:, None])
-        m_i, l_i, acc = mla_decode_lat32_rope8_step(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
-                                      m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        m_i, l_i, acc, _, _ = mla_decode_lat32_rope8_step(
+            q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     for start_n in range(lo, full_end, BLOCK_N):
         latent_mine, latent_other, k_rope = mla_decode_lat32_rope8_keys(
             BUFFER, LATENT_DESC, ROPE_DESC, table, start_n, hi, mine, other, PAGE, BLOCK_N, USE_DESCRIPTORS, False)
         keys = start_n + tl.arange(0, BLOCK_N)
         keep = keys[None, :] <= query_pos[:, None] if CAUSAL else (keys < hi)[None, :]
-        m_i, l_i, acc = mla_decode_lat32_rope8_step(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
-                                      m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        m_i, l_i, acc, _, _ = mla_decode_lat32_rope8_step(
+            q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     # A row that sees no key of this split stores exact zeros, which the combine weighs by 0: its
     # acc is 0 * latent, NaN when the split held a NaN row that a later new token may see.
@@ -837,12 +839,15 @@ def sparse_mla_lat32_rope8(
     stride_lat_b, stride_lat_t, stride_rope_b, stride_rope_t, stride_scale_t, stride_idx_b, stride_idx_s,
     heads, seqlen_q, top_k, keys_per_split, num_splits, qk_scale,
     FP8: tl.constexpr, HW_E4M3: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, USE_DESCRIPTORS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, USE_DESCRIPTORS: tl.constexpr, COLUMN_SPLIT: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: BLOCK_H heads of one query, one split of that query's selected keys and one
-    # half of the 32 output columns, as the MLA decode kernel (_mla_decode.jinja) shapes it:
-    # each half computes the whole score tile and keeps a [BLOCK_H, 16] accumulator, and
-    # BLOCK_H = 64 makes every dot M=64 (wgmma on sm_90, tcgen05 on sm_100). Heads past `heads`
+    # One program: BLOCK_H heads of one query, one split of that query's selected keys and, with
+    # COLUMN_SPLIT, one half of the 32 output columns, as the MLA decode kernel (_mla_decode.jinja)
+    # shapes it: each half computes the whole score tile and keeps a [BLOCK_H, 16] accumulator,
+    # and BLOCK_H = 64 makes every dot M=64 (wgmma on sm_90, tcgen05 on sm_100). Without it (the
+    # mma.sync parts, 16 or 32 heads) the program keeps both halves' accumulators and computes
+    # the score tile (and decodes FP8 rows) once. Heads past `heads`
     # (a tensor-parallel rank's 8, or 128 = 2 x 64) are padding of the program, never of memory:
     # they load zeros and store nothing. Queries cannot share a program: each has its own keys.
     # Q_LATENT: [B, Sq, H, 32] (q_nope @ W_UK)  Q_ROPE: [B, Sq, H, 8]
@@ -856,8 +861,12 @@ def sparse_mla_lat32_rope8(
     ROPE_DIM: tl.constexpr = 8
     HALF: tl.constexpr = 16
     PAD_ROPE: tl.constexpr = 16
-    column_half = tl.program_id(0) % 2
-    head_block = tl.program_id(0) // 2
+    if COLUMN_SPLIT:
+        column_half = tl.program_id(0) % 2
+        head_block = tl.program_id(0) // 2
+    else:
+        column_half = 0
+        head_block = tl.program_id(0)
     query = tl.program_id(1)
     split = tl.program_id(2)
     off_b = query // seqlen_q
@@ -881,6 +890,8 @@ def sparse_mla_lat32_rope8(
     m_i = tl.full([BLOCK_H], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_H], ACC_DTYPE)
     acc = tl.zeros([BLOCK_H, HALF], ACC_DTYPE)
+    if not COLUMN_SPLIT:
+        acc_other = tl.zeros([BLOCK_H, HALF], ACC_DTYPE)
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + tl.arange(0, BLOCK_N)
         rows = tl.load(index_row + offs_k, mask=offs_k < hi, other=-1)
@@ -893,9 +904,12 @@ def sparse_mla_lat32_rope8(
             LATENT, SCALES, at, rows, key_ok, other, stride_scale_t, Q_LATENT.dtype.element_ty, FP8, HW_E4M3)
         k_rope = tl.load(ROPE + off_b * stride_rope_b + rows[:, None] * stride_rope_t + offs_r[None, :],
                          mask=key_ok[:, None] & (offs_r[None, :] < ROPE_DIM), other=0.0).to(Q_LATENT.dtype.element_ty)
-        m_i, l_i, acc = mla_decode_lat32_rope8_step(
+        m_i, l_i, acc, p, alpha = mla_decode_lat32_rope8_step(
             q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, key_ok[None, :], m_i, l_i, acc, qk_scale,
             DOT_PRECISION)
+        if not COLUMN_SPLIT:
+            acc_other = tl.dot(p.to(latent_other.dtype), latent_other, acc_other * alpha[:, None],
+                               input_precision=DOT_PRECISION)
 
     # A query with no selected key in this split stores exact zeros (and lse -inf): the combine
     # weighs it by 0, the backward reads P = 0. Both halves hold the same statistics: the first
@@ -917,6 +931,14 @@ def sparse_mla_lat32_rope8(
     else:
         tl.store(O + (out_row * heads + offs_h)[:, None] * LATENT_DIM + mine + offs_c[None, :],
                  out.to(O.dtype.element_ty), mask=out_mask)
+    if not COLUMN_SPLIT:
+        out_other = tl.where(l_i[:, None] == 0.0, 0.0, acc_other / l_safe[:, None])
+        if USE_DESCRIPTORS:
+            O_DESC.store([out_row, head_block * BLOCK_H, other],
+                         tl.reshape(out_other.to(O.dtype.element_ty), (1, BLOCK_H, HALF)))
+        else:
+            tl.store(O + (out_row * heads + offs_h)[:, None] * LATENT_DIM + other + offs_c[None, :],
+                     out_other.to(O.dtype.element_ty), mask=_sparse_mla_lat32_rope8_in_half(head_ok, other, offs_c))
     tl.store(lse_at, lse, mask=lse_mask)
 
 
@@ -1022,8 +1044,8 @@ def sparse_mla_lat32_rope8_launch(q_latent, q_rope, latent, rope_key, index, *, 
     out = torch.empty_like(q_latent, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, seqlen_q), dtype=lse_dtype(q_latent.dtype), device=q_latent.device)
     out_rows = output_rows(out, config.block_m, 32, descriptors)
-    # Programs along x: (head block, column half of the latent) pairs, the halves side by side.
-    grid = (2 * triton.cdiv(heads, config.block_m), batch * seqlen_q, 1)
+    # Programs along x: head blocks, or (head block, column half of the latent) pairs, the halves side by side.
+    grid = (config.column_programs * triton.cdiv(heads, config.block_m), batch * seqlen_q, 1)
     sparse_mla_lat32_rope8[grid](
         q_latent, q_rope, latent, rope_key, latent, index, out, out_rows, lse,
         *q_latent.stride()[:3], *q_rope.stride()[:3], latent.stride(0), latent.stride(1), rope_key.stride(0),
@@ -1031,7 +1053,7 @@ def sparse_mla_lat32_rope8_launch(q_latent, q_rope, latent, rope_key, index, *, 
         heads, seqlen_q, index.shape[-1], index.shape[-1], 1, scale * LOG2E,
         FP8=False, HW_E4M3=False, SPLIT_KV=False, DOT_PRECISION=dot_precision(q_latent.dtype),
         ACC_DTYPE=accumulator(q_latent.dtype), USE_DESCRIPTORS=out_rows is not None,
-        BLOCK_H=config.block_m, BLOCK_N=config.block_n,
+        COLUMN_SPLIT=config.column_programs == 2, BLOCK_H=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
@@ -1057,14 +1079,15 @@ def sparse_mla_lat32_rope8_paged_launch(
     partial_lse = torch.empty((batch, num_splits, rows), dtype=torch.float32, device=q_latent.device)
     partial_rows = output_rows(
         partial.view(batch, num_splits, seqlen_q, heads, 32), config.block_m, 32, descriptors)
-    sparse_mla_lat32_rope8[(2 * triton.cdiv(heads, config.block_m), batch * seqlen_q, num_splits)](
+    sparse_mla_lat32_rope8[(config.column_programs * triton.cdiv(heads, config.block_m), batch * seqlen_q, num_splits)](
         q_latent, q_rope, latent, rope_key, scales, slots, partial, partial_rows, partial_lse,
         *q_latent.stride()[:3], *q_rope.stride()[:3], 0, latent.stride(0), 0, rope_key.stride(0), scales.stride(0),
         slots.stride(0), slots.stride(1),
         heads, seqlen_q, top_k, keys_per_split, num_splits, scale * LOG2E,
         FP8=cache.fp8, HW_E4M3=cache.fp8 and hardware_e4m3(q_latent.device), SPLIT_KV=True,
         DOT_PRECISION=dot_precision(q_latent.dtype), ACC_DTYPE=tl.float32,
-        USE_DESCRIPTORS=partial_rows is not None, BLOCK_H=config.block_m, BLOCK_N=config.block_n,
+        USE_DESCRIPTORS=partial_rows is not None, COLUMN_SPLIT=config.column_programs == 2,
+        BLOCK_H=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     out = torch.empty_like(q_latent)

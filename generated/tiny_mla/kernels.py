@@ -852,6 +852,8 @@ def mla_decode_lat32_rope8_step(
 ):
     # One key tile into the online softmax (base 2) of the program's rows: scores over the whole
     # latent and the rope key, values from the program's column half of the same latent tile.
+    # Also returns the tile's P and the rescale factor, for a caller that keeps the other half
+    # too (the sparse forward on mma.sync parts).
     scores = tl.dot(q_mine, tl.trans(latent_mine), input_precision=DOT_PRECISION)
     scores = tl.dot(q_other, tl.trans(latent_other), scores, input_precision=DOT_PRECISION)
     scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=DOT_PRECISION)
@@ -863,7 +865,7 @@ def mla_decode_lat32_rope8_step(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(latent_mine.dtype), latent_mine, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    return m_new, l_i, acc, p, alpha
 
 
 @triton.jit
@@ -936,15 +938,15 @@ def mla_decode_lat32_rope8(
         keep = (keys < hi)[None, :]
         if CAUSAL:
             keep = keep & (keys[None, :] <= query_pos[:, None])
-        m_i, l_i, acc = mla_decode_lat32_rope8_step(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
-                                      m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        m_i, l_i, acc, _, _ = mla_decode_lat32_rope8_step(
+            q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep, m_i, l_i, acc, qk_scale, DOT_PRECISION)
     for start_n in range(lo, full_end, BLOCK_N):
         latent_mine, latent_other, k_rope = mla_decode_lat32_rope8_keys(
             BUFFER, LATENT_DESC, ROPE_DESC, table, start_n, hi, mine, other, PAGE, BLOCK_N, USE_DESCRIPTORS, False)
         keys = start_n + tl.arange(0, BLOCK_N)
         keep = keys[None, :] <= query_pos[:, None] if CAUSAL else (keys < hi)[None, :]
-        m_i, l_i, acc = mla_decode_lat32_rope8_step(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
-                                      m_i, l_i, acc, qk_scale, DOT_PRECISION)
+        m_i, l_i, acc, _, _ = mla_decode_lat32_rope8_step(
+            q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep, m_i, l_i, acc, qk_scale, DOT_PRECISION)
 
     # A row that sees no key of this split stores exact zeros, which the combine weighs by 0: its
     # acc is 0 * latent, NaN when the split held a NaN row that a later new token may see.

@@ -38,6 +38,9 @@ class SparseConfig:
     num_stages: int
     tokens: int = 4  # paged indexer: new tokens per program, which share each key tile read
     num_splits: int | None = None  # sparse decode: split-KV factor (None: sparse_split_count)
+    # sparse forward: programs per head block along the latent's columns, 2 (one half each, the
+    # score tile computed in both) or 1 (both halves' accumulators in one program)
+    column_programs: int = 2
 
 
 # Small tiles under the interpreter keep tests fast and make test sequences span several tiles.
@@ -88,11 +91,14 @@ def sparse_config(
         # tcgen05 keeps the accumulator in tensor memory: 8 warps, 206-208 registers (243 with
         # FP8 rows at 32 keys), 181 KB; 4 warps spill 8-80 bytes.
         return SparseConfig(64, 32 if fp8 else 64, 8, 2)
-    # mma.sync: 16-row steps, tiles no taller than the heads; 32 heads fit 168-181 registers and
-    # 76 KB (sm_120's 99 KB too), FP8 rows spill at 32 (48-160 bytes).
+    # mma.sync: the [16 or 32, 512] accumulator fits, so one program keeps both column halves and
+    # computes the score tile once (split in two, the tile and the FP8 decode run twice per
+    # (head, key) pair: 1.25x the issue slots, 2.4x with sm_80's FP8 rows). 16-row steps, tiles
+    # no taller than the heads; 32 heads x 32 keys: 169 registers on 8 warps, 74 KB (4 warps
+    # spill on sm_120); FP8 rows spill at 32 heads.
     if fp8 or heads <= 16:
-        return SparseConfig(16, 16 if fp8 else 32, 4, 2)
-    return SparseConfig(32, 32, 4, 2)
+        return SparseConfig(16, 16 if fp8 else 32, 4, 2, column_programs=1)
+    return SparseConfig(32, 32, 8, 2, column_programs=1)
 
 
 def sparse_backward_config(heads: int, latent: int, device: torch.device) -> SparseConfig:
