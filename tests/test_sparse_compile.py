@@ -64,15 +64,9 @@ EXPECTED = (
 MATMUL = EXPECTED[:4]
 # (kernel, archs) -> why its dots are not all on the arch's own tensor-core instruction
 # (tests/test_gpu_compile.py's rule): the test fails on a new miss and on a listed one that no
-# longer happens (then delete it).
-GAPS = {
-    (
-        "sparse_mla_lat512_rope64",
-        "sm_90 sm_100",
-    ): "mma.sync: 16 heads per program, below wgmma's / tcgen05's 64 rows",
-    ("sparse_mla_lat512_rope64_bwd", "sm_90 sm_100"): "mma.sync: 16 heads per program",
-    ("indexer_logits_d128_paged", "sm_90 sm_100"): "mma.sync for GLM-5's 32 index heads (rows of the dot)",
-}
+# longer happens (then delete it). None now: every program has 64 rows on sm_90 and sm_100
+# (heads, or index heads, padded inside the program).
+GAPS: dict[tuple[str, str], str] = {}
 
 
 @pytest.mark.slow

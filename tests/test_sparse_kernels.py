@@ -18,6 +18,7 @@ import triton.language as tl
 from mlagen.runtime import fp8
 from mlagen.runtime.mla_decode import CachedTokens
 from mlagen.runtime.sparse import (
+    SparseConfig,
     reference_index_scores,
     reference_index_scores_over_cache,
     reference_sparse_attention,
@@ -132,6 +133,29 @@ def test_paged_indexer_logits_match_the_reference_over_the_cache(cache_dtype):
     assert got[1, 2].isinf().all(), "a padding query (past the row's new tokens) sees nothing"
 
 
+@pytest.mark.parametrize("rows", [16, 32])
+def test_paged_indexer_packs_tokens_into_the_rows_of_its_dots(rows):
+    """sm_90 and sm_100 give the dot at least 64 rows (GLM-5's 32 index heads: 2 tokens per
+    dot). Here 4 index heads pad to 16 rows a token, 1 or 2 tokens per dot, 3 tokens per
+    program (the second dot half padding): padding rows add nothing to the scores."""
+    gen = torch.Generator().manual_seed(1)
+    lengths, new = [21, 9], (3, 2)
+    cache = paged_cache("model", lengths, gen)
+    cached = CachedTokens(
+        cache, torch.tensor([length - n for length, n in zip(lengths, new)], dtype=torch.int32), new
+    )
+    query = torch.randn(2, 3, 4, INDEX_DIM, generator=gen)
+    weights = torch.randn(2, 3, 4, generator=gen)
+    padded = SparseConfig(rows, 16, 1, 1, tokens=3)
+    got = KERNELS.indexer_logits_d32_paged_launch(
+        query, weights, cached, scale=0.3, weight_scale=0.5, config=padded
+    )
+    expected = KERNELS.SPARSE_DECODE.index_scores(query, weights, cached, scale=0.3, weight_scale=0.5)
+    assert torch.equal(got.isinf(), expected.isinf())
+    finite = expected.isfinite()
+    assert (got[finite] - expected[finite]).abs().max() <= 1e-6 * expected[finite].abs().max()
+
+
 def test_top_k_marks_missing_keys():
     scores = torch.tensor([[[0.5, float("-inf"), float("-inf")], [0.1, 0.3, float("-inf")]]])
     assert top_k(scores, 2).tolist() == [[[0, -1], [1, 0]]]
@@ -157,6 +181,52 @@ def test_sparse_attention_against_the_fp64_golden(heads, dtype):
     )
 
 
+@pytest.mark.parametrize("heads", [3, 20])
+def test_outputs_stored_through_tensor_descriptors_match_pointer_stores(heads):
+    """sm_90 and sm_100 store the output halves through tensor descriptors (TMA), which must not
+    write the heads past `heads` that pad the program's rows (the next query's rows lie there);
+    the interpreter runs that path when the launcher is told to."""
+    gen = torch.Generator().manual_seed(2)
+    q_latent, q_rope, latent, rope_key = operands(2, 7, 9, heads, torch.float32, gen)
+    index = random_index(2, 7, 9, 6, gen)
+    launch = KERNELS.sparse_mla_lat32_rope8_launch
+    out, lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE, descriptors=True)
+    plain_out, plain_lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE, descriptors=False)
+    assert torch.equal(out, plain_out) and torch.equal(lse, plain_lse)
+    expected = reference(q_latent, q_rope, latent, rope_key, index)
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+    cache = paged_cache("model", [9, 9], gen)
+    slots = cache.slots_of(index)
+    paged = KERNELS.sparse_mla_lat32_rope8_paged_launch
+    decoded = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2, descriptors=True)
+    plain = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2, descriptors=False)
+    assert torch.equal(decoded, plain)
+
+
+@pytest.mark.parametrize("heads", [3, 20])
+def test_programs_keeping_both_column_halves_match_programs_splitting_them(heads):
+    """sm_90 and sm_100 split the latent's output columns between two programs; the mma.sync
+    parts keep both halves in one (runtime.sparse.sparse_config): prefill and paged decode
+    give the same outputs either way."""
+    gen = torch.Generator().manual_seed(2)
+    q_latent, q_rope, latent, rope_key = operands(2, 7, 9, heads, torch.float32, gen)
+    index = random_index(2, 7, 9, 6, gen)
+    both = SparseConfig(16, 16, 1, 1, column_programs=1)
+    launch = KERNELS.sparse_mla_lat32_rope8_launch
+    out, lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE, config=both)
+    split_out, split_lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE)
+    torch.testing.assert_close(out, split_out, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lse, split_lse, rtol=1e-6, atol=1e-6)
+    for cache_dtype in ("model", "fp8"):
+        cache = paged_cache(cache_dtype, [9, 9], gen)
+        slots = cache.slots_of(index)
+        paged = KERNELS.sparse_mla_lat32_rope8_paged_launch
+        decoded = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2, config=both)
+        split = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2)
+        torch.testing.assert_close(decoded, split, rtol=1e-6, atol=1e-6)
+
+
 def test_sparse_attention_gradcheck_fp64():
     gen = torch.Generator().manual_seed(3)
     tensors = [t.requires_grad_() for t in operands(2, 5, 5, 3, torch.float64, gen)]
@@ -164,12 +234,13 @@ def test_sparse_attention_gradcheck_fp64():
     assert torch.autograd.gradcheck(lambda *t: sparse(*t, index), tensors, fast_mode=True)
 
 
-@pytest.mark.parametrize("heads", [2, 20])
-def test_sparse_attention_gradients_match_autograd_through_the_reference(heads):
+# 40 tokens x 24 keys: each query's gradients sum over two key blocks of the backward
+@pytest.mark.parametrize("heads, seqlen, keys", [(2, 11, 5), (20, 11, 5), (20, 40, 24)])
+def test_sparse_attention_gradients_match_autograd_through_the_reference(heads, seqlen, keys):
     gen = torch.Generator().manual_seed(4)
-    base = operands(2, 11, 11, heads, torch.float32, gen)
-    index = random_index(2, 11, 11, 5, gen)
-    grad_out = torch.randn(2, 11, heads, LATENT, generator=gen)
+    base = operands(2, seqlen, seqlen, heads, torch.float32, gen)
+    index = random_index(2, seqlen, seqlen, keys, gen)
+    grad_out = torch.randn(2, seqlen, heads, LATENT, generator=gen)
     grads = []
     for function in (sparse, reference):
         tensors = [t.clone().requires_grad_() for t in base]

@@ -29,6 +29,7 @@ from mlagen.runtime.launch import (
 )
 from mlagen.runtime.mla_decode import DecodeOps, cache_descriptors
 from mlagen.runtime.ops import attention_op
+from mlagen.runtime.fp8 import hardware_e4m3
 from mlagen.runtime.sparse import (
     SparseDecodeOps,
     check_indexer_operands,
@@ -37,6 +38,7 @@ from mlagen.runtime.sparse import (
     check_sparse_operands,
     indexer_config,
     indexer_op,
+    output_rows,
     paged_indexer_config,
     paged_sparse_attention,
     sparse_attention_entry,
@@ -45,6 +47,7 @@ from mlagen.runtime.sparse import (
     sparse_config,
     sparse_split_count,
 )
+from mlagen.tiles import padded
 from mlagen.runtime.tuning_cache import attention_key, decode_key, tuned_config
 
 
@@ -436,7 +439,9 @@ def mla_decode_lat512_rope64_step_half(
     DOT_PRECISION: tl.constexpr,
 ):
     # The same for a program that keeps one column half: scores over the whole latent and the
-    # rope key, values from the program's column half of the same latent tile.
+    # rope key, values from the program's column half of the same latent tile. Also returns the
+    # tile's P and the rescale factor, for a caller that keeps the other half too (the sparse
+    # forward on mma.sync parts).
     scores = tl.dot(q_mine, tl.trans(latent_mine), input_precision=DOT_PRECISION)
     scores = tl.dot(q_other, tl.trans(latent_other), scores, input_precision=DOT_PRECISION)
     scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=DOT_PRECISION)
@@ -448,7 +453,7 @@ def mla_decode_lat512_rope64_step_half(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(latent_mine.dtype), latent_mine, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    return m_new, l_i, acc, p, alpha
 
 
 @triton.jit
@@ -534,8 +539,8 @@ def mla_decode_lat512_rope64(
         if CAUSAL:
             keep = keep & (keys[None, :] <= query_pos[:, None])
         if HALVES:
-            m_i, l_i, acc = mla_decode_lat512_rope64_step_half(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
-                                                 m_i, l_i, acc, qk_scale, DOT_PRECISION)
+            m_i, l_i, acc, _, _ = mla_decode_lat512_rope64_step_half(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
+                                                       m_i, l_i, acc, qk_scale, DOT_PRECISION)
         else:
             # (masked: always; as `hi - full_end > 0`, which the compiler does not fold into the
             # enclosing condition, so this tile's scores stay split across the warpgroups too)
@@ -548,8 +553,8 @@ def mla_decode_lat512_rope64(
         keys = start_n + tl.arange(0, BLOCK_N)
         keep = keys[None, :] <= query_pos[:, None] if CAUSAL else (keys < hi)[None, :]
         if HALVES:
-            m_i, l_i, acc = mla_decode_lat512_rope64_step_half(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
-                                                 m_i, l_i, acc, qk_scale, DOT_PRECISION)
+            m_i, l_i, acc, _, _ = mla_decode_lat512_rope64_step_half(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
+                                                       m_i, l_i, acc, qk_scale, DOT_PRECISION)
         else:
             m_i, l_i, acc = mla_decode_lat512_rope64_step(q_mine, q_rope, latent_mine, k_rope, keep, start_n + BLOCK_N > mask_from,
                                             m_i, l_i, acc, qk_scale, DOT_PRECISION)
@@ -677,6 +682,15 @@ def _e4m3_to_float32(bits):
 
 
 @triton.jit
+def _e4m3_decode(bits, HW_E4M3: tl.constexpr):
+    # bits: uint8 e4m3fn codes -> fp32, by the hardware's conversion where it has one
+    if HW_E4M3:
+        return bits.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        return _e4m3_to_float32(bits)
+
+
+@triton.jit
 def indexer_logits_d128(
     Q, W, KEYS, PAGE_TABLE, FIRST_NEW, KEY_COUNTS, OUT,
     stride_q_b, stride_q_s, stride_q_h, stride_w_b, stride_w_s, stride_k_b, stride_k_e, stride_table_b,
@@ -760,11 +774,13 @@ def indexer_logits_d128_paged(
     stride_o_b, stride_o_s,
     seqlen_q, seqlen_k, heads, scale, tokens,
     PAGE: tl.constexpr, FP8: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_ROWS: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One program: BLOCK_N cached keys of one sequence against `tokens` of its new tokens. The rows
-    # of each dot are the index heads (BLOCK_H >= H_I), so one dot scores every head of a token
-    # and the weighted head sum is a column sum.
+    # of each dot are (token, index head) pairs, HEAD_ROWS (the index heads, padded) per token and
+    # BLOCK_H // HEAD_ROWS tokens per dot: one dot scores every head of those tokens, and each
+    # token's weighted head sum is a column sum over its rows. (GLM-5's 32 index heads: 2 tokens
+    # per 64-row dot where wgmma / tcgen05 want 64 rows; rows past the tokens are padding.)
     # Q: [B, Sq, H_I, 128]  W: [B, Sq, H_I] fp32  OUT: [B, Sq, Sk] fp32 (Sk: the longest cache)
     # KEYS: cache slot t (page * PAGE + offset) at t * stride_key_t: 128 values of Q's dtype,
     # or FP8: 128 e4m3 codes and an fp32 scale at KEY_SCALES + t * stride_scale_t.
@@ -773,13 +789,15 @@ def indexer_logits_d128_paged(
     # (the rest of its Sq rows are padding and get -inf).
     D: tl.constexpr = 128
     PAD_D: tl.constexpr = 128
+    PACK: tl.constexpr = BLOCK_H // HEAD_ROWS
     start_n = tl.program_id(0)
     off_b = tl.program_id(1)
     token_block = tl.program_id(2)
     offs_n = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, PAD_D)
-    offs_h = tl.arange(0, BLOCK_H)
-    head_ok = offs_h < heads
+    row_step = tl.arange(0, BLOCK_H) // HEAD_ROWS  # the row's token among the dot's PACK
+    head = tl.arange(0, BLOCK_H) % HEAD_ROWS
+    offs_p = tl.arange(0, PACK)
     length = tl.load(SEQ_LENS + off_b)
     first_new = tl.load(START + off_b)
     count = tl.load(NEW_TOKENS + off_b)
@@ -796,17 +814,20 @@ def indexer_logits_d128_paged(
     else:
         keys = tl.load(KEYS + slots[None, :] * stride_key_t + offs_d[:, None], mask=key_mask, other=0.0)
         key_scale = tl.full([BLOCK_N], 1.0, tl.float32)
-    for step in range(tokens):
-        token = token_block * tokens + step
-        token_ok = (offs_h * 0 + token) < seqlen_q  # (as a vector: the interpreter rejects scalar & vector masks)
-        q = tl.load(Q + off_b * stride_q_b + token * stride_q_s + offs_h[:, None] * stride_q_h + offs_d[None, :],
-                    mask=(head_ok & token_ok)[:, None] & (offs_d[None, :] < D), other=0.0)
-        w = tl.load(W + off_b * stride_w_b + token * stride_w_s + offs_h, mask=head_ok & token_ok, other=0.0)
+    for step in range(0, tokens, PACK):
+        token = token_block * tokens + step + row_step
+        row_ok = (head < heads) & (step + row_step < tokens) & (token < seqlen_q)
+        q = tl.load(Q + off_b * stride_q_b + token[:, None] * stride_q_s + head[:, None] * stride_q_h
+                    + offs_d[None, :], mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        w = tl.load(W + off_b * stride_w_b + token * stride_w_s + head, mask=row_ok, other=0.0)
         logits = tl.dot(q, keys, input_precision=DOT_PRECISION).to(ACC_DTYPE) * (key_scale * scale)[None, :]
-        scores = tl.sum(tl.maximum(logits, 0.0) * w.to(ACC_DTYPE)[:, None], 0)
-        visible = key_ok & (offs_n <= first_new + token) & ((offs_n * 0 + token) < count)
-        tl.store(OUT + off_b * stride_o_b + token * stride_o_s + offs_n, tl.where(visible, scores, float("-inf")),
-                 mask=(offs_n < seqlen_k) & ((offs_n * 0 + token) < seqlen_q))
+        weighted = tl.maximum(logits, 0.0) * w.to(ACC_DTYPE)[:, None]
+        scores = tl.sum(tl.reshape(weighted, (PACK, HEAD_ROWS, BLOCK_N)), 1)
+        tokens_p = token_block * tokens + step + offs_p
+        token_ok = (step + offs_p < tokens) & (tokens_p < seqlen_q)
+        visible = key_ok[None, :] & (offs_n[None, :] <= first_new + tokens_p[:, None]) & (tokens_p < count)[:, None]
+        tl.store(OUT + off_b * stride_o_b + tokens_p[:, None] * stride_o_s + offs_n[None, :],
+                 tl.where(visible, scores, float("-inf")), mask=token_ok[:, None] & (offs_n < seqlen_k)[None, :])
 
 
 def indexer_logits_d128_paged_launch(query, weights, cached, *, scale, weight_scale, config=None):
@@ -822,6 +843,8 @@ def indexer_logits_d128_paged_launch(query, weights, cached, *, scale, weight_sc
     lengths = torch.tensor(cached.new_tokens, dtype=torch.int32, device=query.device)
     out = torch.empty((batch, seqlen_q, seqlen_k), dtype=torch.float32, device=query.device)
     keys, key_scales = cache.index_key_views()
+    head_rows = padded(heads)
+    assert config.block_m % head_rows == 0, f"{config.block_m} rows per dot cannot hold {heads} index heads"
     tokens = min(seqlen_q, config.tokens)
     grid = (triton.cdiv(seqlen_k, config.block_n), batch, triton.cdiv(seqlen_q, tokens))
     indexer_logits_d128_paged[grid](
@@ -830,7 +853,7 @@ def indexer_logits_d128_paged_launch(query, weights, cached, *, scale, weight_sc
         cache.page_table.stride(0), *out.stride()[:2],
         seqlen_q, seqlen_k, heads, scale, tokens,
         PAGE=cache.page_size, FP8=cache.fp8, DOT_PRECISION=dot_precision(query.dtype),
-        ACC_DTYPE=tl.float32, BLOCK_H=config.block_m, BLOCK_N=config.block_n,
+        ACC_DTYPE=tl.float32, HEAD_ROWS=head_rows, BLOCK_H=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out
@@ -838,69 +861,93 @@ def indexer_logits_d128_paged_launch(query, weights, cached, *, scale, weight_sc
 
 
 @triton.jit
-def _sparse_mla_lat512_rope64_rows(
-    LATENT, ROPE, SCALES, off_b, rows, key_ok, offs_l, offs_r,
-    stride_lat_b, stride_lat_t, stride_rope_b, stride_rope_t, stride_scale_t,
-    DTYPE: tl.constexpr, FP8: tl.constexpr,
-):
-    # Gather the latent [BLOCK_N, r] and rope key [BLOCK_N, dr] rows of the selected keys in DTYPE.
-    # FP8 (FlashMLA's "FP8 with scale"): e4m3 latent codes with one fp32 scale per
-    # 128 values, bf16 rope key; dequantised before the dot products.
+def _sparse_mla_lat512_rope64_in_half(row_ok, start, offs_c):
+    # The load mask of rows x columns start + offs_c of the latent: the rows alone where no
+    # column is padding (known at compile time), so no per-value compare.
     LATENT_DIM: tl.constexpr = 512
-    ROPE_DIM: tl.constexpr = 64
-    rows = rows.to(tl.int64)
-    latent_mask = key_ok[:, None] & (offs_l[None, :] < LATENT_DIM)
-    latent_at = off_b * stride_lat_b + rows[:, None] * stride_lat_t + offs_l[None, :]
-    if FP8:
-        # Each group of 128 values has its scale: decode, then scale the rows as
-        # [BLOCK_N, groups, group] (one scale load per group, not per value).
-        GROUP: tl.constexpr = 128
-        GROUPS: tl.constexpr = 512 // GROUP
-        offs_g = tl.arange(0, GROUPS)
-        codes = tl.load(LATENT + latent_at, mask=latent_mask, other=0)
-        scale = tl.load(SCALES + rows[:, None] * stride_scale_t + offs_g[None, :],
-                        mask=key_ok[:, None] & (offs_g[None, :] < 4), other=0.0)
-        values = tl.reshape(_e4m3_to_float32(codes), (codes.shape[0], GROUPS, GROUP)) * scale[:, :, None]
-        latent = tl.reshape(values, (codes.shape[0], GROUPS * GROUP)).to(DTYPE)
+    if LATENT_DIM == 2 * 256:
+        return row_ok[:, None]
     else:
-        latent = tl.load(LATENT + latent_at, mask=latent_mask, other=0.0).to(DTYPE)
-    rope = tl.load(ROPE + off_b * stride_rope_b + rows[:, None] * stride_rope_t + offs_r[None, :],
-                   mask=key_ok[:, None] & (offs_r[None, :] < ROPE_DIM), other=0.0).to(DTYPE)
-    return latent, rope
+        return row_ok[:, None] & (start + offs_c[None, :] < LATENT_DIM)
+
+
+@triton.jit
+def _sparse_mla_lat512_rope64_half(
+    LATENT, SCALES, at, rows, key_ok, start, stride_scale_t,
+    DTYPE: tl.constexpr, FP8: tl.constexpr, HW_E4M3: tl.constexpr,
+):
+    # Columns start ... start + 256 (one half) of the gathered latent rows, [BLOCK_N, 256] in
+    # DTYPE; `at`: the rows' first columns, [BLOCK_N, 256] offsets. Keys not key_ok read as zeros (a
+    # NaN there must not reach 0 * NaN). FP8 (FlashMLA's "FP8 with scale"): e4m3 codes with one
+    # fp32 scale per 128 values (SCALES + rows * stride_scale_t), decoded before the dot
+    # products, the half as [BLOCK_N, groups, group] (one scale load per group, not per value).
+    LATENT_DIM: tl.constexpr = 512
+    HALF: tl.constexpr = 256
+    mask = _sparse_mla_lat512_rope64_in_half(key_ok, start, tl.arange(0, HALF))
+    if FP8:
+        GROUP: tl.constexpr = 128
+        GROUPS: tl.constexpr = HALF // GROUP
+        codes = tl.load(LATENT + at + start, mask=mask, other=0)
+        groups = (start + tl.arange(0, GROUPS) * GROUP) // 128
+        scale = tl.load(SCALES + rows[:, None] * stride_scale_t + groups[None, :],
+                        mask=key_ok[:, None] & (groups[None, :] < 4), other=0.0)
+        values = tl.reshape(_e4m3_decode(codes, HW_E4M3), (codes.shape[0], GROUPS, GROUP)) * scale[:, :, None]
+        return tl.reshape(values, (codes.shape[0], HALF)).to(DTYPE)
+    else:
+        return tl.load(LATENT + at + start, mask=mask, other=0.0).to(DTYPE)
 
 
 # seqlen_q unspecialised: one binary serves 1 to 4 new tokens (it only splits the program id).
 @triton.jit(do_not_specialize=["seqlen_q"])
 def sparse_mla_lat512_rope64(
-    Q_LATENT, Q_ROPE, LATENT, ROPE, SCALES, INDEX, O, LSE,
+    Q_LATENT, Q_ROPE, LATENT, ROPE, SCALES, INDEX, O, O_DESC, LSE,
     stride_ql_b, stride_ql_s, stride_ql_h, stride_qr_b, stride_qr_s, stride_qr_h,
     stride_lat_b, stride_lat_t, stride_rope_b, stride_rope_t, stride_scale_t, stride_idx_b, stride_idx_s,
     heads, seqlen_q, top_k, keys_per_split, num_splits, qk_scale,
-    FP8: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    FP8: tl.constexpr, HW_E4M3: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, USE_DESCRIPTORS: tl.constexpr, COLUMN_SPLIT: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: BLOCK_H heads of one query, over one split of that query's selected keys.
+    # One program: BLOCK_H heads of one query, one split of that query's selected keys and, with
+    # COLUMN_SPLIT, one half of the 512 output columns, as the MLA decode kernel (_mla_decode.jinja)
+    # shapes it: each half computes the whole score tile and keeps a [BLOCK_H, 256] accumulator,
+    # and BLOCK_H = 64 makes every dot M=64 (wgmma on sm_90, tcgen05 on sm_100). Without it (the
+    # mma.sync parts, 16 or 32 heads) the program keeps both halves' accumulators and computes
+    # the score tile (and decodes FP8 rows) once. Heads past `heads`
+    # (a tensor-parallel rank's 8, or 128 = 2 x 64) are padding of the program, never of memory:
+    # they load zeros and store nothing. Queries cannot share a program: each has its own keys.
     # Q_LATENT: [B, Sq, H, 512] (q_nope @ W_UK)  Q_ROPE: [B, Sq, H, 64]
     # LATENT, ROPE: row t of sequence b at b * stride_*_b + t * stride_*_t: the latent [B, Sk, 512]
     # itself, or the paged cache (batch stride 0, t a slot page * PAGE + offset, as FlashMLA indexes it)
     # INDEX: [B, Sq, top_k] int32 rows, -1 for none. qk_scale: the softmax scale * log2(e).
     # SPLIT_KV: O [B, splits, Sq * H, 512] and LSE [B, splits, Sq * H] fp32 partials for the combine;
     # else O [B, Sq, H, 512] and LSE [B, H, Sq] (natural log), which the backward reads.
+    # USE_DESCRIPTORS: O_DESC is O as [B (x splits) x Sq, H, 512] (runtime.sparse.output_rows).
     LATENT_DIM: tl.constexpr = 512
     ROPE_DIM: tl.constexpr = 64
-    PAD_LATENT: tl.constexpr = 512
+    HALF: tl.constexpr = 256
     PAD_ROPE: tl.constexpr = 64
-    head_block = tl.program_id(0)
+    if COLUMN_SPLIT:
+        column_half = tl.program_id(0) % 2
+        head_block = tl.program_id(0) // 2
+    else:
+        column_half = 0
+        head_block = tl.program_id(0)
     query = tl.program_id(1)
     split = tl.program_id(2)
     off_b = query // seqlen_q
     off_s = query % seqlen_q
+    mine = column_half * HALF
+    other = HALF - mine
     offs_h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = offs_h < heads
-    offs_l = tl.arange(0, PAD_LATENT)
+    offs_c = tl.arange(0, HALF)
     offs_r = tl.arange(0, PAD_ROPE)
-    q_latent = tl.load(Q_LATENT + off_b * stride_ql_b + off_s * stride_ql_s + offs_h[:, None] * stride_ql_h
-                       + offs_l[None, :], mask=head_ok[:, None] & (offs_l[None, :] < LATENT_DIM), other=0.0)
+    q_rows = Q_LATENT + off_b * stride_ql_b + off_s * stride_ql_s + offs_h * stride_ql_h
+    q_mine = tl.load(q_rows[:, None] + mine + offs_c[None, :],
+                     mask=_sparse_mla_lat512_rope64_in_half(head_ok, mine, offs_c), other=0.0)
+    q_other = tl.load(q_rows[:, None] + other + offs_c[None, :],
+                      mask=_sparse_mla_lat512_rope64_in_half(head_ok, other, offs_c), other=0.0)
     q_rope = tl.load(Q_ROPE + off_b * stride_qr_b + off_s * stride_qr_s + offs_h[:, None] * stride_qr_h
                      + offs_r[None, :], mask=head_ok[:, None] & (offs_r[None, :] < ROPE_DIM), other=0.0)
     index_row = INDEX + off_b * stride_idx_b + off_s * stride_idx_s
@@ -908,40 +955,57 @@ def sparse_mla_lat512_rope64(
     hi = tl.minimum(lo + keys_per_split, top_k)
     m_i = tl.full([BLOCK_H], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_H], ACC_DTYPE)
-    acc = tl.zeros([BLOCK_H, PAD_LATENT], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_H, HALF], ACC_DTYPE)
+    if not COLUMN_SPLIT:
+        acc_other = tl.zeros([BLOCK_H, HALF], ACC_DTYPE)
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + tl.arange(0, BLOCK_N)
         rows = tl.load(index_row + offs_k, mask=offs_k < hi, other=-1)
         key_ok = rows >= 0
-        latent, k_rope = _sparse_mla_lat512_rope64_rows(
-            LATENT, ROPE, SCALES, off_b, tl.where(key_ok, rows, 0), key_ok, offs_l, offs_r,
-            stride_lat_b, stride_lat_t, stride_rope_b, stride_rope_t, stride_scale_t, Q_LATENT.dtype.element_ty, FP8,
-        )
-        scores = tl.dot(q_latent, tl.trans(latent), input_precision=DOT_PRECISION)
-        scores += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
-        scores = tl.where(key_ok[None, :], scores * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(scores - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(latent.dtype), latent, input_precision=DOT_PRECISION)
-        m_i = m_new
+        rows = tl.where(key_ok, rows, 0).to(tl.int64)
+        at = (off_b * stride_lat_b + rows * stride_lat_t)[:, None] + offs_c[None, :]
+        latent_mine = _sparse_mla_lat512_rope64_half(
+            LATENT, SCALES, at, rows, key_ok, mine, stride_scale_t, Q_LATENT.dtype.element_ty, FP8, HW_E4M3)
+        latent_other = _sparse_mla_lat512_rope64_half(
+            LATENT, SCALES, at, rows, key_ok, other, stride_scale_t, Q_LATENT.dtype.element_ty, FP8, HW_E4M3)
+        k_rope = tl.load(ROPE + off_b * stride_rope_b + rows[:, None] * stride_rope_t + offs_r[None, :],
+                         mask=key_ok[:, None] & (offs_r[None, :] < ROPE_DIM), other=0.0).to(Q_LATENT.dtype.element_ty)
+        m_i, l_i, acc, p, alpha = mla_decode_lat512_rope64_step_half(
+            q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, key_ok[None, :], m_i, l_i, acc, qk_scale,
+            DOT_PRECISION)
+        if not COLUMN_SPLIT:
+            acc_other = tl.dot(p.to(latent_other.dtype), latent_other, acc_other * alpha[:, None],
+                               input_precision=DOT_PRECISION)
 
     # A query with no selected key in this split stores exact zeros (and lse -inf): the combine
-    # weighs it by 0, the backward reads P = 0.
+    # weighs it by 0, the backward reads P = 0. Both halves hold the same statistics: the first
+    # stores them (its half as a vector: the interpreter rejects scalar & vector masks).
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_safe[:, None])
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    out_mask = head_ok[:, None] & (offs_l[None, :] < LATENT_DIM)
+    out_mask = _sparse_mla_lat512_rope64_in_half(head_ok, mine, offs_c)
+    lse_mask = head_ok & (offs_h * 0 + column_half == 0)
     if SPLIT_KV:
-        part = (off_b * num_splits + split) * seqlen_q * heads + off_s * heads + offs_h
-        tl.store(O + part[:, None] * LATENT_DIM + offs_l[None, :], out, mask=out_mask)
-        tl.store(LSE + part, lse, mask=head_ok)
+        out_row = (off_b * num_splits + split) * seqlen_q + off_s
+        lse_at = LSE + out_row * heads + offs_h
     else:
-        rows_out = (off_b * seqlen_q + off_s) * heads + offs_h
-        tl.store(O + rows_out[:, None] * LATENT_DIM + offs_l[None, :], out.to(O.dtype.element_ty), mask=out_mask)
-        tl.store(LSE + (off_b * heads + offs_h) * seqlen_q + off_s, lse, mask=head_ok)
+        out_row = query
+        lse_at = LSE + (off_b * heads + offs_h) * seqlen_q + off_s
+    if USE_DESCRIPTORS:
+        O_DESC.store([out_row, head_block * BLOCK_H, mine],
+                     tl.reshape(out.to(O.dtype.element_ty), (1, BLOCK_H, HALF)))
+    else:
+        tl.store(O + (out_row * heads + offs_h)[:, None] * LATENT_DIM + mine + offs_c[None, :],
+                 out.to(O.dtype.element_ty), mask=out_mask)
+    if not COLUMN_SPLIT:
+        out_other = tl.where(l_i[:, None] == 0.0, 0.0, acc_other / l_safe[:, None])
+        if USE_DESCRIPTORS:
+            O_DESC.store([out_row, head_block * BLOCK_H, other],
+                         tl.reshape(out_other.to(O.dtype.element_ty), (1, BLOCK_H, HALF)))
+        else:
+            tl.store(O + (out_row * heads + offs_h)[:, None] * LATENT_DIM + other + offs_c[None, :],
+                     out_other.to(O.dtype.element_ty), mask=_sparse_mla_lat512_rope64_in_half(head_ok, other, offs_c))
+    tl.store(lse_at, lse, mask=lse_mask)
 
 
 @triton.jit
@@ -953,75 +1017,91 @@ def sparse_mla_lat512_rope64_bwd(
     heads, seqlen_q, seqlen_k, top_k, qk_scale, sm_scale,
     DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: BLOCK_H heads of one query, over all its selected keys (constants of the
-    # backward: the selection is not differentiable). dQ stays in registers; the selected rows'
-    # gradients (the latent's as key plus as value, and the rope key's) go into DLATENT
-    # [B, Sk, 512] and DROPE [B, Sk, 64] fp32 by atomic adds, because a row
-    # is selected by many queries. (The order of those adds varies: not bitwise reproducible.)
-    # DQ_LATENT, DQ_ROPE: dense [B, Sq, H, *]. LSE, DELTA: [B, H, Sq].
+    # One program: BLOCK_N of one query's selected keys (constants of the backward: the selection
+    # is not differentiable) x BLOCK_H of its heads. It recomputes P from the LSE and adds its
+    # share of every gradient into fp32 sums by atomic adds: the selected rows' (the latent's as
+    # key plus as value, and the rope key's) into DLATENT [B, Sk, 512] and DROPE [B, Sk, 64],
+    # because a row is selected by many queries, and the query's into DQ_LATENT [B, Sq, H, 512]
+    # and DQ_ROPE [B, Sq, H, 64], summed over its key blocks. So no [BLOCK_H, 512] dQ stays in
+    # registers through a loop, and every dot has BLOCK_H or BLOCK_N rows: 64 and 64 make them
+    # M=64 (wgmma on sm_90, tcgen05 on sm_100), heads past `heads` padding of the program (zero
+    # query and output gradient, lse -inf: P = 0). The latent is read in column chunks twice:
+    # once for the scores and dP, once for the gradients. The adds are relaxed (plain sums that
+    # nothing reads before the kernel ends: no fences), and their order varies: not bitwise
+    # reproducible. LSE, DELTA: [B, H, Sq].
     LATENT_DIM: tl.constexpr = 512
     ROPE_DIM: tl.constexpr = 64
     PAD_LATENT: tl.constexpr = 512
     PAD_ROPE: tl.constexpr = 64
-    head_block = tl.program_id(0)
-    query = tl.program_id(1)
+    CHUNK: tl.constexpr = 64
+    query = tl.program_id(0)
+    key_block = tl.program_id(1)
+    head_block = tl.program_id(2)
     off_b = query // seqlen_q
     off_s = query % seqlen_q
     offs_h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = offs_h < heads
-    offs_l = tl.arange(0, PAD_LATENT)
+    offs_c = tl.arange(0, CHUNK)
     offs_r = tl.arange(0, PAD_ROPE)
-    latent_ok = head_ok[:, None] & (offs_l[None, :] < LATENT_DIM)
-    rope_ok = head_ok[:, None] & (offs_r[None, :] < ROPE_DIM)
-    q_latent = tl.load(Q_LATENT + off_b * stride_ql_b + off_s * stride_ql_s + offs_h[:, None] * stride_ql_h
-                       + offs_l[None, :], mask=latent_ok, other=0.0)
-    q_rope = tl.load(Q_ROPE + off_b * stride_qr_b + off_s * stride_qr_s + offs_h[:, None] * stride_qr_h
-                     + offs_r[None, :], mask=rope_ok, other=0.0)
-    d_out = tl.load(DO + off_b * stride_do_b + off_s * stride_do_s + offs_h[:, None] * stride_do_h
-                    + offs_l[None, :], mask=latent_ok, other=0.0)
+    offs_k = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.load(INDEX + off_b * stride_idx_b + off_s * stride_idx_s + offs_k, mask=offs_k < top_k, other=-1)
+    key_ok = rows >= 0
+    rows = tl.where(key_ok, rows, 0).to(tl.int64)
+    latent_at = (off_b * stride_lat_b + rows * stride_lat_t)[:, None] + offs_c[None, :]
+    q_at = (off_b * stride_ql_b + off_s * stride_ql_s + offs_h * stride_ql_h)[:, None] + offs_c[None, :]
+    do_at = (off_b * stride_do_b + off_s * stride_do_s + offs_h * stride_do_h)[:, None] + offs_c[None, :]
+    rope_ok = offs_r[None, :] < ROPE_DIM
+    q_rope = tl.load(Q_ROPE + (off_b * stride_qr_b + off_s * stride_qr_s + offs_h * stride_qr_h)[:, None]
+                     + offs_r[None, :], mask=head_ok[:, None] & rope_ok, other=0.0)
+    k_rope = tl.load(ROPE + (off_b * stride_rope_b + rows * stride_rope_t)[:, None] + offs_r[None, :],
+                     mask=key_ok[:, None] & rope_ok, other=0.0)
     stats = (off_b * heads + offs_h) * seqlen_q + off_s
     lse = tl.load(LSE + stats, mask=head_ok, other=float("-inf"))
     delta = tl.load(DELTA + stats, mask=head_ok, other=0.0)
     # A query that saw no key has lse -inf and P = 0 (its forward gave zeros).
     lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-    dq_latent = tl.zeros([BLOCK_H, PAD_LATENT], ACC_DTYPE)
-    dq_rope = tl.zeros([BLOCK_H, PAD_ROPE], ACC_DTYPE)
-    index_row = INDEX + off_b * stride_idx_b + off_s * stride_idx_s
-    for start_n in range(0, top_k, BLOCK_N):
-        offs_k = start_n + tl.arange(0, BLOCK_N)
-        rows = tl.load(index_row + offs_k, mask=offs_k < top_k, other=-1)
-        key_ok = rows >= 0
-        rows = tl.where(key_ok, rows, 0)
-        latent, k_rope = _sparse_mla_lat512_rope64_rows(
-            LATENT, ROPE, LATENT, off_b, rows, key_ok, offs_l, offs_r,
-            stride_lat_b, stride_lat_t, stride_rope_b, stride_rope_t, 0, Q_LATENT.dtype.element_ty, False,
-        )
-        scores = tl.dot(q_latent, tl.trans(latent), input_precision=DOT_PRECISION)
-        scores += tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
-        probs = tl.where(key_ok[None, :], tl.math.exp2(scores * qk_scale - lse2[:, None]), 0.0)
-        d_probs = tl.dot(d_out, tl.trans(latent), input_precision=DOT_PRECISION)  # the values are the latent
-        d_scores = probs * (d_probs - delta[:, None]) * sm_scale
-        dq_latent += tl.dot(d_scores.to(latent.dtype), latent, input_precision=DOT_PRECISION)
-        dq_rope += tl.dot(d_scores.to(k_rope.dtype), k_rope, input_precision=DOT_PRECISION)
-        d_latent = tl.dot(tl.trans(d_scores.to(q_latent.dtype)), q_latent, input_precision=DOT_PRECISION)
-        d_latent += tl.dot(tl.trans(probs.to(d_out.dtype)), d_out, input_precision=DOT_PRECISION)
-        d_rope = tl.dot(tl.trans(d_scores.to(q_rope.dtype)), q_rope, input_precision=DOT_PRECISION)
-        grad_rows = (off_b * seqlen_k + rows.to(tl.int64))[:, None]
-        tl.atomic_add(DLATENT + grad_rows * LATENT_DIM + offs_l[None, :], d_latent,
-                      mask=key_ok[:, None] & (offs_l[None, :] < LATENT_DIM))
-        tl.atomic_add(DROPE + grad_rows * ROPE_DIM + offs_r[None, :], d_rope,
-                      mask=key_ok[:, None] & (offs_r[None, :] < ROPE_DIM))
-    grad_rows = ((off_b * seqlen_q + off_s) * heads + offs_h)[:, None]
-    tl.store(DQ_LATENT + grad_rows * LATENT_DIM + offs_l[None, :], dq_latent.to(DQ_LATENT.dtype.element_ty),
-             mask=latent_ok)
-    tl.store(DQ_ROPE + grad_rows * ROPE_DIM + offs_r[None, :], dq_rope.to(DQ_ROPE.dtype.element_ty), mask=rope_ok)
+
+    scores = tl.dot(q_rope, tl.trans(k_rope), input_precision=DOT_PRECISION)
+    d_probs = tl.zeros([BLOCK_H, BLOCK_N], ACC_DTYPE)
+    for start in range(0, PAD_LATENT, CHUNK):
+        column_ok = start + offs_c[None, :] < LATENT_DIM
+        latent = tl.load(LATENT + latent_at + start, mask=key_ok[:, None] & column_ok, other=0.0)
+        q_latent = tl.load(Q_LATENT + q_at + start, mask=head_ok[:, None] & column_ok, other=0.0)
+        d_out = tl.load(DO + do_at + start, mask=head_ok[:, None] & column_ok, other=0.0)
+        scores = tl.dot(q_latent, tl.trans(latent), scores, input_precision=DOT_PRECISION)
+        d_probs = tl.dot(d_out, tl.trans(latent), d_probs, input_precision=DOT_PRECISION)  # the values are the latent
+    probs = tl.where(key_ok[None, :], tl.math.exp2(scores * qk_scale - lse2[:, None]), 0.0)
+    d_scores = (probs * (d_probs - delta[:, None]) * sm_scale).to(k_rope.dtype)
+    probs = probs.to(k_rope.dtype)
+
+    grad_rows = (off_b * seqlen_k + rows)[:, None]
+    query_rows = ((off_b * seqlen_q + off_s) * heads + offs_h)[:, None]
+    for start in range(0, PAD_LATENT, CHUNK):
+        column_ok = start + offs_c[None, :] < LATENT_DIM
+        latent = tl.load(LATENT + latent_at + start, mask=key_ok[:, None] & column_ok, other=0.0)
+        q_latent = tl.load(Q_LATENT + q_at + start, mask=head_ok[:, None] & column_ok, other=0.0)
+        d_out = tl.load(DO + do_at + start, mask=head_ok[:, None] & column_ok, other=0.0)
+        d_latent = tl.dot(tl.trans(d_scores), q_latent, input_precision=DOT_PRECISION)
+        d_latent = tl.dot(tl.trans(probs), d_out, d_latent, input_precision=DOT_PRECISION)
+        tl.atomic_add(DLATENT + grad_rows * LATENT_DIM + start + offs_c[None, :], d_latent,
+                      mask=key_ok[:, None] & column_ok, sem="relaxed")
+        d_query = tl.dot(d_scores, latent, input_precision=DOT_PRECISION)
+        tl.atomic_add(DQ_LATENT + query_rows * LATENT_DIM + start + offs_c[None, :], d_query,
+                      mask=head_ok[:, None] & column_ok, sem="relaxed")
+    d_rope = tl.dot(tl.trans(d_scores), q_rope, input_precision=DOT_PRECISION)
+    tl.atomic_add(DROPE + grad_rows * ROPE_DIM + offs_r[None, :], d_rope, mask=key_ok[:, None] & rope_ok,
+                  sem="relaxed")
+    d_query_rope = tl.dot(d_scores, k_rope, input_precision=DOT_PRECISION)
+    tl.atomic_add(DQ_ROPE + query_rows * ROPE_DIM + offs_r[None, :], d_query_rope, mask=head_ok[:, None] & rope_ok,
+                  sem="relaxed")
 
 
-def sparse_mla_lat512_rope64_launch(q_latent, q_rope, latent, rope_key, index, *, scale, config=None):
+def sparse_mla_lat512_rope64_launch(q_latent, q_rope, latent, rope_key, index, *, scale, config=None, descriptors=None):
     """Sparse attention of each query over its selected rows of its own sequence (prefill,
     training): q_latent [B, Sq, H, 512], q_rope [B, Sq, H, 64], latent [B, Sk, 1, 512],
     rope_key [B, Sk, 1, 64], index [B, Sq, K] int32 (key positions, -1 for none)
-    -> (out [B, Sq, H, 512], lse [B, H, Sq] fp32, fp64 for fp64 inputs)."""
+    -> (out [B, Sq, H, 512], lse [B, H, Sq] fp32, fp64 for fp64 inputs). descriptors: store the
+    output through a tensor descriptor (TMA; None: where the device has them)."""
     check_sparse_operands(q_latent, q_rope, latent, rope_key, index, latent_dim=512, rope_dim=64)
     q_latent, q_rope, latent, rope_key = (last_dim_contiguous(t) for t in (q_latent, q_rope, latent, rope_key))
     batch, seqlen_q, heads, _ = q_latent.shape
@@ -1029,20 +1109,25 @@ def sparse_mla_lat512_rope64_launch(q_latent, q_rope, latent, rope_key, index, *
     config = config or sparse_config(heads, 512, q_latent.device)
     out = torch.empty_like(q_latent, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, seqlen_q), dtype=lse_dtype(q_latent.dtype), device=q_latent.device)
-    grid = (triton.cdiv(heads, config.block_m), batch * seqlen_q, 1)
+    out_rows = output_rows(out, config.block_m, 512, descriptors)
+    # Programs along x: head blocks, or (head block, column half of the latent) pairs, the halves side by side.
+    grid = (config.column_programs * triton.cdiv(heads, config.block_m), batch * seqlen_q, 1)
     sparse_mla_lat512_rope64[grid](
-        q_latent, q_rope, latent, rope_key, latent, index, out, lse,
+        q_latent, q_rope, latent, rope_key, latent, index, out, out_rows, lse,
         *q_latent.stride()[:3], *q_rope.stride()[:3], latent.stride(0), latent.stride(1), rope_key.stride(0),
         rope_key.stride(1), 0, index.stride(0), index.stride(1),
         heads, seqlen_q, index.shape[-1], index.shape[-1], 1, scale * LOG2E,
-        FP8=False, SPLIT_KV=False, DOT_PRECISION=dot_precision(q_latent.dtype),
-        ACC_DTYPE=accumulator(q_latent.dtype), BLOCK_H=config.block_m, BLOCK_N=config.block_n,
+        FP8=False, HW_E4M3=False, SPLIT_KV=False, DOT_PRECISION=dot_precision(q_latent.dtype),
+        ACC_DTYPE=accumulator(q_latent.dtype), USE_DESCRIPTORS=out_rows is not None,
+        COLUMN_SPLIT=config.column_programs == 2, BLOCK_H=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
 
 
-def sparse_mla_lat512_rope64_paged_launch(q_latent, q_rope, cache, slots, *, scale, num_splits=None, config=None):
+def sparse_mla_lat512_rope64_paged_launch(
+    q_latent, q_rope, cache, slots, *, scale, num_splits=None, config=None, descriptors=None,
+):
     """Sparse decode: each new token over its selected slots of the paged cache (bf16 or FP8
     rows), split-KV over the selected set: q_latent [B, Sq, H, 512], q_rope [B, Sq, H, 64],
     slots [B, Sq, K] int32 (page * page_size + offset, -1 for none) -> [B, Sq, H, 512]."""
@@ -1050,7 +1135,7 @@ def sparse_mla_lat512_rope64_paged_launch(q_latent, q_rope, cache, slots, *, sca
     q_latent, q_rope = last_dim_contiguous(q_latent), last_dim_contiguous(q_rope)
     batch, seqlen_q, heads, _ = q_latent.shape
     top_k = slots.shape[-1]
-    config = config or sparse_config(heads, 512, q_latent.device, fp8=cache.fp8)
+    config = config or sparse_config(heads, 512, q_latent.device, fp8=cache.fp8, partial=True)
     num_splits = num_splits or config.num_splits or sparse_split_count(batch * seqlen_q, top_k, q_latent.device)
     keys_per_split = -(-max(config.block_n, -(-top_k // num_splits)) // config.block_n) * config.block_n
     num_splits = max(1, -(-top_k // keys_per_split))
@@ -1058,13 +1143,18 @@ def sparse_mla_lat512_rope64_paged_launch(q_latent, q_rope, cache, slots, *, sca
     rows = seqlen_q * heads
     partial = torch.empty((batch, num_splits, rows, 512), dtype=torch.float32, device=q_latent.device)
     partial_lse = torch.empty((batch, num_splits, rows), dtype=torch.float32, device=q_latent.device)
-    sparse_mla_lat512_rope64[(triton.cdiv(heads, config.block_m), batch * seqlen_q, num_splits)](
-        q_latent, q_rope, latent, rope_key, scales, slots, partial, partial_lse,
+    partial_rows = output_rows(
+        partial.view(batch, num_splits, seqlen_q, heads, 512), config.block_m, 512, descriptors)
+    sparse_mla_lat512_rope64[(config.column_programs * triton.cdiv(heads, config.block_m), batch * seqlen_q, num_splits)](
+        q_latent, q_rope, latent, rope_key, scales, slots, partial, partial_rows, partial_lse,
         *q_latent.stride()[:3], *q_rope.stride()[:3], 0, latent.stride(0), 0, rope_key.stride(0), scales.stride(0),
         slots.stride(0), slots.stride(1),
         heads, seqlen_q, top_k, keys_per_split, num_splits, scale * LOG2E,
-        FP8=cache.fp8, SPLIT_KV=True, DOT_PRECISION=dot_precision(q_latent.dtype), ACC_DTYPE=tl.float32,
-        BLOCK_H=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
+        FP8=cache.fp8, HW_E4M3=cache.fp8 and hardware_e4m3(q_latent.device), SPLIT_KV=True,
+        DOT_PRECISION=dot_precision(q_latent.dtype), ACC_DTYPE=tl.float32,
+        USE_DESCRIPTORS=partial_rows is not None, COLUMN_SPLIT=config.column_programs == 2,
+        BLOCK_H=config.block_m, BLOCK_N=config.block_n,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     out = torch.empty_like(q_latent)
     mla_decode_lat512_rope64_combine[(rows, batch)](
@@ -1083,25 +1173,26 @@ def sparse_mla_lat512_rope64_backward(grad_out, q_latent, q_rope, latent, rope_k
     index = index.to(torch.int32)
     config = config or sparse_backward_config(heads, 512, q_latent.device)
     delta = torch.empty_like(lse)
-    _attention_bwd_delta[(triton.cdiv(seqlen_q, config.block_n), batch * heads)](
+    # 16 rows of the 512-wide output and its gradient per program: the sums' registers stay small
+    _attention_bwd_delta[(triton.cdiv(seqlen_q, 16), batch * heads)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], seqlen_q, heads,
-        D_V=512, PAD_V=512, BLOCK_M=config.block_n, ACC_DTYPE=accumulator(q_latent.dtype),
-        num_warps=config.num_warps,
+        D_V=512, PAD_V=512, BLOCK_M=16, ACC_DTYPE=accumulator(q_latent.dtype), num_warps=8,
     )
-    dq_latent = torch.empty(q_latent.shape, dtype=q_latent.dtype, device=q_latent.device)
-    dq_rope = torch.empty(q_rope.shape, dtype=q_rope.dtype, device=q_rope.device)
     # fp32 (fp64 under gradcheck) sums of the atomic adds, rounded to the operand dtype after
-    d_latent = torch.zeros((batch, seqlen_k, 512), dtype=lse.dtype, device=latent.device)
-    d_rope = torch.zeros((batch, seqlen_k, 64), dtype=lse.dtype, device=latent.device)
-    sparse_mla_lat512_rope64_bwd[(triton.cdiv(heads, config.block_m), batch * seqlen_q)](
+    sums = [torch.zeros(shape, dtype=lse.dtype, device=latent.device) for shape in (
+        q_latent.shape, q_rope.shape, (batch, seqlen_k, 512), (batch, seqlen_k, 64))]
+    dq_latent, dq_rope, d_latent, d_rope = sums
+    top_k = index.shape[-1]
+    sparse_mla_lat512_rope64_bwd[(batch * seqlen_q, triton.cdiv(top_k, config.block_n), triton.cdiv(heads, config.block_m))](
         q_latent, q_rope, latent, rope_key, index, grad_out, lse, delta, dq_latent, dq_rope, d_latent, d_rope,
         *q_latent.stride()[:3], *q_rope.stride()[:3], latent.stride(0), latent.stride(1), rope_key.stride(0),
         rope_key.stride(1), index.stride(0), index.stride(1), *grad_out.stride()[:3],
-        heads, seqlen_q, seqlen_k, index.shape[-1], scale * LOG2E, scale,
+        heads, seqlen_q, seqlen_k, top_k, scale * LOG2E, scale,
         DOT_PRECISION=dot_precision(q_latent.dtype), ACC_DTYPE=accumulator(q_latent.dtype),
         BLOCK_H=config.block_m, BLOCK_N=config.block_n, num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    return dq_latent, dq_rope, d_latent.view(latent.shape).to(latent.dtype), d_rope.view(rope_key.shape).to(rope_key.dtype)
+    return (dq_latent.to(q_latent.dtype), dq_rope.to(q_rope.dtype), d_latent.view(latent.shape).to(latent.dtype),
+            d_rope.view(rope_key.shape).to(rope_key.dtype))
 
 
 

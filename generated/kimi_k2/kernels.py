@@ -996,7 +996,9 @@ def mla_decode_lat512_rope64_step_half(
     DOT_PRECISION: tl.constexpr,
 ):
     # The same for a program that keeps one column half: scores over the whole latent and the
-    # rope key, values from the program's column half of the same latent tile.
+    # rope key, values from the program's column half of the same latent tile. Also returns the
+    # tile's P and the rescale factor, for a caller that keeps the other half too (the sparse
+    # forward on mma.sync parts).
     scores = tl.dot(q_mine, tl.trans(latent_mine), input_precision=DOT_PRECISION)
     scores = tl.dot(q_other, tl.trans(latent_other), scores, input_precision=DOT_PRECISION)
     scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=DOT_PRECISION)
@@ -1008,7 +1010,7 @@ def mla_decode_lat512_rope64_step_half(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(latent_mine.dtype), latent_mine, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    return m_new, l_i, acc, p, alpha
 
 
 @triton.jit
@@ -1094,8 +1096,8 @@ def mla_decode_lat512_rope64(
         if CAUSAL:
             keep = keep & (keys[None, :] <= query_pos[:, None])
         if HALVES:
-            m_i, l_i, acc = mla_decode_lat512_rope64_step_half(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
-                                                 m_i, l_i, acc, qk_scale, DOT_PRECISION)
+            m_i, l_i, acc, _, _ = mla_decode_lat512_rope64_step_half(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
+                                                       m_i, l_i, acc, qk_scale, DOT_PRECISION)
         else:
             # (masked: always; as `hi - full_end > 0`, which the compiler does not fold into the
             # enclosing condition, so this tile's scores stay split across the warpgroups too)
@@ -1108,8 +1110,8 @@ def mla_decode_lat512_rope64(
         keys = start_n + tl.arange(0, BLOCK_N)
         keep = keys[None, :] <= query_pos[:, None] if CAUSAL else (keys < hi)[None, :]
         if HALVES:
-            m_i, l_i, acc = mla_decode_lat512_rope64_step_half(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
-                                                 m_i, l_i, acc, qk_scale, DOT_PRECISION)
+            m_i, l_i, acc, _, _ = mla_decode_lat512_rope64_step_half(q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, keep,
+                                                       m_i, l_i, acc, qk_scale, DOT_PRECISION)
         else:
             m_i, l_i, acc = mla_decode_lat512_rope64_step(q_mine, q_rope, latent_mine, k_rope, keep, start_n + BLOCK_N > mask_from,
                                             m_i, l_i, acc, qk_scale, DOT_PRECISION)

@@ -105,12 +105,14 @@ class IndexerVariant:
 @dataclass(frozen=True, slots=True)
 class SparseVariant:
     """The sparse MLA kernels (forward, backward) for one latent/rope width. `combine`: the
-    MLA decode combine kernel that merges its split-KV partials."""
+    MLA decode combine kernel that merges its split-KV partials; `step`: the MLA decode
+    kernel's online-softmax step over one key tile (the sparse forward takes the same tiles)."""
 
     name: str
     latent: int
     rope: int
     combine: str
+    step: str
     scale_group: int = fp8_layout.SCALE_GROUP
 
     @property
@@ -148,7 +150,11 @@ def sparse_kernels(graph: Graph, decode: DecodeVariant) -> SparseKernels | None:
     (node,) = (node for node in graph.of_kind(OpKind.ATTENTION) if node.attr("indexed"))
     indexer = IndexerVariant(scores.attr("kernel"), scores.attr("d_a"))
     attention = SparseVariant(
-        node.attr("kernel"), node.attr("d_a"), node.attr("d_b"), f"{decode.name}_combine"
+        node.attr("kernel"),
+        node.attr("d_a"),
+        node.attr("d_b"),
+        f"{decode.name}_combine",
+        f"{decode.name}_step_half",
     )
     return SparseKernels(indexer, attention, decode_layout(decode))
 

@@ -15,8 +15,16 @@ from __future__ import annotations
 import torch
 
 from mlagen.fp8_layout import SCALE_BYTES, SCALE_GROUP, index_row_bytes, latent_row_bytes, scale_groups
+from mlagen.runtime.launch import launch_arch
 
 E4M3_MAX = 448.0
+
+
+def hardware_e4m3(device: torch.device) -> bool:
+    """Whether kernels launched on `device` may convert e4m3 in hardware (sm_89 and later:
+    Triton's float8e4nv); sm_80 and the interpreter decode the bits with integer arithmetic."""
+    arch = launch_arch(device)
+    return arch is not None and arch >= 89
 
 
 def quantize(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:

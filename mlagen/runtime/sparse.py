@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from mlagen.runtime import reference
-from mlagen.runtime.launch import INTERPRETER_CONFIG, launch_arch, multiprocessor_count
+from mlagen.runtime.launch import INTERPRETER_CONFIG, launch_arch, multiprocessor_count, smem_class
 from mlagen.runtime.mla_decode import CachedTokens, DecodeOps
 from mlagen.runtime.rope import apply_rope
 from mlagen.runtime.sparse_cache import PagedSparseCache
@@ -38,6 +38,9 @@ class SparseConfig:
     num_stages: int
     tokens: int = 4  # paged indexer: new tokens per program, which share each key tile read
     num_splits: int | None = None  # sparse decode: split-KV factor (None: sparse_split_count)
+    # sparse forward: programs per head block along the latent's columns, 2 (one half each, the
+    # score tile computed in both) or 1 (both halves' accumulators in one program)
+    column_programs: int = 2
 
 
 # Small tiles under the interpreter keep tests fast and make test sequences span several tiles.
@@ -54,32 +57,83 @@ def indexer_config(device: torch.device) -> SparseConfig:
 
 
 def paged_indexer_config(index_heads: int, device: torch.device, fp8: bool = False) -> SparseConfig:
-    """Rows are the index heads: every head of a token in one dot (64 for DeepSeek-V3.2).
-    FP8 keys hold codes and decoded values at once: half the keys per step."""
+    """Rows are (token, index head) pairs: every head of a token in one dot (64 for
+    DeepSeek-V3.2), at least 64 rows where wgmma (sm_90) and tcgen05 (sm_100) want M=64: GLM-5's
+    32 index heads take 2 tokens per dot (one in decode, the other half padding inside the
+    program). FP8 keys hold codes and decoded values at once: half the keys per step."""
     rows = padded(index_heads)
-    if launch_arch(device) is None:
+    arch = launch_arch(device)
+    if arch is None:
         return SparseConfig(rows, INTERPRETED.block_n, 1, 1, tokens=INTERPRETED.tokens)
+    if smem_class(arch) == "large":
+        rows = max(rows, 64)
     return SparseConfig(rows, 32 if fp8 else 64, 4 if rows <= 64 else 8, 2)
 
 
-def sparse_config(heads: int, latent: int, device: torch.device, fp8: bool = False) -> SparseConfig:
-    """block_m heads of one query share every gathered row. The [heads, latent] fp32
-    accumulator dominates registers, as in the dense MLA decode kernel (launch.py); FP8 rows
-    also hold their codes and decoded values: half the keys per step (0 spills, sm_80 to sm_120)."""
-    if launch_arch(device) is None:
+def sparse_config(
+    heads: int, latent: int, device: torch.device, fp8: bool = False, partial: bool = False
+) -> SparseConfig:
+    """block_m heads of one query share every gathered row; each program keeps half of the
+    latent output columns (templates/_sparse_mla.jinja), as the dense MLA decode kernel.
+    partial: the split-KV decode, which stores fp32 partials. FP8 rows also hold their codes
+    and decoded values: half the keys per step."""
+    arch = launch_arch(device)
+    if arch is None:
         return INTERPRETED
-    if heads <= 16 or latent > 256:
-        return SparseConfig(16, 16 if fp8 else 32, 4, 2)
-    return SparseConfig(32, 16 if fp8 else 32, 8, 2)
+    # 64 heads make every dot M=64. Measured with Triton 3.9 at latent 512 (mlagen.aot):
+    if smem_class(arch) == "large" and arch // 10 == 9:
+        # wgmma takes one warpgroup (at 8 warps Triton replicates the chained score dot at
+        # M=64): the [64, 256] fp32 accumulator is 128 registers a thread. 32 keys hold 250-254
+        # registers for the decode's fp32 partials but spill 8 bytes when the prefill's
+        # epilogue rounds to 16 bits; 16 keys: 230 (prefill), 255 with FP8 rows (64 x 64: 96+ B spilled).
+        return SparseConfig(64, 32 if partial and not fp8 else 16, 4, 2)
+    if smem_class(arch) == "large":
+        # tcgen05 keeps the accumulator in tensor memory: 8 warps, 206-208 registers (243 with
+        # FP8 rows at 32 keys), 181 KB; 4 warps spill 8-80 bytes.
+        return SparseConfig(64, 32 if fp8 else 64, 8, 2)
+    # mma.sync: the [16 or 32, 512] accumulator fits, so one program keeps both column halves and
+    # computes the score tile once (split in two, the tile and the FP8 decode run twice per
+    # (head, key) pair: 1.25x the issue slots, 2.4x with sm_80's FP8 rows). 16-row steps, tiles
+    # no taller than the heads; 32 heads x 32 keys: 169 registers on 8 warps, 74 KB (4 warps
+    # spill on sm_120); FP8 rows spill at 32 heads.
+    if fp8 or heads <= 16:
+        return SparseConfig(16, 16 if fp8 else 32, 4, 2, column_programs=1)
+    return SparseConfig(32, 32, 8, 2, column_programs=1)
 
 
 def sparse_backward_config(heads: int, latent: int, device: torch.device) -> SparseConfig:
-    """The backward holds the query, its output gradient and dQ ([heads, latent] each) and a
-    gathered tile's latent and its gradient: fewer keys per step than the forward."""
-    if launch_arch(device) is None:
+    """A program takes block_n of one query's selected keys x block_m of its heads and holds no
+    accumulator through a loop (templates/_sparse_mla.jinja): its dots have block_m or block_n
+    rows, 64 and 64 where wgmma (sm_90) and tcgen05 (sm_100) want M=64."""
+    arch = launch_arch(device)
+    if arch is None:
         return INTERPRETED
-    # 4 warps hold 255 registers and spill 32 bytes on sm_80 at latent 512: 8 warps share the tiles.
-    return SparseConfig(16, 16, 8, 1)
+    if smem_class(arch) == "large":
+        # 64-column chunks: 206 registers, 88 KB on sm_90; 232 on sm_100 (128-wide chunks spill 240-630 B)
+        return SparseConfig(64, 64, 4, 2)
+    # mma.sync: 32 heads x 64 keys on 8 warps, 226-238 registers, 32 KB (16 x 32 on 4 warps takes
+    # 1.8x the issue slots per (head, key) pair; 32 x 64 on 4 warps spills 440 B)
+    return SparseConfig(16 if heads <= 16 else 32, 64, 8, 2)
+
+
+def output_rows(out: Tensor, block_h: int, latent: int, descriptors: bool | None = None):
+    """A TensorDescriptor (TMA store, sm_90 and sm_100) of the sparse forward's output `out`
+    [..., H, latent] (contiguous) as [rows, H, latent] boxes of one query's block_h heads x half the
+    latent: heads past H are not written, so rows pad inside the program. None where the kernel
+    stores through pointers: no descriptors on the device (descriptors=None), or a latent that is
+    not its tile's width. (The pointer store's addresses, computed as the query loads' are, keep
+    their registers live across the key loop: 8-16 bytes of spill on sm_90.)"""
+    from mlagen.runtime.descriptors import uses_descriptors
+
+    if descriptors is None:
+        descriptors = uses_descriptors(out.device)
+    if not descriptors or padded(latent) != latent or out.numel() == 0:
+        return None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    heads = out.shape[-2]
+    rows = out.view(-1, heads, latent)
+    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [1, block_h, latent // 2])
 
 
 def sparse_split_count(queries: int, top_k: int, device: torch.device) -> int:
