@@ -67,7 +67,7 @@ def work(use: AttentionUse, role: str, shape: Shape, splits: int) -> tuple[float
     q = batch * seq_q * hq * d_qk
     o = batch * seq_q * hq * d_v
     stats = 4 * batch * hq * seq_q
-    if role == "decode":
+    if role == "decode" and use.kernel.startswith("mla_decode_"):  # K = V: the latent rows once
         return per_pair * (d_qk + d_v), e * (batch * seq_k * d_qk + q + o)
     if role == "decode_append":
         return 0.0, 2 * e * batch * seq_q * d_qk
@@ -75,7 +75,7 @@ def work(use: AttentionUse, role: str, shape: Shape, splits: int) -> tuple[float
         return 0.0, 4 * batch * splits * seq_q * hq * (d_v + 1) + e * o
     k = batch * seq_k * (hk * use.d_a + hkb * use.d_b)
     v = batch * seq_k * hk * d_v
-    if role == "forward":
+    if role in ("forward", "decode"):  # a dense decode is the forward over the K/V cache
         return per_pair * (d_qk + d_v), e * (q + k + v + o) + stats
     if role == "backward_dkdv":
         writes = e * batch * seq_k * hk * (use.d_a + d_v) + 4 * batch * seq_k * hk * use.d_b
