@@ -232,6 +232,8 @@ class KernelRow:
         constants = self.launch.constant
         tile = [constants[name] for name in ("BLOCK_M", "BLOCK_H", "BLOCK_N", "BLOCK_J") if name in constants]
         others = [f"{name}={value}" for name, value in constants.items() if name in ("PAD_SPLITS", "PAGE")]
+        # the dense forward's decode choices: query heads packed into rows, keys split over programs
+        others += [flag for flag in ("PACK_GQA", "SPLIT_KV") if constants.get(flag)]
         text = "x".join(str(t) for t in tile)
         return " ".join(
             [text] * bool(text) + others + [f"w{self.launch.num_warps} s{self.launch.num_stages}"]
@@ -250,7 +252,11 @@ class KernelRow:
             "arch": f"sm_{self.arch}",
             "dtype": self.dtype,
             "config": {
-                **{k: v for k, v in self.launch.constants if k.startswith(("BLOCK_", "PAD_SPLITS", "PAGE"))},
+                **{
+                    k: v
+                    for k, v in self.launch.constants
+                    if k.startswith(("BLOCK_", "PAD_SPLITS", "PAGE", "PACK_GQA", "SPLIT_KV"))
+                },
                 "num_warps": self.launch.num_warps,
                 "num_stages": self.launch.num_stages,
             },
