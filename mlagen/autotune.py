@@ -48,7 +48,7 @@ from mlagen.runtime.launch import (
     launching_for,
 )
 from mlagen.runtime.paged_cache import PagedLatentCache
-from mlagen.spec import MlaSpec, Spec
+from mlagen.spec import GqaSpec, MlaSpec, Spec
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
@@ -166,11 +166,14 @@ def _uses(graph: Graph, dtype: str) -> list[AttentionUse]:
 
 
 def attention_uses(spec: Spec, dtype: str | None = None) -> list[AttentionUse]:
-    """The attention nodes of the prefill graph and, for mla, the decode graph."""
+    """The attention nodes of the prefill graph and, for mla, the decode graph; mha/gqa/mqa
+    decode from their K/V cache with the forward kernel: S new tokens over T cached keys."""
     dtype = dtype or spec.dtype
     uses = _uses(run_pipeline(lower(spec), "prefill"), dtype)
     if isinstance(spec, MlaSpec):
         uses += _uses(run_pipeline(lower(spec, "decode"), "decode"), dtype)
+    elif isinstance(spec, GqaSpec) and spec.causal:
+        uses += [replace(use, mode="decode", seq_q=S, seq_k=T) for use in uses]
     return uses
 
 
@@ -188,8 +191,17 @@ class Launcher:
     def label(self) -> str:
         return f"{self.use.kernel} {self.role} ({self.use.node})"
 
+    @property
+    def reads_latent_cache(self) -> bool:
+        """The MLA absorbed decode over the paged latent cache; a dense (mha/gqa/mqa) decode
+        is the forward kernel at a decode shape, tiled, estimated and called as the forward."""
+        return self.role == "decode" and self.use.kernel.startswith("mla_decode_")
+
 
 def launchers(use: AttentionUse) -> list[Launcher]:
+    if use.mode == "decode" and use.kernel.startswith("attention_fwd_"):
+        # few query rows over a long cache: split-KV, merged by the combine kernel
+        return [Launcher(use, "decode", (use.kernel,), f"{use.kernel}_launch", (f"{use.kernel}_combine",))]
     if use.mode == "decode":
         return [
             Launcher(
@@ -219,9 +231,9 @@ def all_launchers(spec: Spec, dtype: str | None = None) -> list[Launcher]:
 def default_for(launcher: Launcher, shape: Shape, arch: int) -> BlockConfig:
     """The launcher's static default on `arch` (what runs when the cache has no entry)."""
     use, cuda, dtype = launcher.use, torch.device("cuda"), DTYPES[launcher.use.dtype]
-    if launcher.role == "decode":
+    if launcher.reads_latent_cache:
         return default_decode_config(use.heads_q * use.lengths(shape)[0], cuda, arch=arch, dtype=dtype)
-    choose = default_config if launcher.role == "forward" else default_backward_config
+    choose = default_backward_config if launcher.role == "backward" else default_config
     return choose(use.d_a + use.d_b, use.d_v, cuda, arch=arch, dtype=dtype)
 
 
@@ -229,7 +241,7 @@ def shape_key(launcher: Launcher, shape: Shape) -> str:
     """The cache's shape bucket, computed as the launcher computes it from its tensors."""
     use = launcher.use
     seq_q, seq_k = use.lengths(shape)
-    if launcher.role == "decode":
+    if launcher.reads_latent_cache:
         return tuning_cache.decode_key(shape.batch, seq_q, use.heads_q, seq_k, causal=use.causal)
     dims = AttentionDims(shape.batch, seq_q, seq_k, use.heads_q, use.heads_k, use.d_a, use.d_b, use.d_v)
     mask = GROUP_MASK_CODES[use.group_mask[0] if use.group_mask else None]
@@ -271,7 +283,12 @@ def tile_bounds(launcher: Launcher, constexprs: dict[str, tuple[str, ...]], shap
     keys a program can have at this shape (decode: the sequence's (token, head) rows)."""
     use = launcher.use
     seq_q, seq_k = use.lengths(shape)
-    rows = seq_q * use.heads_q if launcher.role == "decode" else seq_q
+    # (token, head) rows: the MLA decode's, or a dense decode's with its query heads packed
+    rows = (
+        seq_q * (use.heads_q if launcher.reads_latent_cache else use.head_group)
+        if launcher.role == "decode"
+        else seq_q
+    )
     limits = {"BLOCK_M": rows, "BLOCK_H": rows, "BLOCK_N": seq_k}
     bounds: dict[str, int] = {}
     for kernel in launcher.kernels:
@@ -304,7 +321,7 @@ def register_estimate(launcher: Launcher, config: BlockConfig, arch: int | None 
         dkdv = n * (pad_qk + pad_v) + 2 * m * n  # dK, dV; P^T and dP^T
         dq = n * pad_qk + 2 * m * n  # dQ; P and dP
         values = max(dkdv, dq)
-    elif launcher.role == "decode":
+    elif launcher.reads_latent_cache:
         # O accumulated, all of its columns or a column half (runtime.launch.decode_column_halves,
         # templates/_mla_decode.jinja), one score tile; Q stays in shared memory for wgmma /
         # tcgen05, and where mma.sync holds it in registers the compile's spill reading prunes
@@ -331,7 +348,7 @@ def shared_estimate(launcher: Launcher, config: BlockConfig) -> int:
     pad_v = padded(use.d_v)
     element = DTYPE_BYTES[use.dtype]
     m, n = config.block_m, config.block_n
-    if launcher.role == "decode":
+    if launcher.reads_latent_cache:
         streamed = n * pad_qk
     elif launcher.role == "backward":
         # dK/dV streams block_m queries (Q, dO), dQ block_m keys (K, V); min() as the arch
@@ -412,7 +429,7 @@ def launch_call(
 def _launch(kernels_file: str, launcher: Launcher, shape: Shape, config: BlockConfig, device: str) -> None:
     kernels = aot.load_kernels_module(kernels_file)
     call_maker(kernels, launcher, shape, torch.device(device))(config)()
-    if launcher.role == "decode":  # the cache append runs before every decode step
+    if launcher.reads_latent_cache:  # the cache append runs before every decode step
         use, dtype = launcher.use, DTYPES[launcher.use.dtype]
         seq_q, seq_k = use.lengths(shape)
         cache = PagedLatentCache(
@@ -656,7 +673,7 @@ def _inputs(launcher: Launcher, shape: Shape, device: torch.device) -> dict[str,
     def rand(*dims: int) -> torch.Tensor:
         return torch.randn(*dims, dtype=dtype, device=device)
 
-    if launcher.role == "decode":
+    if launcher.reads_latent_cache:
         cache = PagedLatentCache(
             shape.batch, seq_k, latent_dim=use.d_a, rope_dim=use.d_b, dtype=dtype, device=device
         )
@@ -685,7 +702,7 @@ def call_maker(kernels: Any, launcher: Launcher, shape: Shape, device: torch.dev
     use = launcher.use
     entry = getattr(kernels, launcher.entry)
     tensors = _inputs(launcher, shape, device)
-    if launcher.role == "decode":
+    if launcher.reads_latent_cache:
         cached = CachedTokens(tensors["cache"], tensors["start"], (shape.new_tokens,) * shape.batch)
         return lambda config: (
             lambda: entry(
@@ -700,7 +717,7 @@ def call_maker(kernels: Any, launcher: Launcher, shape: Shape, device: torch.dev
         )
     operands = (tensors["q_a"], tensors["q_b"], tensors["k_a"], tensors["k_b"], tensors["v"])
     flags = dict(scale=use.scale, causal=use.causal, window=use.window, group_mask=use.group_mask)
-    if launcher.role == "forward":
+    if launcher.role in ("forward", "decode"):  # the launcher takes config.num_splits (decode's split sweep)
         return lambda config: lambda: entry(*operands, **flags, config=config)
     forward = getattr(kernels, f"{use.kernel}_launch")
     state: dict[str, Any] = {}

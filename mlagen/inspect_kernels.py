@@ -67,7 +67,7 @@ def work(use: AttentionUse, role: str, shape: Shape, splits: int) -> tuple[float
     q = batch * seq_q * hq * d_qk
     o = batch * seq_q * hq * d_v
     stats = 4 * batch * hq * seq_q
-    if role == "decode":
+    if role == "decode" and use.kernel.startswith("mla_decode_"):  # K = V: the latent rows once
         return per_pair * (d_qk + d_v), e * (batch * seq_k * d_qk + q + o)
     if role == "decode_append":
         return 0.0, 2 * e * batch * seq_q * d_qk
@@ -75,7 +75,7 @@ def work(use: AttentionUse, role: str, shape: Shape, splits: int) -> tuple[float
         return 0.0, 4 * batch * splits * seq_q * hq * (d_v + 1) + e * o
     k = batch * seq_k * (hk * use.d_a + hkb * use.d_b)
     v = batch * seq_k * hk * d_v
-    if role == "forward":
+    if role in ("forward", "decode"):  # a dense decode is the forward over the K/V cache
         return per_pair * (d_qk + d_v), e * (q + k + v + o) + stats
     if role == "backward_dkdv":
         writes = e * batch * seq_k * hk * (use.d_a + d_v) + 4 * batch * seq_k * hk * use.d_b
@@ -232,6 +232,8 @@ class KernelRow:
         constants = self.launch.constant
         tile = [constants[name] for name in ("BLOCK_M", "BLOCK_H", "BLOCK_N", "BLOCK_J") if name in constants]
         others = [f"{name}={value}" for name, value in constants.items() if name in ("PAD_SPLITS", "PAGE")]
+        # the dense forward's decode choices: query heads packed into rows, keys split over programs
+        others += [flag for flag in ("PACK_GQA", "SPLIT_KV") if constants.get(flag)]
         text = "x".join(str(t) for t in tile)
         return " ".join(
             [text] * bool(text) + others + [f"w{self.launch.num_warps} s{self.launch.num_stages}"]
@@ -250,7 +252,11 @@ class KernelRow:
             "arch": f"sm_{self.arch}",
             "dtype": self.dtype,
             "config": {
-                **{k: v for k, v in self.launch.constants if k.startswith(("BLOCK_", "PAD_SPLITS", "PAGE"))},
+                **{
+                    k: v
+                    for k, v in self.launch.constants
+                    if k.startswith(("BLOCK_", "PAD_SPLITS", "PAGE", "PACK_GQA", "SPLIT_KV"))
+                },
                 "num_warps": self.launch.num_warps,
                 "num_stages": self.launch.num_stages,
             },

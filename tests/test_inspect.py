@@ -66,15 +66,15 @@ def test_inspect_json_is_one_record_per_kernel_and_arch(capsys):
     assert cli.main(["inspect", str(SPECS / "llama3_8b.yaml"), "--arch", "sm_80,sm_90", "--json",
                      "--workers", "2"]) == 0
     records = json.loads(capsys.readouterr().out)
+    roles = ("forward", "backward_delta", "backward_dkdv", "backward_dq", "decode", "decode_combine")
     assert sorted((r["arch"], r["role"]) for r in records) == sorted(
-        (arch, role) for arch in ("sm_80", "sm_90") for role in ("forward", "backward_delta", "backward_dkdv",
-                                                                  "backward_dq"))
+        (arch, role) for arch in ("sm_80", "sm_90") for role in roles)
     for record in records:
         assert record["kind"] == "mlagen" and record["spec"] == "llama3_8b" and record["dtype"] == "bf16"
         assert record["error"] is None and record["spill_bytes"] == 0 and record["registers"] > 0
         assert set(record["mma"]) == {"HGMMA", "HMMA", "tcgen05"} and record["tma_loads"] >= 0
         assert {"num_warps", "num_stages"} <= set(record["config"])
-        if record["role"] == "backward_delta":
+        if record["role"] in ("backward_delta", "decode_combine"):
             assert record["hot_loop"] is None and sum(record["mma"].values()) == 0
             continue
         loop = record["hot_loop"]
@@ -85,6 +85,10 @@ def test_inspect_json_is_one_record_per_kernel_and_arch(capsys):
     forward = {r["arch"]: r for r in records if r["role"] == "forward"}
     assert forward["sm_90"]["mma"]["HGMMA"] > 0 and forward["sm_80"]["mma"]["HGMMA"] == 0
     assert forward["sm_80"]["mma"]["HMMA"] > 0 and forward["sm_90"]["config"]["BLOCK_M"] == 128
+    # one new token over 4096 cached keys: the 4 query heads of a key head packed into one program's
+    # rows, the keys split over programs (8 programs do not fill a GPU) and merged by the combine
+    decode = {r["arch"]: r for r in records if r["role"] == "decode"}
+    assert all(r["config"]["PACK_GQA"] and r["config"]["SPLIT_KV"] for r in decode.values())
 
 
 @pytest.mark.slow

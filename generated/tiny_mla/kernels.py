@@ -530,6 +530,8 @@ def attention_fwd_qk16_rope8_v24_launch(q_a, q_b, k_a, k_b, v, *, scale, causal,
         pack_gqa = packs_gqa(dims.seqlen_q, group, config.block_m, q_a.device)
     rows = dims.seqlen_q * group if pack_gqa else dims.seqlen_q  # a program's rows, per head (group)
     grid = (triton.cdiv(rows, config.block_m), dims.batch * (dims.heads_k if pack_gqa else dims.heads_q))
+    if num_splits is None:
+        num_splits = config.num_splits  # a tuned count, or None
     if num_splits is None and grid[0] > 1:
         num_splits = 1  # prefill: the row blocks fill the GPU
     num_splits, keys_per_split = decode_splits(
