@@ -46,6 +46,7 @@ from mlagen.runtime.launch import (
     default_config,
     default_decode_config,
     launching_for,
+    packs_gqa,
 )
 from mlagen.runtime.paged_cache import PagedLatentCache
 from mlagen.spec import GqaSpec, MlaSpec, Spec
@@ -397,20 +398,29 @@ def decode_splits(launcher: Launcher, config: BlockConfig, shape: Shape, arch: A
     decode_splits for that arch's SM count, as the launcher calls it."""
     use = launcher.use
     seq_q, seq_k = use.lengths(shape)
-    rows = seq_q * use.heads_q
-    halves = decode_column_halves(torch.device("meta"), arch=arch.sm, dtype=DTYPES[use.dtype])
-    programs = (
-        (2 if halves else 1) * -(-rows // config.block_m) * shape.batch
-    )  # (column halves x) row blocks x batch
+    meta = torch.device("meta")
+    if launcher.reads_latent_cache:
+        rows = seq_q * use.heads_q
+        halves = decode_column_halves(meta, arch=arch.sm, dtype=DTYPES[use.dtype])
+        programs = (
+            (2 if halves else 1) * -(-rows // config.block_m) * shape.batch
+        )  # (halves x) row blocks x batch
+        widths = dict(latent=use.d_a, rope=use.d_b)
+    else:  # the dense forward (templates/_attention_fwd.jinja's launcher): heads packed or not
+        packed = packs_gqa(seq_q, use.head_group, config.block_m, meta, arch=arch.sm)
+        rows = seq_q * use.head_group if packed else seq_q
+        if -(-rows // config.block_m) > 1:
+            return 1  # the row blocks fill the GPU: no split
+        programs = shape.batch * (use.heads_k if packed else use.heads_q)
+        widths = dict(latent=use.d_v, rope=use.d_a + use.d_b)
     with launching_for(LaunchTarget(arch.sm, arch.sms)):
         splits, _ = attention.decode_splits(
             programs,
             min(rows, config.block_m),
             seq_k,
-            torch.device("meta"),
+            meta,
             block_n=config.block_n,
-            latent=use.d_a,
-            rope=use.d_b,
+            **widths,
             dtype=DTYPES[use.dtype],
             num_splits=config.num_splits,
         )
