@@ -1135,31 +1135,38 @@ def mla_decode_lat512_rope64(
 
 @triton.jit
 def mla_decode_lat512_rope64_combine(
-    O_PART, LSE_PART, OUT, stride_o_b, stride_o_s, stride_o_h, heads, seqlen_q, num_splits,
-    PAD_SPLITS: tl.constexpr,
+    O_PART, LSE_PART, OUT, LSE, stride_o_b, stride_o_s, stride_o_h, stride_lse_b, stride_lse_h,
+    heads, seqlen_q, num_splits, PAD_SPLITS: tl.constexpr, WRITE_LSE: tl.constexpr,
 ):
-    # Partial results over disjoint key ranges merge exactly by their log-sum-exp. One split's
-    # row at a time: all of them at once ([64, 512] fp32 at 64 splits) spill.
-    LATENT: tl.constexpr = 512
-    PAD_LATENT: tl.constexpr = 512
+    # O_PART: [B, splits, Sq * H, 512], LSE_PART: [B, splits, Sq * H] (natural log, -inf
+    # where a split holds no key of the row, whose partial then is exact zeros).
+    # OUT: [B, Sq, H, 512] by its strides; LSE (WRITE_LSE): [B, H, Sq] by stride_lse_b/_h.
+    # One split's row at a time: all of them at once ([64, 512] fp32 at 64 splits) spill.
+    WIDTH: tl.constexpr = 512
+    PAD_WIDTH: tl.constexpr = 512
     row = tl.program_id(0)
     seq = tl.program_id(1)
     rows = seqlen_q * heads
     offs_s = tl.arange(0, PAD_SPLITS)
-    offs_l = tl.arange(0, PAD_LATENT)
+    offs_w = tl.arange(0, PAD_WIDTH)
     first_part = seq * num_splits * rows + row
     lse = tl.load(LSE_PART + first_part + offs_s * rows, mask=offs_s < num_splits, other=float("-inf"))
     top = tl.max(lse, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)
+    top = tl.where(top == float("-inf"), 0.0, top)  # a row no split saw: zeros, lse -inf
     total = tl.sum(tl.exp(lse - top), 0)
-    out = tl.zeros([PAD_LATENT], O_PART.dtype.element_ty)
+    out = tl.zeros([PAD_WIDTH], O_PART.dtype.element_ty)
     for split in range(num_splits):
         part = first_part + split * rows
         weight = tl.exp(tl.load(LSE_PART + part) - top)
-        out += weight * tl.load(O_PART + part * LATENT + offs_l, mask=offs_l < LATENT, other=0.0)
+        out += weight * tl.load(O_PART + part * WIDTH + offs_w, mask=offs_w < WIDTH, other=0.0)
     out = out / tl.where(total == 0.0, 1.0, total)
-    tl.store(OUT + seq * stride_o_b + (row // heads) * stride_o_s + (row % heads) * stride_o_h + offs_l,
-             out.to(OUT.dtype.element_ty), mask=offs_l < LATENT)
+    token, head = row // heads, row % heads
+    tl.store(OUT + seq * stride_o_b + token * stride_o_s + head * stride_o_h + offs_w,
+             out.to(OUT.dtype.element_ty), mask=offs_w < WIDTH)
+    if WRITE_LSE:
+        tl.store(LSE + seq * stride_lse_b + head * stride_lse_h + token,
+                 tl.where(total == 0.0, float("-inf"), top + tl.log(total)))
+
 
 
 def mla_decode_lat512_rope64_append_launch(kv_a, norm_weight, eps, cos, sin, cache, start, new_tokens):
@@ -1217,8 +1224,8 @@ def mla_decode_lat512_rope64_launch(q_latent, q_rope, cached, *, scale, causal, 
     )
     if num_splits > 1:
         mla_decode_lat512_rope64_combine[(rows, batch)](
-            partial, partial_lse, out, *out.stride()[:3], heads, seqlen_q, num_splits,
-            PAD_SPLITS=triton.next_power_of_2(num_splits),
+            partial, partial_lse, out, None, *out.stride()[:3], 0, 0, heads, seqlen_q, num_splits,
+            PAD_SPLITS=triton.next_power_of_2(num_splits), WRITE_LSE=False,
         )
     return out
 
