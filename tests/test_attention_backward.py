@@ -139,17 +139,19 @@ SPLIT_KV_CASES = [
 def test_gradients_through_a_forward_split_over_the_keys_match_reference(case, dtype, monkeypatch):
     from mlagen.runtime import ops
 
-    kernel = next(iter(generated(case.package).kernels.ATTENTION))
+    kernels = generated(case.package).kernels
+    kernel = next(iter(kernels.ATTENTION))
+    combine_name = f"attention_v{kernels.HEAD_DIMS[kernel][2]}_combine"
     # The op runs the launcher registered last for this kernel name (packages share it): count
     # the combine launches of that launcher's module.
     launcher_globals = ops._IMPLEMENTATIONS[kernel][0].__globals__
-    combine, merges = launcher_globals[f"{kernel}_combine"], []
+    combine, merges = launcher_globals[combine_name], []
 
     class Counting:
         def __getitem__(self, grid):
             merges.append(grid)
             return combine[grid]
 
-    monkeypatch.setitem(launcher_globals, f"{kernel}_combine", Counting())
+    monkeypatch.setitem(launcher_globals, combine_name, Counting())
     _check(case, dtype)
     assert merges, "the forward did not split its keys"

@@ -164,3 +164,19 @@ def test_the_shared_memory_estimate_is_a_lower_bound(matrix):
         )
         shared = max(row.compiled.shared_bytes for row in rows)
         assert autotune.shared_estimate(launcher, config) <= shared, (spec, node, dtype, arch, role, config)
+
+
+@pytest.mark.slow
+def test_dense_decode_packs_query_heads_and_splits_keys_where_it_should(matrix):
+    """One new token over 4096 cached keys (the matrix's decode shape): the dense forward packs a
+    key head's query heads into its rows on sm_80/90/100 (not on sm_89/120, where the packed tile
+    spills: mlagen.runtime.launch.packs_gqa), and splits the keys everywhere (8 or 32 programs
+    do not fill a GPU), merged by the combine kernel."""
+    decode = [row for row in matrix if row.spec == "llama3_8b" and row.role == "decode" and row.dtype == "bf16"]
+    assert {row.arch for row in decode} == set(ARCHS)
+    for row in decode:
+        constants = row.launch.constant
+        assert constants["SPLIT_KV"], row.settings
+        assert constants["PACK_GQA"] == (row.arch in (80, 90, 100)), (row.arch, row.settings)
+    combines = {row.arch for row in matrix if row.spec == "llama3_8b" and row.role == "decode_combine"}
+    assert combines == set(ARCHS)

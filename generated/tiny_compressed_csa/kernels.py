@@ -43,7 +43,7 @@ def _query_tokens(start_m, seqlen_q, BLOCK_M: tl.constexpr, HEADS_PER_TOKEN: tl.
     # the query heads of one key head packed into the rows (GQA packing), (token, head) pairs
     # token-major: HEADS_PER_TOKEN rows per token.
     first_q = (start_m * BLOCK_M) // HEADS_PER_TOKEN
-    last_q = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // HEADS_PER_TOKEN, seqlen_q - 1)
+    last_q = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // HEADS_PER_TOKEN + 1, seqlen_q) - 1
     return first_q, last_q
 
 

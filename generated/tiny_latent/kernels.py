@@ -32,7 +32,7 @@ def _query_tokens(start_m, seqlen_q, BLOCK_M: tl.constexpr, HEADS_PER_TOKEN: tl.
     # the query heads of one key head packed into the rows (GQA packing), (token, head) pairs
     # token-major: HEADS_PER_TOKEN rows per token.
     first_q = (start_m * BLOCK_M) // HEADS_PER_TOKEN
-    last_q = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // HEADS_PER_TOKEN, seqlen_q - 1)
+    last_q = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // HEADS_PER_TOKEN + 1, seqlen_q) - 1
     return first_q, last_q
 
 
@@ -282,6 +282,43 @@ def _attention_bwd_delta(O, DO, DELTA, stride_o_b, stride_o_s, stride_o_h, strid
     tl.store(DELTA + off_bh * seqlen_q + offs_m, delta, mask=offs_m < seqlen_q)
 
 
+# Merges the forward's split-KV partials (16-wide values): one kernel per value width,
+# whatever variants share it.
+@triton.jit
+def attention_v16_combine(
+    O_PART, LSE_PART, OUT, LSE, stride_o_b, stride_o_s, stride_o_h, stride_lse_b, stride_lse_h,
+    heads, seqlen_q, num_splits, PAD_SPLITS: tl.constexpr, WRITE_LSE: tl.constexpr,
+):
+    # O_PART: [B, splits, Sq * H, 16], LSE_PART: [B, splits, Sq * H] (natural log, -inf
+    # where a split holds no key of the row, whose partial then is exact zeros).
+    # OUT: [B, Sq, H, 16] by its strides; LSE (WRITE_LSE): [B, H, Sq] by stride_lse_b/_h.
+    # One split's row at a time: all of them at once ([64, 512] fp32 at 64 splits) spill.
+    WIDTH: tl.constexpr = 16
+    PAD_WIDTH: tl.constexpr = 16
+    row = tl.program_id(0)
+    seq = tl.program_id(1)
+    rows = seqlen_q * heads
+    offs_s = tl.arange(0, PAD_SPLITS)
+    offs_w = tl.arange(0, PAD_WIDTH)
+    first_part = seq * num_splits * rows + row
+    lse = tl.load(LSE_PART + first_part + offs_s * rows, mask=offs_s < num_splits, other=float("-inf"))
+    top = tl.max(lse, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)  # a row no split saw: zeros, lse -inf
+    total = tl.sum(tl.exp(lse - top), 0)
+    out = tl.zeros([PAD_WIDTH], O_PART.dtype.element_ty)
+    for split in range(num_splits):
+        part = first_part + split * rows
+        weight = tl.exp(tl.load(LSE_PART + part) - top)
+        out += weight * tl.load(O_PART + part * WIDTH + offs_w, mask=offs_w < WIDTH, other=0.0)
+    out = out / tl.where(total == 0.0, 1.0, total)
+    token, head = row // heads, row % heads
+    tl.store(OUT + seq * stride_o_b + token * stride_o_s + head * stride_o_h + offs_w,
+             out.to(OUT.dtype.element_ty), mask=offs_w < WIDTH)
+    if WRITE_LSE:
+        tl.store(LSE + seq * stride_lse_b + head * stride_lse_h + token,
+                 tl.where(total == 0.0, float("-inf"), top + tl.log(total)))
+
+
 @triton.jit
 def attention_fwd_qk16_v16(
     Q_A, K_A, V, V_ROWS, O, LSE,
@@ -433,41 +470,6 @@ def attention_fwd_qk16_v16(
     tl.store(LSE + off_b * stride_lse_b + off_h * stride_lse_h + offs_m * stride_lse_s, lse, mask=row_ok)
 
 
-@triton.jit
-def attention_fwd_qk16_v16_combine(
-    O_PART, LSE_PART, OUT, LSE, stride_o_b, stride_o_s, stride_o_h, stride_lse_b, stride_lse_h,
-    heads, seqlen_q, num_splits, PAD_SPLITS: tl.constexpr, WRITE_LSE: tl.constexpr,
-):
-    # O_PART: [B, splits, Sq * H, 16], LSE_PART: [B, splits, Sq * H] (natural log, -inf
-    # where a split holds no key of the row, whose partial then is exact zeros).
-    # OUT: [B, Sq, H, 16] by its strides; LSE (WRITE_LSE): [B, H, Sq] by stride_lse_b/_h.
-    # One split's row at a time: all of them at once ([64, 512] fp32 at 64 splits) spill.
-    WIDTH: tl.constexpr = 16
-    PAD_WIDTH: tl.constexpr = 16
-    row = tl.program_id(0)
-    seq = tl.program_id(1)
-    rows = seqlen_q * heads
-    offs_s = tl.arange(0, PAD_SPLITS)
-    offs_w = tl.arange(0, PAD_WIDTH)
-    first_part = seq * num_splits * rows + row
-    lse = tl.load(LSE_PART + first_part + offs_s * rows, mask=offs_s < num_splits, other=float("-inf"))
-    top = tl.max(lse, 0)
-    top = tl.where(top == float("-inf"), 0.0, top)  # a row no split saw: zeros, lse -inf
-    total = tl.sum(tl.exp(lse - top), 0)
-    out = tl.zeros([PAD_WIDTH], O_PART.dtype.element_ty)
-    for split in range(num_splits):
-        part = first_part + split * rows
-        weight = tl.exp(tl.load(LSE_PART + part) - top)
-        out += weight * tl.load(O_PART + part * WIDTH + offs_w, mask=offs_w < WIDTH, other=0.0)
-    out = out / tl.where(total == 0.0, 1.0, total)
-    token, head = row // heads, row % heads
-    tl.store(OUT + seq * stride_o_b + token * stride_o_s + head * stride_o_h + offs_w,
-             out.to(OUT.dtype.element_ty), mask=offs_w < WIDTH)
-    if WRITE_LSE:
-        tl.store(LSE + seq * stride_lse_b + head * stride_lse_h + token,
-                 tl.where(total == 0.0, float("-inf"), top + tl.log(total)))
-
-
 
 def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, window=None, group_mask=None, config=None, descriptors=None,
                                   full_tiles=None, pack_gqa=None, num_splits=None):
@@ -476,7 +478,7 @@ def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, windo
     of a block sees without masks, in a loop of their own; pack_gqa: the query heads of a key head
     share a program's rows (None: where that leaves fewer padded rows, as in decode);
     num_splits: split the keys over that many programs per row block, merged by
-    attention_fwd_qk16_v16_combine (None: only where all of a head's (group's) query rows fit one block
+    attention_v16_combine (None: only where all of a head's (group's) query rows fit one block
     and the grid would not fill the GPU, as decode_splits chooses); None: as suits the
     launch's arch."""
     dims = check_operands(q_a, q_b, k_a, k_b, v, expected=(16, 0, 16))
@@ -538,7 +540,7 @@ def attention_fwd_qk16_v16_launch(q_a, q_b, k_a, k_b, v, *, scale, causal, windo
         PACK_GQA=bool(pack_gqa), SPLIT_KV=num_splits > 1, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
-        attention_fwd_qk16_v16_combine[(dims.seqlen_q * dims.heads_q, dims.batch)](
+        attention_v16_combine[(dims.seqlen_q * dims.heads_q, dims.batch)](
             o_part, lse_part, out, lse, *out.stride()[:3], lse.stride(0), lse.stride(1),
             dims.heads_q, dims.seqlen_q, num_splits, PAD_SPLITS=triton.next_power_of_2(num_splits), WRITE_LSE=True,
         )

@@ -117,7 +117,9 @@ def default_config(
                 return BlockConfig(block_m=64, block_n=32, num_warps=4, num_stages=2)
             return BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)
         if room == "ampere":
-            return BlockConfig(block_m=64, block_n=64, num_warps=4, num_stages=2)  # 144 KB for MLA
+            # 144 KB for MLA; 8 warps: on 4 the decode launch (split keys, packed query heads)
+            # spills 8-128 bytes (255 registers), on 8 it holds 181-188
+            return BlockConfig(block_m=64, block_n=64, num_warps=8, num_stages=2)
         # 128x64 on 8 warps: 192 KB at d=128 on sm_90, 257 KB on sm_100 (tcgen05 stages more),
         # where 64x64 on 4 warps takes 224 KB; MLA's 192-wide K takes 256 KB there, so 64x32.
         if mla:
