@@ -202,7 +202,9 @@ class Launcher:
 def launchers(use: AttentionUse) -> list[Launcher]:
     if use.mode == "decode" and use.kernel.startswith("attention_fwd_"):
         # few query rows over a long cache: split-KV, merged by the combine kernel
-        return [Launcher(use, "decode", (use.kernel,), f"{use.kernel}_launch", (f"attention_v{use.d_v}_combine",))]
+        return [
+            Launcher(use, "decode", (use.kernel,), f"{use.kernel}_launch", (f"attention_v{use.d_v}_combine",))
+        ]
     if use.mode == "decode":
         return [
             Launcher(
