@@ -46,7 +46,6 @@ from mlagen.runtime.launch import (
     default_config,
     default_decode_config,
     launching_for,
-    packs_gqa,
 )
 from mlagen.runtime.paged_cache import PagedLatentCache
 from mlagen.spec import GqaSpec, MlaSpec, Spec
@@ -401,20 +400,15 @@ def decode_splits(launcher: Launcher, config: BlockConfig, shape: Shape, arch: A
     use = launcher.use
     seq_q, seq_k = use.lengths(shape)
     meta = torch.device("meta")
-    if launcher.reads_latent_cache:
-        rows = seq_q * use.heads_q
-        halves = decode_column_halves(meta, arch=arch.sm, dtype=DTYPES[use.dtype])
-        programs = (
-            (2 if halves else 1) * -(-rows // config.block_m) * shape.batch
-        )  # (halves x) row blocks x batch
-        widths = dict(latent=use.d_a, rope=use.d_b)
-    else:  # the dense forward (templates/_attention_fwd.jinja's launcher): heads packed or not
-        packed = packs_gqa(seq_q, use.head_group, config.block_m, meta, arch=arch.sm)
-        rows = seq_q * use.head_group if packed else seq_q
-        if -(-rows // config.block_m) > 1:
-            return 1  # the row blocks fill the GPU: no split
-        programs = shape.batch * (use.heads_k if packed else use.heads_q)
-        widths = dict(latent=use.d_v, rope=use.d_a + use.d_b)
+    if not launcher.reads_latent_cache:  # the dense forward: its launcher's own plan
+        dims = AttentionDims(shape.batch, seq_q, seq_k, use.heads_q, use.heads_k, use.d_a, use.d_b, use.d_v)
+        with launching_for(LaunchTarget(arch.sm, arch.sms)):
+            return attention.forward_plan(dims, config, meta, dtype=DTYPES[use.dtype]).num_splits
+    rows = seq_q * use.heads_q
+    halves = decode_column_halves(meta, arch=arch.sm, dtype=DTYPES[use.dtype])
+    programs = (
+        (2 if halves else 1) * -(-rows // config.block_m) * shape.batch
+    )  # (halves x) row blocks x batch
     with launching_for(LaunchTarget(arch.sm, arch.sms)):
         splits, _ = attention.decode_splits(
             programs,
@@ -422,7 +416,8 @@ def decode_splits(launcher: Launcher, config: BlockConfig, shape: Shape, arch: A
             seq_k,
             meta,
             block_n=config.block_n,
-            **widths,
+            latent=use.d_a,
+            rope=use.d_b,
             dtype=DTYPES[use.dtype],
             num_splits=config.num_splits,
         )

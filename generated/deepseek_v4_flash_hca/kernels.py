@@ -15,14 +15,14 @@ from mlagen.runtime.attention import (
     LOG2E,
     accumulator,
     check_operands,
-    decode_splits,
     dot_precision,
+    forward_plan,
     group_mask_args,
     last_dim_contiguous,
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
-from mlagen.runtime.launch import default_backward_config, default_config, packs_gqa, separate_full_tiles
+from mlagen.runtime.launch import default_backward_config, default_config, separate_full_tiles
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.compressed import rope_pairs
 from mlagen.runtime.compressed_kernels import (

@@ -17,13 +17,14 @@ from mlagen.runtime.attention import (
     check_decode_operands,
     decode_splits,
     dot_precision,
+    forward_plan,
     group_mask_args,
     last_dim_contiguous,
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
 from mlagen.runtime.launch import (
-    decode_column_halves, default_backward_config, default_config, default_decode_config, packs_gqa,
+    decode_column_halves, default_backward_config, default_config, default_decode_config,
     separate_full_tiles,
 )
 from mlagen.runtime.mla_decode import DecodeOps, cache_descriptors
@@ -527,19 +528,8 @@ def attention_fwd_qk128_rope64_v128_launch(q_a, q_b, k_a, k_b, v, *, scale, caus
         keys = tables if descriptors else keys
     if full_tiles is None:
         full_tiles = separate_full_tiles(192, q_a.device, dtype=q_a.dtype)
-    group = dims.heads_q // dims.heads_k
-    if pack_gqa is None:
-        pack_gqa = packs_gqa(dims.seqlen_q, group, config.block_m, q_a.device)
-    rows = dims.seqlen_q * group if pack_gqa else dims.seqlen_q  # a program's rows, per head (group)
-    grid = (triton.cdiv(rows, config.block_m), dims.batch * (dims.heads_k if pack_gqa else dims.heads_q))
-    if num_splits is None:
-        num_splits = config.num_splits  # a tuned count, or None
-    if num_splits is None and grid[0] > 1:
-        num_splits = 1  # prefill: the row blocks fill the GPU
-    num_splits, keys_per_split = decode_splits(
-        grid[0] * grid[1], min(rows, config.block_m), dims.seqlen_k, q_a.device, block_n=config.block_n,
-        latent=128, rope=192, dtype=q_a.dtype, num_splits=num_splits,
-    )
+    plan = forward_plan(dims, config, q_a.device, dtype=q_a.dtype, pack_gqa=pack_gqa, num_splits=num_splits)
+    num_splits = plan.num_splits
     if num_splits > 1:
         # fp32 partials [B, splits, Sq, Hq, 128] and [B, splits, Sq * Hq], merged into out and lse
         o_part = torch.empty((dims.batch, num_splits, dims.seqlen_q, dims.heads_q, 128),
@@ -552,16 +542,16 @@ def attention_fwd_qk128_rope64_v128_launch(q_a, q_b, k_a, k_b, v, *, scale, caus
     else:
         o_part, lse_part = out, lse
         o_strides, lse_strides, split_strides = out.stride()[:3], lse.stride(), (0, 0)
-    attention_fwd_qk128_rope64_v128[(*grid, num_splits)](
+    attention_fwd_qk128_rope64_v128[(*plan.grid, num_splits)](
         q_a, q_b, *keys, v, o_part, lse_part,
         *q_a.stride()[:3], *q_b.stride()[:3], *k_a.stride()[:3], *k_b.stride()[:3], *v.stride()[:3],
-        *o_strides, *lse_strides, *split_strides, keys_per_split,
+        *o_strides, *lse_strides, *split_strides, plan.keys_per_split,
         dims.seqlen_q, dims.seqlen_k, dims.heads_q, scale * LOG2E, window or 0, q_group_size, k_group_size,
-        HEAD_GROUP=group, DOT_PRECISION=dot_precision(q_a.dtype),
+        HEAD_GROUP=dims.heads_q // dims.heads_k, DOT_PRECISION=dot_precision(q_a.dtype),
         ACC_DTYPE=accumulator(q_a.dtype),
         CAUSAL=causal, WINDOWED=window is not None, GROUP_MASK=mask_code,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, KEY_DESCRIPTORS=descriptors, FULL_TILES=full_tiles,
-        PACK_GQA=bool(pack_gqa), SPLIT_KV=num_splits > 1, num_warps=config.num_warps, num_stages=config.num_stages,
+        PACK_GQA=plan.pack_gqa, SPLIT_KV=num_splits > 1, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
         attention_v128_combine[(dims.seqlen_q * dims.heads_q, dims.batch)](

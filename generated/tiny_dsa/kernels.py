@@ -18,13 +18,14 @@ from mlagen.runtime.attention import (
     check_decode_operands,
     decode_splits,
     dot_precision,
+    forward_plan,
     group_mask_args,
     last_dim_contiguous,
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
 from mlagen.runtime.launch import (
-    decode_column_halves, default_backward_config, default_config, default_decode_config, packs_gqa,
+    decode_column_halves, default_backward_config, default_config, default_decode_config,
     separate_full_tiles,
 )
 from mlagen.runtime.mla_decode import DecodeOps, cache_descriptors

@@ -8,7 +8,7 @@ import torch
 import triton.language as tl
 
 from mlagen.runtime import reference
-from mlagen.runtime.launch import multiprocessor_count
+from mlagen.runtime.launch import BlockConfig, multiprocessor_count, packs_gqa
 from mlagen.tiles import padded as padded  # re-exported: mlagen.autotune imports it from here
 
 LOG2E = 1.4426950408889634
@@ -170,3 +170,50 @@ def decode_splits(
     num_splits = max(1, num_splits)
     keys_per_split = -(-max(block_n, -(-longest // num_splits)) // block_n) * block_n
     return max(1, -(-longest // keys_per_split)), keys_per_split
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardPlan:
+    """How the forward launcher lays out one launch (templates/_attention_fwd.jinja), so that
+    mlagen.autotune reads the same plan rather than a copy of the rules."""
+
+    pack_gqa: bool  # a program's rows are (token, head) pairs of one key head's query heads
+    rows: int  # query rows per head (pack_gqa: per key head)
+    grid: tuple[int, int]  # (row blocks, batch x heads), the split index aside
+    num_splits: int
+    keys_per_split: int
+
+
+def forward_plan(
+    dims: AttentionDims,
+    config: BlockConfig,
+    device: torch.device,
+    *,
+    dtype: torch.dtype,
+    pack_gqa: bool | None = None,
+    num_splits: int | None = None,
+) -> ForwardPlan:
+    """GQA packing where it leaves fewer padded rows (runtime.launch.packs_gqa), and split-KV
+    only where all of a head's (group's) rows fit one block and the grid would not fill the GPU
+    (decode_splits); a forced or tuned (config.num_splits) count replaces the choice."""
+    group = dims.heads_q // dims.heads_k
+    if pack_gqa is None:
+        pack_gqa = packs_gqa(dims.seqlen_q, group, config.block_m, device)
+    rows = dims.seqlen_q * group if pack_gqa else dims.seqlen_q
+    grid = (-(-rows // config.block_m), dims.batch * (dims.heads_k if pack_gqa else dims.heads_q))
+    if num_splits is None:
+        num_splits = config.num_splits
+    if num_splits is None and grid[0] > 1:
+        num_splits = 1  # prefill: the row blocks fill the GPU
+    num_splits, keys_per_split = decode_splits(
+        grid[0] * grid[1],
+        min(rows, config.block_m),
+        dims.seqlen_k,
+        device,
+        block_n=config.block_n,
+        latent=dims.d_v,
+        rope=dims.d_a + dims.d_b,
+        dtype=dtype,
+        num_splits=num_splits,
+    )
+    return ForwardPlan(bool(pack_gqa), rows, grid, num_splits, keys_per_split)
