@@ -58,13 +58,7 @@ MATMUL = ("entry_indexer_logits_d128", "compressed_attention_d512_rope64", "comp
 # (kernel, archs) -> why its dots are not all on the arch's own tensor-core instruction
 # (mlagen.aot.problems): the test fails on a new miss and on a listed one that no longer
 # happens (then delete it).
-GAPS = {
-    (
-        "compressed_attention_d512_rope64_bwd",
-        "sm_90 sm_100",
-    ): "mma.sync: 16-row tiles; at 64 rows the [64, 256] fp32 dQ half and the loop-invariant wgmma "
-    "descriptors of Q's and dO's four [64, 256] halves pass 255 registers (700-1300 B of spills on sm_90)",
-}
+GAPS: dict[tuple[str, str], str] = {}
 
 
 @pytest.mark.slow

@@ -65,9 +65,9 @@ def matrix(compile_cache):
     sparse and compressed layers in bf16 and fp16: tests/test_sparse_compile.py and
     test_compressed_compile.py launch the same calls among theirs, so with the readings shared
     (compile_cache) each compiles once. fp32 would add about 140 kernels no test compiles yet
-    (3 to 4 minutes on CI's 2 cores), and not all fit today: on sm_90 the fp32 compressed
-    backward spills 8 bytes and sparse MLA takes 172 KB of shared memory, more than a 99 KB
-    part (sm_89, sm_120) has (`mlagen inspect SPEC --dtype fp32`)."""
+    (3 to 4 minutes on CI's 2 cores), and not all fit today: fp32 sparse MLA takes 172 KB of
+    shared memory, more than a 99 KB part (sm_89, sm_120) has (`mlagen inspect SPEC --dtype
+    fp32`)."""
     specs = [load_spec(SPECS / f"{name}.yaml") for name in SHIPPED]
     dense = [spec for spec in specs if not family_calls.family_uses(spec)]
     layers = [spec for spec in specs if family_calls.family_uses(spec)]

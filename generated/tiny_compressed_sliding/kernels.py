@@ -484,39 +484,40 @@ def compressed_attention_d64_rope32(
 
 
 @triton.jit
-def _compressed_attention_d64_rope32_bwd_tile(q_mine, q_other, do_mine, do_other, k_rows, key_ok, visible, lse2, delta, dq_mine,
-                           dq_other, d_rows, mine, other, offs, qk_scale, sm_scale, COLUMN_HALVES: tl.constexpr,
+def _compressed_attention_d64_rope32_bwd_tile(Q, D_OUT, q_rows, do_rows, k_rows, key_ok, visible, lse2, delta, dq_rows, d_rows, row_ok,
+                           qk_scale, sm_scale, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
                            DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    # dS = P (dP - delta), dP = dO . V; dQ += dS K; d(K = V) = dS^T Q * scale + P^T dO, of the
-    # program's column half (or both), added into the key rows' gradient.
-    k_mine = _compressed_attention_d64_rope32_columns(k_rows, key_ok, mine, offs)
-    k_other = _compressed_attention_d64_rope32_columns(k_rows, key_ok, other, offs)
-    scores = tl.dot(q_mine, tl.trans(k_mine), input_precision=DOT_PRECISION)
-    scores = tl.dot(q_other, tl.trans(k_other), scores, input_precision=DOT_PRECISION)
+    # One key tile of a row block: dS = P (dP - delta) with dP = dO . V (K = V), then dQ += dS K
+    # and d(K = V) += dS^T Q * scale + P^T dO, both added atomically. The head dim is walked in
+    # CHUNK-column steps twice (the scores and dP, then the gradients), re-reading the rows' Q
+    # and dO chunks (from L2) instead of holding [BLOCK_M, D] operands and a dQ accumulator
+    # through the key loop: so every dot can be M=64 (wgmma, tcgen05) without spilling.
+    D: tl.constexpr = 64
+    offs_c = tl.arange(0, CHUNK)
+    scores = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
+    d_probs = tl.zeros([BLOCK_M, BLOCK_N], ACC_DTYPE)
+    for start in range(0, D, CHUNK):
+        column_ok = start + offs_c[None, :] < D
+        keys = tl.load(k_rows[:, None] + start + offs_c[None, :], mask=key_ok[:, None] & column_ok, other=0.0)
+        query = tl.load(q_rows[:, None] + start + offs_c[None, :], mask=row_ok[:, None] & column_ok, other=0.0)
+        d_out = tl.load(do_rows[:, None] + start + offs_c[None, :], mask=row_ok[:, None] & column_ok, other=0.0)
+        scores = tl.dot(query, tl.trans(keys), scores, input_precision=DOT_PRECISION)
+        d_probs = tl.dot(d_out, tl.trans(keys), d_probs, input_precision=DOT_PRECISION)
     probs = tl.where(visible, tl.math.exp2(scores * qk_scale - lse2[:, None]), 0.0)
-    d_probs = tl.dot(do_mine, tl.trans(k_mine), input_precision=DOT_PRECISION)
-    d_probs = tl.dot(do_other, tl.trans(k_other), d_probs, input_precision=DOT_PRECISION)
-    d_scores = probs * (d_probs - delta[:, None])
-    dq_mine = tl.dot(d_scores.to(k_mine.dtype), k_mine, dq_mine, input_precision=DOT_PRECISION)
-    scaled = (d_scores * sm_scale).to(q_mine.dtype)
-    probs = probs.to(do_mine.dtype)
-    mask = key_ok[:, None] & (mine + offs[None, :] < 64)
-    d_key = tl.dot(tl.trans(scaled), q_mine, input_precision=DOT_PRECISION)
-    d_key = tl.dot(tl.trans(probs), do_mine, d_key, input_precision=DOT_PRECISION)
-    tl.atomic_add(d_rows[:, None] + mine + offs[None, :], d_key.to(ACC_DTYPE), mask=mask)
-    if COLUMN_HALVES == 1:
-        dq_other = tl.dot(d_scores.to(k_other.dtype), k_other, dq_other, input_precision=DOT_PRECISION)
-        mask = key_ok[:, None] & (other + offs[None, :] < 64)
-        d_key = tl.dot(tl.trans(scaled), q_other, input_precision=DOT_PRECISION)
-        d_key = tl.dot(tl.trans(probs), do_other, d_key, input_precision=DOT_PRECISION)
-        tl.atomic_add(d_rows[:, None] + other + offs[None, :], d_key.to(ACC_DTYPE), mask=mask)
-    return dq_mine, dq_other
-
-
-@triton.jit
-def _compressed_attention_d64_rope32_store_dq(D_Q, dq_rows, dq, first, sm_scale, row_ok, offs):
-    mask = row_ok[:, None] & (first + offs[None, :] < 64)
-    tl.store(dq_rows[:, None] + first + offs[None, :], (dq * sm_scale).to(D_Q.dtype.element_ty), mask=mask)
+    d_scores = (probs * (d_probs - delta[:, None]) * sm_scale).to(Q.dtype.element_ty)
+    probs = probs.to(D_OUT.dtype.element_ty)
+    for start in range(0, D, CHUNK):
+        column_ok = start + offs_c[None, :] < D
+        keys = tl.load(k_rows[:, None] + start + offs_c[None, :], mask=key_ok[:, None] & column_ok, other=0.0)
+        query = tl.load(q_rows[:, None] + start + offs_c[None, :], mask=row_ok[:, None] & column_ok, other=0.0)
+        d_out = tl.load(do_rows[:, None] + start + offs_c[None, :], mask=row_ok[:, None] & column_ok, other=0.0)
+        d_key = tl.dot(tl.trans(d_scores), query, input_precision=DOT_PRECISION)
+        d_key = tl.dot(tl.trans(probs), d_out, d_key, input_precision=DOT_PRECISION)
+        tl.atomic_add(d_rows[:, None] + start + offs_c[None, :], d_key, mask=key_ok[:, None] & column_ok,
+                      sem="relaxed")
+        d_query = tl.dot(d_scores, keys, input_precision=DOT_PRECISION)
+        tl.atomic_add(dq_rows[:, None] + start + offs_c[None, :], d_query, mask=row_ok[:, None] & column_ok,
+                      sem="relaxed")
 
 
 @triton.jit
@@ -526,44 +527,35 @@ def compressed_attention_d64_rope32_bwd(
     stride_sel_b, stride_sel_s, stride_do_b, stride_do_s, stride_do_h,
     seqlen_q, heads, window, rate, count, top_k, qk_scale, sm_scale,
     ENTRIES_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
-    COLUMN_HALVES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     # Backward of one block of (token, head) rows (training: no cache, tokens at positions
-    # 0..Sq-1, `count` entries [B, W, 1, D]), of one column half (COLUMN_HALVES 2) or both.
-    # P comes back from the forward's LSE; dQ is this program's own, dK + dV of each key tile
-    # (K = V: one gradient) are added atomically to D_KV [B, Sq, D] and D_ENTRIES [B, W, D]
-    # (fp32): with selected entries the queries that see a key are a scattered set, so no
-    # program can own a key's gradient.
+    # 0..Sq-1, `count` entries [B, W, 1, D]). P comes back from the forward's LSE. Every gradient
+    # is added atomically into fp32 sums (the tile function says why dQ is too): dQ into
+    # D_Q [B, Sq, H, D], dK + dV of each key tile (K = V: one gradient) into D_KV [B, Sq, D] and
+    # D_ENTRIES [B, W, D], because with selected entries the queries that see a key are a
+    # scattered set and no program can own a key's gradient. The adds are relaxed (nothing reads
+    # the sums before the kernel ends) and their order varies: not bitwise reproducible.
     # D_OUT: [B, Sq, H, 64] the gradient of the output turned forward by +angle (the output was
     # rotated back by -angle; the launcher turns it, so dO is read as Q is); DELTA: [B, Sq, H] rowsum(dO * O).
     D: tl.constexpr = 64
-    PAD_HALF: tl.constexpr = 32
-    column_half = tl.program_id(0) % COLUMN_HALVES
-    start_m = tl.program_id(0) // COLUMN_HALVES
+    start_m = tl.program_id(0)
     seq = tl.program_id(1)
-    mine = column_half * PAD_HALF
-    other = PAD_HALF - mine
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < seqlen_q * heads
     token = rows // heads
     head = rows % heads
     token_lo = (start_m * BLOCK_M) // heads
     token_hi = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // heads, seqlen_q - 1)
-    offs = tl.arange(0, PAD_HALF)
     offs_n = tl.arange(0, BLOCK_N)
     q_rows = Q + seq * stride_q_b + token.to(tl.int64) * stride_q_s + head * stride_q_h
-    q_mine = _compressed_attention_d64_rope32_columns(q_rows, row_ok, mine, offs)
-    q_other = _compressed_attention_d64_rope32_columns(q_rows, row_ok, other, offs)
     do_rows = D_OUT + seq * stride_do_b + token.to(tl.int64) * stride_do_s + head * stride_do_h
-    do_mine = _compressed_attention_d64_rope32_columns(do_rows, row_ok, mine, offs)
-    do_other = _compressed_attention_d64_rope32_columns(do_rows, row_ok, other, offs)
+    dq_rows = D_Q + ((seq * seqlen_q + token.to(tl.int64)) * heads + head) * D
     stat = (seq * seqlen_q + token) * heads + head
     lse2 = tl.load(LSE + stat, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + stat, mask=row_ok, other=0.0)
-    dq_mine = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)
-    dq_other = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)  # COLUMN_HALVES 2: never written
 
-    # Raw rows, then entries: the forward's loops, each tile's gradient added into its rows.
+    # Raw rows, then entries: the forward's loops, each tile's gradients added into their rows.
     for start in range(tl.maximum(token_lo - window + 1, 0), token_hi + 1, BLOCK_N):
         keys = start + offs_n
         key_ok = keys <= token_hi
@@ -571,9 +563,8 @@ def compressed_attention_d64_rope32_bwd(
                    & row_ok[:, None])
         k_rows = KV + seq * stride_kv_b + keys.to(tl.int64) * stride_kv_s
         d_rows = D_KV + (seq * seqlen_q + keys.to(tl.int64)) * D
-        dq_mine, dq_other = _compressed_attention_d64_rope32_bwd_tile(q_mine, q_other, do_mine, do_other, k_rows, key_ok, visible, lse2,
-                                                   delta, dq_mine, dq_other, d_rows, mine, other, offs, qk_scale,
-                                                   sm_scale, COLUMN_HALVES, DOT_PRECISION, ACC_DTYPE)
+        _compressed_attention_d64_rope32_bwd_tile(Q, D_OUT, q_rows, do_rows, k_rows, key_ok, visible, lse2, delta, dq_rows, d_rows,
+                               row_ok, qk_scale, sm_scale, BLOCK_M, BLOCK_N, CHUNK, DOT_PRECISION, ACC_DTYPE)
     if ENTRIES_MODE > 0:
         threshold = tl.minimum((token + 1) // rate, count)
     if ENTRIES_MODE == 1:
@@ -583,9 +574,8 @@ def compressed_attention_d64_rope32_bwd(
             visible = (index[None, :] < threshold[:, None]) & row_ok[:, None]
             k_rows = ENTRIES + seq * stride_e_b + index.to(tl.int64) * stride_e_w
             d_rows = D_ENTRIES + (seq * count + index.to(tl.int64)) * D
-            dq_mine, dq_other = _compressed_attention_d64_rope32_bwd_tile(q_mine, q_other, do_mine, do_other, k_rows, exists, visible,
-                                                       lse2, delta, dq_mine, dq_other, d_rows, mine, other, offs,
-                                                       qk_scale, sm_scale, COLUMN_HALVES, DOT_PRECISION, ACC_DTYPE)
+            _compressed_attention_d64_rope32_bwd_tile(Q, D_OUT, q_rows, do_rows, k_rows, exists, visible, lse2, delta, dq_rows, d_rows,
+                                   row_ok, qk_scale, sm_scale, BLOCK_M, BLOCK_N, CHUNK, DOT_PRECISION, ACC_DTYPE)
     if ENTRIES_MODE == 2:
         for picked_token in range(token_lo, token_hi + 1):
             for start in range(0, top_k, BLOCK_N):
@@ -598,15 +588,9 @@ def compressed_attention_d64_rope32_bwd(
                            & (token[:, None] == picked_token) & row_ok[:, None])
                 k_rows = ENTRIES + seq * stride_e_b + index.to(tl.int64) * stride_e_w
                 d_rows = D_ENTRIES + (seq * count + index.to(tl.int64)) * D
-                dq_mine, dq_other = _compressed_attention_d64_rope32_bwd_tile(q_mine, q_other, do_mine, do_other, k_rows, exists,
-                                                           visible, lse2, delta, dq_mine, dq_other, d_rows, mine,
-                                                           other, offs, qk_scale, sm_scale, COLUMN_HALVES,
-                                                           DOT_PRECISION, ACC_DTYPE)
-
-    dq_rows = D_Q + ((seq * seqlen_q + token.to(tl.int64)) * heads + head) * D
-    _compressed_attention_d64_rope32_store_dq(D_Q, dq_rows, dq_mine, mine, sm_scale, row_ok, offs)
-    if COLUMN_HALVES == 1:
-        _compressed_attention_d64_rope32_store_dq(D_Q, dq_rows, dq_other, other, sm_scale, row_ok, offs)
+                _compressed_attention_d64_rope32_bwd_tile(Q, D_OUT, q_rows, do_rows, k_rows, exists, visible, lse2, delta, dq_rows,
+                                       d_rows, row_ok, qk_scale, sm_scale, BLOCK_M, BLOCK_N, CHUNK, DOT_PRECISION,
+                                       ACC_DTYPE)
 
 
 def compressed_attention_d64_rope32_launch(query, key, entries, selected, sinks, cos, sin, *, scale, window, rate, cached=None,
@@ -659,23 +643,23 @@ def compressed_attention_d64_rope32_backward(grad_out, query, key, entries, sele
     wide = lse_dtype(query.dtype)
     # delta = rowsum(dO * O): the rotation of the output's rope pairs keeps the products' sum.
     delta = (grad_out.to(wide) * out.to(wide)).sum(-1).contiguous()
-    d_query = torch.zeros_like(query)
+    d_query = torch.zeros(query.shape, dtype=wide, device=query.device)
     d_key = torch.zeros((batch, seqlen, 64), dtype=wide, device=query.device)
     count = 0 if entries is None else entries.shape[1]
     d_entries = torch.zeros((batch, count, 64), dtype=wide, device=query.device)
     mode = 0 if entries is None else 2 if selected is not None else 1
     if batch and seqlen:
-        config = config or compressed_attention_backward_config(64, heads, query.device)
+        config = config or compressed_attention_backward_config(64, heads, query.device, query.dtype)
         turned = rope_pairs(grad_out, cos, sin)
         entries_arg = key if entries is None else entries
         selected_arg = delta if selected is None else selected
-        compressed_attention_d64_rope32_bwd[(triton.cdiv(seqlen * heads, config.block_m) * config.column_halves, batch)](
+        compressed_attention_d64_rope32_bwd[(triton.cdiv(seqlen * heads, config.block_m), batch)](
             query, key, entries_arg, selected_arg, turned, lse, delta, d_query, d_key, d_entries,
             *query.stride()[:3], key.stride(0), key.stride(1), entries_arg.stride(0), entries_arg.stride(1),
             *((selected.stride(0), selected.stride(1)) if mode == 2 else (0, 0)), *turned.stride()[:3],
             seqlen, heads, window, max(rate, 1), count, selected.shape[-1] if mode == 2 else 0, scale * LOG2E, scale,
             ENTRIES_MODE=mode, DOT_PRECISION=dot_precision(query.dtype), ACC_DTYPE=accumulator(query.dtype),
-            COLUMN_HALVES=config.column_halves, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_M=config.block_m, BLOCK_N=config.block_n, CHUNK=config.chunk,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
     d_sinks = None
@@ -683,7 +667,7 @@ def compressed_attention_d64_rope32_backward(grad_out, query, key, entries, sele
         # The sink's probability is exp(sink - lse) and its value zero: d sink = -sum p_sink * delta.
         d_sinks = -(torch.exp(sinks.to(wide) - lse) * delta).sum((0, 1)).to(sinks.dtype)
     d_entries = None if entries is None else d_entries.to(entries.dtype).unsqueeze(2)
-    return d_query, d_key.to(key.dtype).unsqueeze(2), d_entries, d_sinks
+    return d_query.to(query.dtype), d_key.to(key.dtype).unsqueeze(2), d_entries, d_sinks
 
 
 COMPRESSED_OPS = KernelOps(

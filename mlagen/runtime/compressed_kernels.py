@@ -74,18 +74,44 @@ def compressed_attention_config(
     return AttentionConfig(32, 32, 4, 2, column_halves=1)
 
 
-def compressed_attention_backward_config(dim: int, heads: int, device: torch.device) -> AttentionConfig:
-    """The backward holds the query, dO and the dQ accumulator ([block_m, D] each) and a key
-    tile. mma.sync tiles on every arch: at 64 rows (wgmma, tcgen05) a column half's program
-    spills 700-1300 bytes on sm_90 with 16-, 32- or 64-key tiles, 1 or 2 stages, d(K = V) as
-    [keys, D / 2] or transposed: the [64, 256] fp32 dQ half and the loop-invariant wgmma
-    descriptors of the four [64, 256] operands the scores and dP read (Q's and dO's halves,
-    64 K-steps of 64-bit descriptors) pass 255 registers."""
-    if launch_arch(device) is None:
-        return INTERPRETED_ATTENTION
-    if dim > 256:
-        return AttentionConfig(16, 16, 4, 1, column_halves=1)
-    return AttentionConfig(16, 32, 4, 1, column_halves=1)
+@dataclass(frozen=True, slots=True)
+class BackwardConfig:
+    """Tiles of the compressed attention backward: block_m (token, head) rows by block_n keys,
+    the head dim walked chunk columns at a time (templates/_compressed_attention.jinja)."""
+
+    block_m: int
+    block_n: int
+    chunk: int
+    num_warps: int
+    num_stages: int
+
+
+# Two chunks of the tiny specs' 64-wide heads, and blocks that short test sequences span several of.
+INTERPRETED_BACKWARD = BackwardConfig(16, 16, 32, 1, 1)
+
+
+def compressed_attention_backward_config(
+    dim: int, heads: int, device: torch.device, dtype: torch.dtype
+) -> BackwardConfig:
+    """No [block_m, D] operand or accumulator lives through the key loop, only the [block_m,
+    block_n] scores and dP and one chunk of Q, dO and the keys, so the rows can be the arch's
+    MMA tile: 64 (wgmma on sm_90, tcgen05 on sm_100; block_n is dK's rows, so 64 too).
+    Readings at D = 512 (tests/test_compressed_compile.py and the arch matrix, as launched):
+    sm_90 64-column chunks at one stage, 252-255 registers (two stages spill 144 bytes over
+    every entry; 32-column chunks fit two stages at 211-237 but issue 20% more a tile); sm_100
+    32-column chunks, 180-247 (64 spill 144 bytes); the mma.sync archs unroll the chunk loops,
+    and 64 rows spill 72-1968 bytes on sm_80/89 (16 on sm_120), where 32 rows at one stage fit
+    (156-252). fp32 (tf32) takes 16-column chunks: 32 spill 48-128 bytes on sm_80/89."""
+    arch = launch_arch(device)
+    if arch is None:
+        return INTERPRETED_BACKWARD
+    if dtype.itemsize > 2:
+        return BackwardConfig(32, 64, 16, num_warps=4, num_stages=1)
+    if arch // 10 == 9:
+        return BackwardConfig(64, 64, 64, num_warps=4, num_stages=1)
+    if arch // 10 == 10:
+        return BackwardConfig(64, 64, 32, num_warps=4, num_stages=2)
+    return BackwardConfig(32, 64, 32, num_warps=4, num_stages=1)
 
 
 def entry_indexer_config(device: torch.device) -> BlockConfig:
