@@ -20,7 +20,18 @@ sys.path.insert(0, str(ROOT))  # `import generated.<spec>` as a user in the proj
 HAS_CUDA = torch.cuda.is_available()
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite in one process per core (pytest-xdist): one torch thread
+    # each, so that the workers' CPU-bound interpreter runs do not compete for the cores.
+    torch.set_num_threads(1)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "compile_cache" in getattr(item, "fixturenames", ()):
+            # The arch tests launch many of the same kernels: in one worker (--dist loadgroup)
+            # each compiles once, for all of them, through the session's compile cache.
+            item.add_marker(pytest.mark.xdist_group("aot-compile"))
     # GPU tests need compiled kernels: with the interpreter on (this file's default) CUDA
     # tensors are refused, so on a GPU machine they run with TRITON_INTERPRET=0.
     if not HAS_CUDA:
