@@ -12,6 +12,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -26,13 +27,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if "compile_cache" in getattr(item, "fixturenames", ()):
-            # The arch tests launch many of the same kernels: in one worker (--dist loadgroup)
-            # each compiles once, for all of them, through the session's compile cache.
-            item.add_marker(pytest.mark.xdist_group("aot-compile"))
     # GPU tests need compiled kernels: with the interpreter on (this file's default) CUDA
     # tensors are refused, so on a GPU machine they run with TRITON_INTERPRET=0.
     if not HAS_CUDA:
@@ -62,7 +57,10 @@ def compile_cache(_compile_cache_dir):
     """MLAGEN_CACHE_DIR of the arch tests (test_gpu_compile, test_sparse_compile,
     test_compressed_compile): one directory of compile readings for the session (in pytest's
     cache, so readings persist between runs), so a kernel that several of them launch alike
-    compiles once. Its tuning cache stays empty: every launcher takes its default config."""
-    with pytest.MonkeyPatch.context() as patch:
+    compiles once. Its tuning cache stays empty: every launcher takes its default config.
+    Under pytest-xdist (`make test`) one module at a time holds it: a worker that starts another
+    arch module meanwhile waits and then reads what the first compiled, instead of compiling
+    the same kernels cold beside it on the same cores."""
+    with FileLock(str(_compile_cache_dir) + ".lock"), pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLAGEN_CACHE_DIR", str(_compile_cache_dir))
         yield _compile_cache_dir
