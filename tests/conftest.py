@@ -6,6 +6,7 @@ because `@triton.jit` decides at decoration time whether to interpret.
 
 import os
 import sys
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -28,6 +29,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 
 def pytest_collection_modifyitems(config, items):
+    _order_for_two_workers(items)
     # GPU tests need compiled kernels: with the interpreter on (this file's default) CUDA
     # tensors are refused, so on a GPU machine they run with TRITON_INTERPRET=0.
     if not HAS_CUDA:
@@ -39,6 +41,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def _order_for_two_workers(items):
+    """The order pytest-xdist hands out whole modules in (`make test`: --dist loadfile
+    --no-loadscope-reorder). The arch matrix first: it compiles for minutes on a pool of its
+    own while the other worker runs the interpreter tests; then the modules with the most
+    tests; the other compiling modules last, when the matrix has filled the compile cache
+    they share (compile_cache), so they read rather than compile."""
+    sizes = Counter(item.module.__name__ for item in items if item.module is not None)
+
+    def rank(item):
+        name = item.module.__name__ if item.module is not None else ""
+        if name.endswith("test_gpu_compile"):
+            return (0, 0, name)
+        if "compile_cache" in getattr(item, "fixturenames", ()):
+            return (2, 0, name)
+        return (1, -sizes[name], name)
+
+    items.sort(key=rank)  # stable: a module's tests keep their order
 
 
 @pytest.fixture(autouse=True)
