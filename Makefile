@@ -44,11 +44,11 @@ test: test-newest test-oldest-transformers
 
 test-newest: setup
 	$(PY) -c "import transformers; print('tests with transformers', transformers.__version__)"
-	$(PY) -m pytest -q -n auto --dist loadfile --no-loadscope-reorder --durations=5
+	$(PY) -m pytest -q -o console_output_style=count --durations=5
 
 test-oldest-transformers: $(OLDEST_STAMP)
 	$(OLDEST_VENV)/bin/python -c "import transformers; print('hf tests with transformers', transformers.__version__)"
-	$(OLDEST_VENV)/bin/python -m pytest -q -m hf -n auto --dist loadfile --no-loadscope-reorder
+	$(OLDEST_VENV)/bin/python -m pytest -q -m hf -o console_output_style=count
 
 lint: setup
 	$(VENV)/bin/ruff check mlagen tests

@@ -6,14 +6,12 @@ because `@triton.jit` decides at decoration time whether to interpret.
 
 import os
 import sys
-from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from filelock import FileLock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
@@ -22,14 +20,7 @@ sys.path.insert(0, str(ROOT))  # `import generated.<spec>` as a user in the proj
 HAS_CUDA = torch.cuda.is_available()
 
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs the suite in one process per core (pytest-xdist): one torch thread
-    # each, so that the workers' CPU-bound interpreter runs do not compete for the cores.
-    torch.set_num_threads(1)
-
-
 def pytest_collection_modifyitems(config, items):
-    _order_for_two_workers(items)
     # GPU tests need compiled kernels: with the interpreter on (this file's default) CUDA
     # tensors are refused, so on a GPU machine they run with TRITON_INTERPRET=0.
     if not HAS_CUDA:
@@ -41,25 +32,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
-
-
-def _order_for_two_workers(items):
-    """The order pytest-xdist hands out whole modules in (`make test`: --dist loadfile
-    --no-loadscope-reorder). The arch matrix first: it compiles for minutes on a pool of its
-    own while the other worker runs the interpreter tests; then the modules with the most
-    tests; the other compiling modules last, when the matrix has filled the compile cache
-    they share (compile_cache), so they read rather than compile."""
-    sizes = Counter(item.module.__name__ for item in items if item.module is not None)
-
-    def rank(item):
-        name = item.module.__name__ if item.module is not None else ""
-        if name.endswith("test_gpu_compile"):
-            return (0, 0, name)
-        if "compile_cache" in getattr(item, "fixturenames", ()):
-            return (2, 0, name)
-        return (1, -sizes[name], name)
-
-    items.sort(key=rank)  # stable: a module's tests keep their order
 
 
 @pytest.fixture(autouse=True)
@@ -78,10 +50,7 @@ def compile_cache(_compile_cache_dir):
     """MLAGEN_CACHE_DIR of the arch tests (test_gpu_compile, test_sparse_compile,
     test_compressed_compile): one directory of compile readings for the session (in pytest's
     cache, so readings persist between runs), so a kernel that several of them launch alike
-    compiles once. Its tuning cache stays empty: every launcher takes its default config.
-    Under pytest-xdist (`make test`) one module at a time holds it: a worker that starts another
-    arch module meanwhile waits and then reads what the first compiled, instead of compiling
-    the same kernels cold beside it on the same cores."""
-    with FileLock(str(_compile_cache_dir) + ".lock"), pytest.MonkeyPatch.context() as patch:
+    compiles once. Its tuning cache stays empty: every launcher takes its default config."""
+    with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLAGEN_CACHE_DIR", str(_compile_cache_dir))
         yield _compile_cache_dir
