@@ -73,11 +73,13 @@ def test_fp64_kernel_path_equals_reference_gradients(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name, fast_mode", [("tiny_mla", False), ("tiny_gqa", True), ("tiny_hybrid", True)],
-                         ids=["tiny_mla", "tiny_gqa-fast-mode", "tiny_hybrid-fast-mode"])
-def test_gradcheck_whole_module_in_fp64(name, fast_mode):
-    # Norms, rope, projections and the kernels together, in fp64 under the interpreter
-    # (fast mode, random projections of the Jacobian, where the full one is slow).
+@pytest.mark.parametrize("name", ["tiny_mla", "tiny_gqa", "tiny_hybrid"])
+def test_gradcheck_whole_module_in_fp64(name):
+    # Norms, rope, projections and the kernels together, in fp64 under the interpreter, in
+    # gradcheck's fast mode (random projections of the Jacobian): the full Jacobian of tiny_mla
+    # took 78 s of CI's 30 minutes, and test_fp64_kernel_path_equals_reference_gradients
+    # already matches every parameter's gradient to the reference's within 1e-9.
+    fast_mode = True
     module = _randomized(name, torch.float64)
     x = torch.randn(1, 2, module.o_proj.out_features, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: module(t), (x,), fast_mode=fast_mode)
