@@ -79,10 +79,9 @@ def test_gradcheck_whole_module_in_fp64(name):
     # gradcheck's fast mode (random projections of the Jacobian): the full Jacobian of tiny_mla
     # took 78 s of CI's 30 minutes, and test_fp64_kernel_path_equals_reference_gradients
     # already matches every parameter's gradient to the reference's within 1e-9.
-    fast_mode = True
     module = _randomized(name, torch.float64)
     x = torch.randn(1, 2, module.o_proj.out_features, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: module(t), (x,), fast_mode=fast_mode)
+    assert torch.autograd.gradcheck(lambda t: module(t), (x,), fast_mode=True)
 
 
 @pytest.mark.parametrize("name", TINY_SPECS)
