@@ -38,17 +38,18 @@ demo: setup
 	$(PY) -m mlagen run specs/deepseek_v3.yaml --batch 1 --seq 32
 
 # The whole suite with the newest releases pyproject allows (what a fresh venv gets), then the
-# Hugging Face tests with the oldest transformers allowed. About 23 + 1 minutes on 2 cores
-# (the arch-matrix compiles cold; CI's limit is 30).
+# Hugging Face tests with the oldest transformers allowed, each in one pytest-xdist worker per
+# core, whole test files at a time. About 22 + 1 minutes on 2 cores, compile caches cold (one
+# process took about 28; CI's limit is 30).
 test: test-newest test-oldest-transformers
 
 test-newest: setup
 	$(PY) -c "import transformers; print('tests with transformers', transformers.__version__)"
-	$(PY) -m pytest -q -o console_output_style=count --durations=5
+	$(PY) -m pytest -q -n auto --dist loadfile --durations=5
 
 test-oldest-transformers: $(OLDEST_STAMP)
 	$(OLDEST_VENV)/bin/python -c "import transformers; print('hf tests with transformers', transformers.__version__)"
-	$(OLDEST_VENV)/bin/python -m pytest -q -m hf -o console_output_style=count
+	$(OLDEST_VENV)/bin/python -m pytest -q -m hf -n auto --dist loadfile
 
 lint: setup
 	$(VENV)/bin/ruff check mlagen tests

@@ -12,12 +12,19 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from filelock import FileLock  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
 sys.path.insert(0, str(ROOT))  # `import generated.<spec>` as a user in the project root would
 
 HAS_CUDA = torch.cuda.is_available()
+
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the suite in one process per core (pytest-xdist): one torch thread
+    # each, so that the workers' CPU-bound interpreter runs do not compete for the cores.
+    torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,7 +57,10 @@ def compile_cache(_compile_cache_dir):
     """MLAGEN_CACHE_DIR of the arch tests (test_gpu_compile, test_sparse_compile,
     test_compressed_compile): one directory of compile readings for the session (in pytest's
     cache, so readings persist between runs), so a kernel that several of them launch alike
-    compiles once. Its tuning cache stays empty: every launcher takes its default config."""
-    with pytest.MonkeyPatch.context() as patch:
+    compiles once. Its tuning cache stays empty: every launcher takes its default config.
+    Under pytest-xdist (`make test`) one module at a time holds it: a worker that starts another
+    arch module meanwhile waits and then reads what the first compiled, instead of compiling
+    the same kernels cold beside it on the same cores."""
+    with FileLock(str(_compile_cache_dir) + ".lock"), pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLAGEN_CACHE_DIR", str(_compile_cache_dir))
         yield _compile_cache_dir
