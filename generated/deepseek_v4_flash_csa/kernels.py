@@ -1296,7 +1296,7 @@ def compressed_attention_d512_rope64_backward(grad_out, query, key, entries, sel
     d_entries = torch.zeros((batch, count, 512), dtype=wide, device=query.device)
     mode = 0 if entries is None else 2 if selected is not None else 1
     if batch and seqlen:
-        config = config or compressed_attention_backward_config(512, heads, query.device, query.dtype)
+        config = config or compressed_attention_backward_config(query.device, query.dtype)
         turned = rope_pairs(grad_out, cos, sin)
         entries_arg = key if entries is None else entries
         selected_arg = delta if selected is None else selected

@@ -932,7 +932,7 @@ def compressed_attention_d64_rope32_backward(grad_out, query, key, entries, sele
     d_entries = torch.zeros((batch, count, 64), dtype=wide, device=query.device)
     mode = 0 if entries is None else 2 if selected is not None else 1
     if batch and seqlen:
-        config = config or compressed_attention_backward_config(64, heads, query.device, query.dtype)
+        config = config or compressed_attention_backward_config(query.device, query.dtype)
         turned = rope_pairs(grad_out, cos, sin)
         entries_arg = key if entries is None else entries
         selected_arg = delta if selected is None else selected

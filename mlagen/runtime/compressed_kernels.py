@@ -90,9 +90,7 @@ class BackwardConfig:
 INTERPRETED_BACKWARD = BackwardConfig(16, 16, 32, 1, 1)
 
 
-def compressed_attention_backward_config(
-    dim: int, heads: int, device: torch.device, dtype: torch.dtype
-) -> BackwardConfig:
+def compressed_attention_backward_config(device: torch.device, dtype: torch.dtype) -> BackwardConfig:
     """No [block_m, D] operand or accumulator lives through the key loop, only the [block_m,
     block_n] scores and dP and one chunk of Q, dO and the keys, so the rows can be the arch's
     MMA tile: 64 (wgmma on sm_90, tcgen05 on sm_100; block_n is dK's rows, so 64 too).
