@@ -235,8 +235,16 @@ def default_for(launcher: Launcher, shape: Shape, arch: int) -> BlockConfig:
     use, cuda, dtype = launcher.use, torch.device("cuda"), DTYPES[launcher.use.dtype]
     if launcher.reads_latent_cache:
         return default_decode_config(use.heads_q * use.lengths(shape)[0], cuda, arch=arch, dtype=dtype)
-    choose = default_backward_config if launcher.role == "backward" else default_config
-    return choose(use.d_a + use.d_b, use.d_v, cuda, arch=arch, dtype=dtype)
+    if launcher.role == "backward":
+        return default_backward_config(
+            use.d_a + use.d_b,
+            use.d_v,
+            cuda,
+            arch=arch,
+            dtype=dtype,
+            edge_masks=use.window is not None or use.group_mask is not None,
+        )
+    return default_config(use.d_a + use.d_b, use.d_v, cuda, arch=arch, dtype=dtype)
 
 
 def shape_key(launcher: Launcher, shape: Shape) -> str:
@@ -317,11 +325,11 @@ def register_estimate(launcher: Launcher, config: BlockConfig, arch: int | None 
     packed = DTYPE_BYTES[use.dtype] / 4
     m, n = config.block_m, config.block_n
     if launcher.role == "backward":
-        # Both kernels hold block_n rows (dK/dV: keys, dQ: queries) and stream block_m; their
-        # MMAs read the held K, V (Q, dO) from shared memory, so the fp32 accumulators and the
-        # P, dP tiles are what stays in registers.
+        # Both kernels hold block_n rows (dK/dV: keys, dQ: queries) and stream block_m (dQ:
+        # dq_keys); their MMAs read the held K, V (Q, dO) from shared memory, so the fp32
+        # accumulators and the P, dP tiles are what stays in registers.
         dkdv = n * (pad_qk + pad_v) + 2 * m * n  # dK, dV; P^T and dP^T
-        dq = n * pad_qk + 2 * m * n  # dQ; P and dP
+        dq = n * pad_qk + 2 * config.dq_keys * n  # dQ; P and dP
         values = max(dkdv, dq)
     elif launcher.reads_latent_cache:
         # O accumulated, all of its columns or a column half (runtime.launch.decode_column_halves,
@@ -353,9 +361,9 @@ def shared_estimate(launcher: Launcher, config: BlockConfig) -> int:
     if launcher.reads_latent_cache:
         streamed = n * pad_qk
     elif launcher.role == "backward":
-        # dK/dV streams block_m queries (Q, dO), dQ block_m keys (K, V); min() as the arch
+        # dK/dV streams block_m queries (Q, dO), dQ dq_keys keys (K, V); min() as the arch
         # matrix reads a launch's tile back as (BLOCK_M, BLOCK_N), which dQ swaps.
-        streamed = min(m, n) * (pad_qk + pad_v)
+        streamed = min(m, n, config.dq_keys) * (pad_qk + pad_v)
     else:
         streamed = n * (pad_qk + pad_v)
     return streamed * element // (1 if config.num_stages > 1 else 2)
@@ -373,15 +381,23 @@ def candidates(
         fields[TILE_FIELDS[name]] = [1 << p for p in range(MIN_TILE.bit_length() - 1, bound.bit_length())]
     found = []
     for m in fields["block_m"]:
+        # The backward's dQ kernel may stream more keys a step than dK/dV streams queries
+        # (BlockConfig.dq_block_n); its binaries do not depend on block_m, so the wider steps
+        # add launches to rank but few compiles.
+        dq_steps = [None] + [k for k in fields["block_m"] if k > m] if launcher.role == "backward" else [None]
         for n in fields["block_n"]:
             for warps in WARPS:
                 for stages in STAGES:
-                    config = BlockConfig(m, n, warps, stages)
-                    if register_estimate(launcher, config, arch) > REGISTER_ESTIMATE_LIMIT:
-                        continue
-                    if arch is not None and shared_estimate(launcher, config) > ARCHS[arch].smem_per_block:
-                        continue
-                    found.append(config)
+                    for dq in dq_steps:
+                        config = BlockConfig(m, n, warps, stages, dq_block_n=dq)
+                        if register_estimate(launcher, config, arch) > REGISTER_ESTIMATE_LIMIT:
+                            continue
+                        if (
+                            arch is not None
+                            and shared_estimate(launcher, config) > ARCHS[arch].smem_per_block
+                        ):
+                            continue
+                        found.append(config)
     return found
 
 
@@ -562,6 +578,8 @@ def static_score(config: BlockConfig, compiled: tuple[CompiledKernel, ...], arch
     how well occupancy hides latency, and a heavy penalty without tensor cores."""
     m, n = config.block_m, config.block_n
     reuse = 2 * m * n / (m + n)
+    if config.dq_block_n:  # the backward's two kernels, each with its own streamed step
+        reuse = (reuse + 2 * config.dq_block_n * n / (config.dq_block_n + n)) / 2
     warps = min(occupancy(c, arch) for c in compiled)
     tensor_cores = 1.0 if all(c.tensor_core_ops for c in compiled) else 0.25
     return reuse * min(1.0, warps / OCCUPANCY_TARGET) * tensor_cores

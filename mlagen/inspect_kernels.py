@@ -205,6 +205,7 @@ def chosen_config(
             fields["num_warps"],
             fields["num_stages"],
             fields.get("num_splits"),
+            fields.get("dq_block_n"),
         )
         return config, f"{matches[0].get('method', 'tuned')} on {matches[0].get('gpu')}"
     return autotune.default_for(launcher, shape, arch), "default"

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mlagen.runtime import reference
+from mlagen.runtime.launch import BlockConfig
 from tests.helpers import assert_close_to_golden, generated, max_error
 from tests.test_attention_kernel import CASES, Case, _operands
 
@@ -155,3 +156,31 @@ def test_gradients_through_a_forward_split_over_the_keys_match_reference(case, d
     monkeypatch.setitem(launcher_globals, combine_name, Counting())
     _check(case, dtype)
     assert merges, "the forward did not split its keys"
+
+
+# The dQ kernel streams its own number of keys a step (BlockConfig.dq_block_n, 64 on sm_90 and
+# sm_100 where dK/dV streams 16 or 32 rows): wider and narrower than the held side, over masked
+# and full tiles.
+DQ_STEP_CONFIGS = {
+    "dq-wider-than-held": BlockConfig(block_m=16, block_n=16, num_warps=1, num_stages=1, dq_block_n=32),
+    "dq-wider-than-dkdv": BlockConfig(block_m=16, block_n=32, num_warps=1, num_stages=1, dq_block_n=64),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("config", DQ_STEP_CONFIGS.values(), ids=DQ_STEP_CONFIGS.keys())
+@pytest.mark.parametrize("case", FULL_TILE_CASES, ids=[c.id for c in FULL_TILE_CASES])
+def test_gradients_with_dq_steps_of_their_own_match_reference(case, config, dtype, monkeypatch):
+    from mlagen.runtime import ops
+
+    kernel = next(iter(generated(case.package).kernels.ATTENTION))
+    launcher_globals = ops._IMPLEMENTATIONS[kernel][1].__globals__  # the backward launcher
+    chosen = []
+
+    def configured(*args, **kwargs):
+        chosen.append(config)
+        return config
+
+    monkeypatch.setitem(launcher_globals, "default_backward_config", configured)
+    _check(case, dtype)
+    assert chosen, "the backward did not take the patched config"

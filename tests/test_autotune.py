@@ -80,6 +80,16 @@ def test_cache_round_trip_from_store_to_launcher_lookup(fake_gpu, cache_dir):
     assert tuning_cache.tuned_config((kernels.attention_fwd_qk32_v32,), shape, q.double()) is None  # other dtype
 
 
+def test_a_backward_config_with_its_own_dq_step_round_trips(fake_gpu, cache_dir):
+    config = BlockConfig(16, 64, 4, 2, dq_block_n=32)
+    tuning_cache.store(dict([_forward_entry(config)]))
+    (entry,) = json.loads((cache_dir / "tuning.json").read_text())["entries"].values()
+    assert entry["config"]["dq_block_n"] == 32
+    tuning_cache.reset()  # read the file again (store() resets too)
+    assert list(tuning_cache.entries().values()) == [config]
+    assert tuning_cache.describe(config) == "16x64 w4 s2 dq 64x32"
+
+
 def test_shapes_share_a_power_of_two_bucket():
     assert [tuning_cache.bucket(n) for n in (1, 2, 3, 64, 65, 4096, 4097)] == [1, 2, 4, 64, 128, 4096, 8192]
 
@@ -167,6 +177,8 @@ CORRUPT = {
     "truncated": (_cache_text({"k": {"config": GOOD_CONFIG, "ms": 0.5}})[:40], "corrupt JSON"),
     "a-huge-power-of-two-tile": (_cache_text({"k": {"config": {**GOOD_CONFIG, "block_m": 2**64}}}),
                                  "block_m=18446744073709551616 is not a power of two from 16 to 256"),
+    "a-dq-step-that-is-no-tile": (_cache_text({"k": {"config": {**GOOD_CONFIG, "dq_block_n": 24}}}),
+                                  "dq_block_n=24 is not a power of two from 16 to 256, or null"),
     "an-infinite-time": (_cache_text({"k": {"config": GOOD_CONFIG, "ms": math.inf}}), "ms=inf is not a finite"),
     "a-nan-time": (_cache_text({"k": {"config": GOOD_CONFIG, "ms": math.nan}}), "ms=nan is not a finite"),
     "wrong-types": (_cache_text({"a": [16], "b": {"config": "16x16"}, "c": {"config": GOOD_CONFIG, "gpu": ["H100"]},
@@ -312,6 +324,10 @@ def test_candidates_come_from_the_templates_tile_constexprs_bounded_by_the_ir():
         for arch in autotune.ARCHS:
             assert autotune.default_for(launcher, long, arch) in autotune.candidates(launcher, constexprs, long,
                                                                                      arch), (role, arch)
+    # the backward's dQ kernel steps on its own: wider steps than dK/dV's, never the same one twice
+    backward = autotune.candidates(launchers["backward"], constexprs, long, 90)
+    assert {c.dq_block_n for c in backward} == {None, 32, 64, 128}
+    assert all(c.dq_block_n is None or c.dq_block_n > c.block_m for c in backward)
     decode = autotune.candidates(launchers["decode"], constexprs, long)
     # without an arch, as a program that keeps half of the 512-wide output (mma.sync archs): 64
     # rows fit one warpgroup, 128 rows need 8 warps ([128, 256] fp32 on 4 warps is 256 registers

@@ -816,7 +816,8 @@ def attention_fwd_qk16_rope8_v24_backward(grad_out, q_a, q_b, k_a, k_b, v, out, 
     if config is None:
         shape = attention_key(dims, causal=causal, windowed=window is not None, mask_code=mask_code)
         config = (tuned_config((attention_fwd_qk16_rope8_v24_bwd_dkdv, attention_fwd_qk16_rope8_v24_bwd_dq), shape, q_a)
-                  or default_backward_config(24, 24, q_a.device, dtype=q_a.dtype))
+                  or default_backward_config(24, 24, q_a.device, dtype=q_a.dtype,
+                                             edge_masks=window is not None or mask_code != 0))
     delta = torch.empty_like(lse)
     _attention_bwd_delta[(triton.cdiv(dims.seqlen_q, config.block_m), dims.batch * dims.heads_q)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], dims.seqlen_q, dims.heads_q,
@@ -841,8 +842,8 @@ def attention_fwd_qk16_rope8_v24_backward(grad_out, q_a, q_b, k_a, k_b, v, out, 
     strides = (*q_a.stride()[:3], *q_b.stride()[:3], *k_a.stride()[:3], *k_b.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     attention_fwd_qk16_rope8_v24_bwd_dkdv[(triton.cdiv(dims.seqlen_k, config.block_n), dims.batch * dims.heads_k)](
         *operands, dk_a, dk_b_per_head, dv, *strides, *scalars, **flags)
-    # dQ's tile is the transpose of dK/dV's: config.block_n held queries, config.block_m keys a step.
-    flags.update(BLOCK_M=config.block_n, BLOCK_N=config.block_m)
+    # dQ holds config.block_n queries, as dK/dV holds keys, and streams config.dq_keys keys a step.
+    flags.update(BLOCK_M=config.block_n, BLOCK_N=config.dq_keys)
     attention_fwd_qk16_rope8_v24_bwd_dq[(triton.cdiv(dims.seqlen_q, config.block_n), dims.batch * dims.heads_q)](
         *operands, dq_a, dq_b, *strides, *scalars, **flags)
     dk_b = dk_b_per_head.sum(2, keepdim=True) if shared_key else dk_b_per_head

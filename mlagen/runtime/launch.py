@@ -24,6 +24,15 @@ class BlockConfig:
     num_stages: int
     # Split-KV factor of the decode kernel; None lets runtime.attention.decode_splits() choose from the GPU and shape.
     num_splits: int | None = None
+    # Keys per step of the backward's dQ kernel (it holds block_n queries); None: block_m, as
+    # dK/dV streams. dQ keeps fewer fp32 accumulators than dK/dV (MLA: 192 columns against
+    # 320), so it can stream a wider tile than dK/dV fits.
+    dq_block_n: int | None = None
+
+    @property
+    def dq_keys(self) -> int:
+        """Keys per step of the backward's dQ kernel."""
+        return self.dq_block_n or self.block_m
 
 
 # Small tiles under the interpreter keep tests fast and make short test
@@ -187,12 +196,17 @@ def default_backward_config(
     device: torch.device,
     arch: int | None = None,
     dtype: torch.dtype | None = None,
+    edge_masks: bool = False,
 ) -> BlockConfig:
     """The backward kernels' tile as Triton's tutorial 06 shapes it: block_n rows held by a
     program (dK/dV: keys, dQ: queries; the M of every dot, so 64 or more where wgmma /
-    tcgen05 should run it) and block_m rows of the other side streamed per step. The held
-    fp32 dK and dV (dQ) accumulators bound the tile: 32 x 128 keeps MLA's 192 + 128 wide dK/dV
-    within 255 registers only at one stage, so MLA streams 16 rows."""
+    tcgen05 should run it) and block_m rows of the other side streamed per step by dK/dV,
+    dq_block_n (None: block_m) by dQ. The held fp32 dK and dV (dQ) accumulators bound the
+    tile: on sm_90 32 x 128 keeps MLA's 192 + 128 wide dK/dV within 255 registers only at one
+    stage, so MLA streams 16 rows there; tcgen05 (sm_100) keeps them in tensor memory, and
+    dQ's 192 columns leave room for 64 keys a step on both. `edge_masks`: the launch has a
+    sliding window or a group mask, whose masked loops hold more than a causal diagonal's (dQ
+    then streams as dK/dV does on sm_90 and sm_120)."""
     arch = arch or launch_arch(device)
     if arch is None:
         return INTERPRETER_CONFIG
@@ -206,18 +220,37 @@ def default_backward_config(
         if room == "ampere":
             return BlockConfig(block_m=32, block_n=64, num_warps=4, num_stages=2)  # 112 KB
         return BlockConfig(block_m=16, block_n=128, num_warps=8, num_stages=2)  # 160-176 KB
-    if room == "small":
+    if arch // 10 == 12:
         # 128 held keys spill on sm_120 (ptxas keeps fewer registers there); mma.sync anyway.
-        return BlockConfig(block_m=16 if mla else 32, block_n=32, num_warps=4, num_stages=2)
-    if room == "ampere":
+        # dQ streams twice dK/dV's rows (MLA: 741 issue-clocks per 1K scores for both kernels
+        # against 928 at one step; D128: 440 against 464), except under edge masks (8 B spill).
+        return BlockConfig(
+            block_m=16 if mla else 32,
+            block_n=32,
+            num_warps=4,
+            num_stages=2,
+            dq_block_n=None if edge_masks else 32 if mla else 64,
+        )
+    if room != "large":  # sm_80, sm_86, sm_89
         # mma.sync holds more per thread: the masked loops of window and chunk masks spill 32 rows
-        return BlockConfig(block_m=16, block_n=64 if mla else 128, num_warps=4 if mla else 8, num_stages=2)
-    if mla:
-        return BlockConfig(block_m=16, block_n=128, num_warps=8, num_stages=3)
+        # of dK/dV, and MLA's dQ 32 (D128's dQ fits 32 keys a step: 137.5 issue-clocks per 1K
+        # scores against 152 at 16). 72-90 KB: sm_86/89's 99 KB hold it (MLA on sm_89: 418 for
+        # both kernels against 858 at 16 x 32; D128: 359 against 449 at 32 x 32).
+        return BlockConfig(block_m=16, block_n=128, num_warps=8, num_stages=2, dq_block_n=None if mla else 32)
+    # dQ keeps fewer accumulators than dK/dV and streams 64 keys a step on both archs (MLA, sm_90:
+    # 99.5 issue-clocks per 1K scores against 233 at dK/dV's 16 rows; D128: 84 against 120),
+    # except under edge masks on sm_90, where the window's masked loop spills 56 B at 64 keys.
+    dq_keys = None if edge_masks and arch == 90 else 64
+    if mla and arch == 90:
+        # wgmma keeps MLA's 320 columns of dK/dV in registers (160 a thread): 32 streamed rows
+        # spill at 2 stages; a third stage costs issue slots (280 against 266).
+        return BlockConfig(block_m=16, block_n=128, num_warps=8, num_stages=2, dq_block_n=dq_keys)
     # wgmma keeps dK, dV in registers: on sm_90 a third stage spills the sliding-window dK/dV
-    # and saves no issue slots. tcgen05 keeps them in tensor memory; there 2 stages cap dQ at
-    # 128 registers (sliding window spills) and 3 fit.
-    return BlockConfig(block_m=32, block_n=128, num_warps=8, num_stages=2 if arch == 90 else 3)  # 96-128 KB
+    # and saves no issue slots. tcgen05 keeps them (MLA's too) in tensor memory; there 2 stages
+    # cap dQ at 128 registers (sliding window spills) and 3 fit.
+    return BlockConfig(
+        block_m=32, block_n=128, num_warps=8, num_stages=2 if arch == 90 else 3, dq_block_n=dq_keys
+    )
 
 
 def decode_column_halves(

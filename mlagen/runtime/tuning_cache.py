@@ -115,6 +115,7 @@ def log_enabled() -> bool:
 
 def describe(config: BlockConfig) -> str:
     text = f"{config.block_m}x{config.block_n} w{config.num_warps} s{config.num_stages}"
+    text += f" dq {config.block_n}x{config.dq_block_n}" if config.dq_block_n else ""
     return text + (f" splits {config.num_splits}" if config.num_splits else "")
 
 
@@ -171,7 +172,9 @@ CONFIG_RULES: dict[str, tuple[frozenset[int] | range, str]] = {
     "num_warps": (_powers_of_two(1, 32), "a power of two from 1 to 32"),
     "num_stages": (range(1, 9), "from 1 to 8"),
     "num_splits": (range(1, 257), "from 1 to 256, or null"),
+    "dq_block_n": (_powers_of_two(16, 256), "a power of two from 16 to 256, or null"),
 }
+OPTIONAL_FIELDS = ("num_splits", "dq_block_n")  # null or absent: the launcher chooses
 TEXT_FIELDS = ("kernel", "source_hash", "shape", "dtype", "gpu", "triton", "method")
 
 
@@ -187,7 +190,7 @@ def _config(entry: Any) -> BlockConfig:
     fields = entry["config"]
     for name, (allowed, rule) in CONFIG_RULES.items():
         value = fields.get(name)
-        if name == "num_splits" and value is None:
+        if name in OPTIONAL_FIELDS and value is None:
             continue
         if not (_is_int(value) and value in allowed):
             raise ValueError(f"{name}={reprlib.repr(value)} is not {rule}")
@@ -201,6 +204,7 @@ def _config(entry: Any) -> BlockConfig:
     return BlockConfig(
         **{name: fields[name] for name in ("block_m", "block_n", "num_warps", "num_stages")},
         num_splits=fields.get("num_splits"),
+        dq_block_n=fields.get("dq_block_n"),
     )
 
 
