@@ -204,22 +204,26 @@ def test_outputs_stored_through_tensor_descriptors_match_pointer_stores(heads):
     assert torch.equal(decoded, plain)
 
 
+@pytest.mark.parametrize("columns", ["halves", "whole"])
 @pytest.mark.parametrize("heads", [3, 20])
-def test_programs_keeping_both_column_halves_match_programs_splitting_them(heads):
-    """sm_90 and sm_100 split the latent's output columns between two programs; the mma.sync
-    parts keep both halves in one (runtime.sparse.sparse_config): prefill and paged decode
-    give the same outputs either way."""
+def test_programs_keeping_all_columns_match_programs_splitting_them(heads, columns):
+    """sm_100 splits the latent's output columns between two programs; the mma.sync parts keep
+    both halves in one ("halves"), sm_90 one accumulator of all of them ("whole",
+    runtime.sparse.sparse_config): prefill and paged decode give the same outputs every way,
+    with missing keys (index -1) inside tiles and whole tiles of them."""
     gen = torch.Generator().manual_seed(2)
-    q_latent, q_rope, latent, rope_key = operands(2, 7, 9, heads, torch.float32, gen)
-    index = random_index(2, 7, 9, 6, gen)
-    both = SparseConfig(16, 16, 1, 1, column_programs=1)
+    q_latent, q_rope, latent, rope_key = operands(2, 7, 40, heads, torch.float32, gen)
+    index = random_index(2, 7, 40, 20, gen)  # 20 keys: a whole tile of 16, then 4 of 16
+    index[0, 3, :] = -1  # a query with no key at all
+    index[1, 2, 5] = -1  # a missing key inside the first tile
+    both = SparseConfig(16, 16, 1, 1, columns=columns)
     launch = KERNELS.sparse_mla_lat32_rope8_launch
     out, lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE, config=both)
     split_out, split_lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE)
     torch.testing.assert_close(out, split_out, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(lse, split_lse, rtol=1e-6, atol=1e-6)
     for cache_dtype in ("model", "fp8"):
-        cache = paged_cache(cache_dtype, [9, 9], gen)
+        cache = paged_cache(cache_dtype, [40, 40], gen)
         slots = cache.slots_of(index)
         paged = KERNELS.sparse_mla_lat32_rope8_paged_launch
         decoded = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2, config=both)

@@ -869,38 +869,37 @@ def indexer_logits_d128_paged_launch(query, weights, cached, *, scale, weight_sc
 
 
 @triton.jit
-def _sparse_mla_lat512_rope64_in_half(row_ok, start, offs_c):
+def _sparse_mla_lat512_rope64_in_columns(row_ok, start, offs_c):
     # The load mask of rows x columns start + offs_c of the latent: the rows alone where no
     # column is padding (known at compile time), so no per-value compare.
     LATENT_DIM: tl.constexpr = 512
-    if LATENT_DIM == 2 * 256:
+    if LATENT_DIM == 512:
         return row_ok[:, None]
     else:
         return row_ok[:, None] & (start + offs_c[None, :] < LATENT_DIM)
 
 
 @triton.jit
-def _sparse_mla_lat512_rope64_half(
+def _sparse_mla_lat512_rope64_columns(
     LATENT, SCALES, at, rows, key_ok, start, stride_scale_t,
-    DTYPE: tl.constexpr, FP8: tl.constexpr, HW_E4M3: tl.constexpr,
+    WIDTH: tl.constexpr, DTYPE: tl.constexpr, FP8: tl.constexpr, HW_E4M3: tl.constexpr,
 ):
-    # Columns start ... start + 256 (one half) of the gathered latent rows, [BLOCK_N, 256] in
-    # DTYPE; `at`: the rows' first columns, [BLOCK_N, 256] offsets. Keys not key_ok read as zeros (a
-    # NaN there must not reach 0 * NaN). FP8 (FlashMLA's "FP8 with scale"): e4m3 codes with one
-    # fp32 scale per 128 values (SCALES + rows * stride_scale_t), decoded before the dot
-    # products, the half as [BLOCK_N, groups, group] (one scale load per group, not per value).
-    LATENT_DIM: tl.constexpr = 512
-    HALF: tl.constexpr = 256
-    mask = _sparse_mla_lat512_rope64_in_half(key_ok, start, tl.arange(0, HALF))
+    # Columns start ... start + WIDTH (a half, or all 512) of the gathered latent rows,
+    # [BLOCK_N, WIDTH] in DTYPE; `at`: the rows' first columns, [BLOCK_N, WIDTH] offsets. Keys not
+    # key_ok read as zeros (a NaN there must not reach 0 * NaN). FP8 (FlashMLA's "FP8 with
+    # scale"): e4m3 codes with one fp32 scale per 128 values (SCALES + rows * stride_scale_t),
+    # decoded before the dot products, the columns as [BLOCK_N, groups, group] (one scale load
+    # per group, not per value).
+    mask = _sparse_mla_lat512_rope64_in_columns(key_ok, start, tl.arange(0, WIDTH))
     if FP8:
         GROUP: tl.constexpr = 128
-        GROUPS: tl.constexpr = HALF // GROUP
+        GROUPS: tl.constexpr = WIDTH // GROUP
         codes = tl.load(LATENT + at + start, mask=mask, other=0)
         groups = (start + tl.arange(0, GROUPS) * GROUP) // 128
         scale = tl.load(SCALES + rows[:, None] * stride_scale_t + groups[None, :],
                         mask=key_ok[:, None] & (groups[None, :] < 4), other=0.0)
         values = tl.reshape(_e4m3_decode(codes, HW_E4M3), (codes.shape[0], GROUPS, GROUP)) * scale[:, :, None]
-        return tl.reshape(values, (codes.shape[0], HALF)).to(DTYPE)
+        return tl.reshape(values, (codes.shape[0], WIDTH)).to(DTYPE)
     else:
         return tl.load(LATENT + at + start, mask=mask, other=0.0).to(DTYPE)
 
@@ -913,15 +912,20 @@ def sparse_mla_lat512_rope64(
     stride_lat_b, stride_lat_t, stride_rope_b, stride_rope_t, stride_scale_t, stride_idx_b, stride_idx_s,
     heads, seqlen_q, top_k, keys_per_split, num_splits, qk_scale,
     FP8: tl.constexpr, HW_E4M3: tl.constexpr, SPLIT_KV: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, USE_DESCRIPTORS: tl.constexpr, COLUMN_SPLIT: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, USE_DESCRIPTORS: tl.constexpr, COLUMNS: tl.constexpr,
     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # One program: BLOCK_H heads of one query, one split of that query's selected keys and, with
-    # COLUMN_SPLIT, one half of the 512 output columns, as the MLA decode kernel (_mla_decode.jinja)
-    # shapes it: each half computes the whole score tile and keeps a [BLOCK_H, 256] accumulator,
-    # and BLOCK_H = 64 makes every dot M=64 (wgmma on sm_90, tcgen05 on sm_100). Without it (the
-    # mma.sync parts, 16 or 32 heads) the program keeps both halves' accumulators and computes
-    # the score tile (and decodes FP8 rows) once. Heads past `heads`
+    # One program: BLOCK_H heads of one query, one split of that query's selected keys, and the
+    # 512 output columns as COLUMNS says (runtime.sparse.SparseConfig.columns):
+    #   "split":  one half of them, two programs per head block, as the MLA decode kernel's
+    #             column halves (_mla_decode.jinja): each computes the whole score tile;
+    #   "halves": both halves' [BLOCK_H, 256] accumulators, the score tile (and the FP8 decode)
+    #             once (mma.sync parts, 16 or 32 heads);
+    #   "whole":  one [BLOCK_H, 512] accumulator, stepped as the decode kernel's all-columns
+    #             programs are (its _step): at BLOCK_H = 64 on two warpgroups (sm_90) every dot is
+    #             M=64 wgmma with its N split between them (FlashMLA's split of the output
+    #             columns), the score tile computed once.
+    # Heads past `heads`
     # (a tensor-parallel rank's 8, or 128 = 2 x 64) are padding of the program, never of memory:
     # they load zeros and store nothing. Queries cannot share a program: each has its own keys.
     # Q_LATENT: [B, Sq, H, 512] (q_nope @ W_UK)  Q_ROPE: [B, Sq, H, 64]
@@ -930,12 +934,13 @@ def sparse_mla_lat512_rope64(
     # INDEX: [B, Sq, top_k] int32 rows, -1 for none. qk_scale: the softmax scale * log2(e).
     # SPLIT_KV: O [B, splits, Sq * H, 512] and LSE [B, splits, Sq * H] fp32 partials for the combine;
     # else O [B, Sq, H, 512] and LSE [B, H, Sq] (natural log), which the backward reads.
-    # USE_DESCRIPTORS: O_DESC is O as [B (x splits) x Sq, H, 512] (runtime.sparse.output_rows).
-    LATENT_DIM: tl.constexpr = 512
+    # USE_DESCRIPTORS: O_DESC is O as [B (x splits) x Sq, H, 512] in boxes of the program's
+    # columns (runtime.sparse.output_rows).
     ROPE_DIM: tl.constexpr = 64
     HALF: tl.constexpr = 256
+    WIDTH: tl.constexpr = 2 * HALF if COLUMNS == "whole" else HALF  # of one accumulator
     PAD_ROPE: tl.constexpr = 64
-    if COLUMN_SPLIT:
+    if COLUMNS == "split":
         column_half = tl.program_id(0) % 2
         head_block = tl.program_id(0) // 2
     else:
@@ -949,13 +954,14 @@ def sparse_mla_lat512_rope64(
     other = HALF - mine
     offs_h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)
     head_ok = offs_h < heads
-    offs_c = tl.arange(0, HALF)
+    offs_c = tl.arange(0, WIDTH)
     offs_r = tl.arange(0, PAD_ROPE)
     q_rows = Q_LATENT + off_b * stride_ql_b + off_s * stride_ql_s + offs_h * stride_ql_h
     q_mine = tl.load(q_rows[:, None] + mine + offs_c[None, :],
-                     mask=_sparse_mla_lat512_rope64_in_half(head_ok, mine, offs_c), other=0.0)
-    q_other = tl.load(q_rows[:, None] + other + offs_c[None, :],
-                      mask=_sparse_mla_lat512_rope64_in_half(head_ok, other, offs_c), other=0.0)
+                     mask=_sparse_mla_lat512_rope64_in_columns(head_ok, mine, offs_c), other=0.0)
+    if COLUMNS != "whole":
+        q_other = tl.load(q_rows[:, None] + other + offs_c[None, :],
+                          mask=_sparse_mla_lat512_rope64_in_columns(head_ok, other, offs_c), other=0.0)
     q_rope = tl.load(Q_ROPE + off_b * stride_qr_b + off_s * stride_qr_s + offs_h[:, None] * stride_qr_h
                      + offs_r[None, :], mask=head_ok[:, None] & (offs_r[None, :] < ROPE_DIM), other=0.0)
     index_row = INDEX + off_b * stride_idx_b + off_s * stride_idx_s
@@ -963,35 +969,41 @@ def sparse_mla_lat512_rope64(
     hi = tl.minimum(lo + keys_per_split, top_k)
     m_i = tl.full([BLOCK_H], float("-inf"), ACC_DTYPE)
     l_i = tl.zeros([BLOCK_H], ACC_DTYPE)
-    acc = tl.zeros([BLOCK_H, HALF], ACC_DTYPE)
-    if not COLUMN_SPLIT:
-        acc_other = tl.zeros([BLOCK_H, HALF], ACC_DTYPE)
+    acc = tl.zeros([BLOCK_H, WIDTH], ACC_DTYPE)
+    if COLUMNS == "halves":
+        acc_other = tl.zeros([BLOCK_H, WIDTH], ACC_DTYPE)
     for start_n in range(lo, hi, BLOCK_N):
         offs_k = start_n + tl.arange(0, BLOCK_N)
         rows = tl.load(index_row + offs_k, mask=offs_k < hi, other=-1)
         key_ok = rows >= 0
         rows = tl.where(key_ok, rows, 0).to(tl.int64)
         at = (off_b * stride_lat_b + rows * stride_lat_t)[:, None] + offs_c[None, :]
-        latent_mine = _sparse_mla_lat512_rope64_half(
-            LATENT, SCALES, at, rows, key_ok, mine, stride_scale_t, Q_LATENT.dtype.element_ty, FP8, HW_E4M3)
-        latent_other = _sparse_mla_lat512_rope64_half(
-            LATENT, SCALES, at, rows, key_ok, other, stride_scale_t, Q_LATENT.dtype.element_ty, FP8, HW_E4M3)
+        latent_mine = _sparse_mla_lat512_rope64_columns(LATENT, SCALES, at, rows, key_ok, mine, stride_scale_t,
+                                            WIDTH, Q_LATENT.dtype.element_ty, FP8, HW_E4M3)
+        if COLUMNS != "whole":
+            latent_other = _sparse_mla_lat512_rope64_columns(LATENT, SCALES, at, rows, key_ok, other, stride_scale_t,
+                                                 WIDTH, Q_LATENT.dtype.element_ty, FP8, HW_E4M3)
         k_rope = tl.load(ROPE + off_b * stride_rope_b + rows[:, None] * stride_rope_t + offs_r[None, :],
                          mask=key_ok[:, None] & (offs_r[None, :] < ROPE_DIM), other=0.0).to(Q_LATENT.dtype.element_ty)
-        m_i, l_i, acc, p, alpha = mla_decode_lat512_rope64_step_half(
-            q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, key_ok[None, :], m_i, l_i, acc, qk_scale,
-            DOT_PRECISION)
-        if not COLUMN_SPLIT:
-            acc_other = tl.dot(p.to(latent_other.dtype), latent_other, acc_other * alpha[:, None],
-                               input_precision=DOT_PRECISION)
+        if COLUMNS != "whole":
+            m_i, l_i, acc, p, alpha = mla_decode_lat512_rope64_step_half(
+                q_mine, q_other, q_rope, latent_mine, latent_other, k_rope, key_ok[None, :], m_i, l_i, acc,
+                qk_scale, DOT_PRECISION)
+            if COLUMNS == "halves":
+                acc_other = tl.dot(p.to(latent_other.dtype), latent_other, acc_other * alpha[:, None],
+                                   input_precision=DOT_PRECISION)
+        else:
+            # masked: a tile with a missing key (index -1, or past the split's end)
+            m_i, l_i, acc = mla_decode_lat512_rope64_step(
+                q_mine, q_rope, latent_mine, k_rope, key_ok[None, :], tl.min(key_ok.to(tl.int32)) == 0, m_i, l_i,
+                acc, qk_scale, DOT_PRECISION)
 
     # A query with no selected key in this split stores exact zeros (and lse -inf): the combine
-    # weighs it by 0, the backward reads P = 0. Both halves hold the same statistics: the first
-    # stores them (its half as a vector: the interpreter rejects scalar & vector masks).
+    # weighs it by 0, the backward reads P = 0. Split column halves hold the same statistics: the
+    # first stores them (its half as a vector: the interpreter rejects scalar & vector masks).
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_safe[:, None])
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    out_mask = _sparse_mla_lat512_rope64_in_half(head_ok, mine, offs_c)
     lse_mask = head_ok & (offs_h * 0 + column_half == 0)
     if SPLIT_KV:
         out_row = (off_b * num_splits + split) * seqlen_q + off_s
@@ -1001,18 +1013,18 @@ def sparse_mla_lat512_rope64(
         lse_at = LSE + (off_b * heads + offs_h) * seqlen_q + off_s
     if USE_DESCRIPTORS:
         O_DESC.store([out_row, head_block * BLOCK_H, mine],
-                     tl.reshape(out.to(O.dtype.element_ty), (1, BLOCK_H, HALF)))
+                     tl.reshape(out.to(O.dtype.element_ty), (1, BLOCK_H, WIDTH)))
     else:
-        tl.store(O + (out_row * heads + offs_h)[:, None] * LATENT_DIM + mine + offs_c[None, :],
-                 out.to(O.dtype.element_ty), mask=out_mask)
-    if not COLUMN_SPLIT:
+        tl.store(O + (out_row * heads + offs_h)[:, None] * 512 + mine + offs_c[None, :],
+                 out.to(O.dtype.element_ty), mask=_sparse_mla_lat512_rope64_in_columns(head_ok, mine, offs_c))
+    if COLUMNS == "halves":
         out_other = tl.where(l_i[:, None] == 0.0, 0.0, acc_other / l_safe[:, None])
         if USE_DESCRIPTORS:
             O_DESC.store([out_row, head_block * BLOCK_H, other],
-                         tl.reshape(out_other.to(O.dtype.element_ty), (1, BLOCK_H, HALF)))
+                         tl.reshape(out_other.to(O.dtype.element_ty), (1, BLOCK_H, WIDTH)))
         else:
-            tl.store(O + (out_row * heads + offs_h)[:, None] * LATENT_DIM + other + offs_c[None, :],
-                     out_other.to(O.dtype.element_ty), mask=_sparse_mla_lat512_rope64_in_half(head_ok, other, offs_c))
+            tl.store(O + (out_row * heads + offs_h)[:, None] * 512 + other + offs_c[None, :],
+                     out_other.to(O.dtype.element_ty), mask=_sparse_mla_lat512_rope64_in_columns(head_ok, other, offs_c))
     tl.store(lse_at, lse, mask=lse_mask)
 
 
@@ -1117,7 +1129,7 @@ def sparse_mla_lat512_rope64_launch(q_latent, q_rope, latent, rope_key, index, *
     config = config or sparse_config(heads, 512, q_latent.device)
     out = torch.empty_like(q_latent, memory_format=torch.contiguous_format)
     lse = torch.empty((batch, heads, seqlen_q), dtype=lse_dtype(q_latent.dtype), device=q_latent.device)
-    out_rows = output_rows(out, config.block_m, 512, descriptors)
+    out_rows = output_rows(out, config, 512, descriptors)
     # Programs along x: head blocks, or (head block, column half of the latent) pairs, the halves side by side.
     grid = (config.column_programs * triton.cdiv(heads, config.block_m), batch * seqlen_q, 1)
     sparse_mla_lat512_rope64[grid](
@@ -1127,7 +1139,7 @@ def sparse_mla_lat512_rope64_launch(q_latent, q_rope, latent, rope_key, index, *
         heads, seqlen_q, index.shape[-1], index.shape[-1], 1, scale * LOG2E,
         FP8=False, HW_E4M3=False, SPLIT_KV=False, DOT_PRECISION=dot_precision(q_latent.dtype),
         ACC_DTYPE=accumulator(q_latent.dtype), USE_DESCRIPTORS=out_rows is not None,
-        COLUMN_SPLIT=config.column_programs == 2, BLOCK_H=config.block_m, BLOCK_N=config.block_n,
+        COLUMNS=config.columns, BLOCK_H=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse
@@ -1152,7 +1164,7 @@ def sparse_mla_lat512_rope64_paged_launch(
     partial = torch.empty((batch, num_splits, rows, 512), dtype=torch.float32, device=q_latent.device)
     partial_lse = torch.empty((batch, num_splits, rows), dtype=torch.float32, device=q_latent.device)
     partial_rows = output_rows(
-        partial.view(batch, num_splits, seqlen_q, heads, 512), config.block_m, 512, descriptors)
+        partial.view(batch, num_splits, seqlen_q, heads, 512), config, 512, descriptors)
     sparse_mla_lat512_rope64[(config.column_programs * triton.cdiv(heads, config.block_m), batch * seqlen_q, num_splits)](
         q_latent, q_rope, latent, rope_key, scales, slots, partial, partial_rows, partial_lse,
         *q_latent.stride()[:3], *q_rope.stride()[:3], 0, latent.stride(0), 0, rope_key.stride(0), scales.stride(0),
@@ -1160,7 +1172,7 @@ def sparse_mla_lat512_rope64_paged_launch(
         heads, seqlen_q, top_k, keys_per_split, num_splits, scale * LOG2E,
         FP8=cache.fp8, HW_E4M3=cache.fp8 and hardware_e4m3(q_latent.device), SPLIT_KV=True,
         DOT_PRECISION=dot_precision(q_latent.dtype), ACC_DTYPE=tl.float32,
-        USE_DESCRIPTORS=partial_rows is not None, COLUMN_SPLIT=config.column_programs == 2,
+        USE_DESCRIPTORS=partial_rows is not None, COLUMNS=config.columns,
         BLOCK_H=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

@@ -106,7 +106,8 @@ class IndexerVariant:
 class SparseVariant:
     """The sparse MLA kernels (forward, backward) for one latent/rope width. `combine`: the
     MLA decode combine kernel that merges its split-KV partials; `step`: the MLA decode
-    kernel's online-softmax step over one key tile (the sparse forward takes the same tiles)."""
+    kernel's online-softmax step over one key tile, all latent columns (`step`) or a column
+    half (`step`_half); the sparse forward takes the same tiles."""
 
     name: str
     latent: int
@@ -154,7 +155,7 @@ def sparse_kernels(graph: Graph, decode: DecodeVariant) -> SparseKernels | None:
         node.attr("d_a"),
         node.attr("d_b"),
         f"{decode.name}_combine",
-        f"{decode.name}_step_half",
+        f"{decode.name}_step",
     )
     return SparseKernels(indexer, attention, decode_layout(decode))
 

@@ -38,9 +38,16 @@ class SparseConfig:
     num_stages: int
     tokens: int = 4  # paged indexer: new tokens per program, which share each key tile read
     num_splits: int | None = None  # sparse decode: split-KV factor (None: sparse_split_count)
-    # sparse forward: programs per head block along the latent's columns, 2 (one half each, the
-    # score tile computed in both) or 1 (both halves' accumulators in one program)
-    column_programs: int = 2
+    # sparse forward: how programs keep the latent's output columns (templates/_sparse_mla.jinja):
+    # "split" (two programs per head block, one half each, the score tile computed in both),
+    # "halves" (one program, both halves' accumulators: mma.sync) or "whole" (one program, one
+    # accumulator whose N two warpgroups split: wgmma)
+    columns: str = "split"
+
+    @property
+    def column_programs(self) -> int:
+        """Programs per head block along the latent's columns."""
+        return 2 if self.columns == "split" else 1
 
 
 # Small tiles under the interpreter keep tests fast and make test sequences span several tiles.
@@ -82,11 +89,12 @@ def sparse_config(
         return INTERPRETED
     # 64 heads make every dot M=64. Measured with Triton 3.9 at latent 512 (mlagen.aot):
     if smem_class(arch) == "large" and arch // 10 == 9:
-        # wgmma takes one warpgroup (at 8 warps Triton replicates the chained score dot at
-        # M=64): the [64, 256] fp32 accumulator is 128 registers a thread. 32 keys hold 250-254
-        # registers for the decode's fp32 partials but spill 8 bytes when the prefill's
-        # epilogue rounds to 16 bits; 16 keys: 230 (prefill), 255 with FP8 rows (64 x 64: 96+ B spilled).
-        return SparseConfig(64, 32 if partial and not fp8 else 16, 4, 2)
+        # One program keeps all 512 columns on two warpgroups, which split the N of every dot
+        # (the MLA decode kernel's _step): the score tile once, 128 fp32 accumulator registers a
+        # thread. Issue-clocks per 1K (head, key) pairs: 448 at 64 keys (254 registers, 224 KB;
+        # column-half programs: 1186 at 16 keys, each computing the score tile), FP8 rows 910 at
+        # 32 keys (251 registers; 64 spill 32 B; halves: 1668).
+        return SparseConfig(64, 32 if fp8 else 64, 8, 2, columns="whole")
     if smem_class(arch) == "large":
         # tcgen05 keeps the accumulator in tensor memory: 8 warps, 206-208 registers (243 with
         # FP8 rows at 32 keys), 181 KB; 4 warps spill 8-80 bytes.
@@ -97,8 +105,8 @@ def sparse_config(
     # no taller than the heads; 32 heads x 32 keys: 169 registers on 8 warps, 74 KB (4 warps
     # spill on sm_120); FP8 rows spill at 32 heads.
     if fp8 or heads <= 16:
-        return SparseConfig(16, 16 if fp8 else 32, 4, 2, column_programs=1)
-    return SparseConfig(32, 32, 8, 2, column_programs=1)
+        return SparseConfig(16, 16 if fp8 else 32, 4, 2, columns="halves")
+    return SparseConfig(32, 32, 8, 2, columns="halves")
 
 
 def sparse_backward_config(heads: int, latent: int, device: torch.device) -> SparseConfig:
@@ -116,10 +124,11 @@ def sparse_backward_config(heads: int, latent: int, device: torch.device) -> Spa
     return SparseConfig(16 if heads <= 16 else 32, 64, 8, 2)
 
 
-def output_rows(out: Tensor, block_h: int, latent: int, descriptors: bool | None = None):
+def output_rows(out: Tensor, config: SparseConfig, latent: int, descriptors: bool | None = None):
     """A TensorDescriptor (TMA store, sm_90 and sm_100) of the sparse forward's output `out`
-    [..., H, latent] (contiguous) as [rows, H, latent] boxes of one query's block_h heads x half the
-    latent: heads past H are not written, so rows pad inside the program. None where the kernel
+    [..., H, latent] (contiguous) as [rows, H, latent] boxes of one query's config.block_m heads x
+    one accumulator's columns (all of the latent with config.columns "whole", else half): heads
+    past H are not written, so rows pad inside the program. None where the kernel
     stores through pointers: no descriptors on the device (descriptors=None), or a latent that is
     not its tile's width. (The pointer store's addresses, computed as the query loads' are, keep
     their registers live across the key loop: 8-16 bytes of spill on sm_90.)"""
@@ -133,7 +142,8 @@ def output_rows(out: Tensor, block_h: int, latent: int, descriptors: bool | None
 
     heads = out.shape[-2]
     rows = out.view(-1, heads, latent)
-    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [1, block_h, latent // 2])
+    width = latent if config.columns == "whole" else latent // 2
+    return TensorDescriptor(rows, list(rows.shape), list(rows.stride()), [1, config.block_m, width])
 
 
 def sparse_split_count(queries: int, top_k: int, device: torch.device) -> int:
