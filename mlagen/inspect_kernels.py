@@ -232,7 +232,13 @@ class KernelRow:
         """The launch's tile constexprs and options, e.g. "128x64 w8 s3" (BLOCK_M x BLOCK_N)."""
         constants = self.launch.constant
         tile = [constants[name] for name in ("BLOCK_M", "BLOCK_H", "BLOCK_N", "BLOCK_J") if name in constants]
-        others = [f"{name}={value}" for name, value in constants.items() if name in ("PAD_SPLITS", "PAGE")]
+        # how a program keeps a 512-wide output (sparse and compressed: COLUMNS; MLA decode: HALVES)
+        others = [
+            f"{name}={value}"
+            for name, value in constants.items()
+            if name in ("PAD_SPLITS", "PAGE", "COLUMNS")
+        ]
+        others += ["HALVES"] * bool(constants.get("HALVES"))
         # the dense forward's decode choices: query heads packed into rows, keys split over programs
         others += [flag for flag in ("PACK_GQA", "SPLIT_KV") if constants.get(flag)]
         text = "x".join(str(t) for t in tile)
@@ -256,7 +262,9 @@ class KernelRow:
                 **{
                     k: v
                     for k, v in self.launch.constants
-                    if k.startswith(("BLOCK_", "PAD_SPLITS", "PAGE", "PACK_GQA", "SPLIT_KV"))
+                    if k.startswith(
+                        ("BLOCK_", "PAD_SPLITS", "PAGE", "PACK_GQA", "SPLIT_KV", "COLUMNS", "HALVES")
+                    )
                 },
                 "num_warps": self.launch.num_warps,
                 "num_stages": self.launch.num_stages,

@@ -31,6 +31,7 @@ from mlagen.runtime.compressed import (
     index_scores_reference,
     top_k_reference,
 )
+from mlagen.runtime.compressed_cache import CachedAttention
 from mlagen.runtime.compressed_kernels import AttentionConfig, _Attention, _Compress
 from mlagen.spec import CompressedSpec, load_spec, parse_spec
 from mlagen.spec.from_hf_v4 import layer_specs
@@ -202,15 +203,16 @@ def test_kernel_gradients_match_the_reference(layer):
 GRADCHECK = dict(eps=1e-6, atol=1e-8, rtol=1e-6, fast_mode=True)
 
 
-# Programs keep the output's columns whole (mma.sync archs) or one half each (sm_90, sm_100).
-HALVES = pytest.mark.parametrize("halves", [1, 2], ids=["whole_columns", "column_halves"])
+# Programs keep the output's columns in one accumulator (sm_90), as two halves (mma.sync archs)
+# or one half each (sm_100).
+HALVES = pytest.mark.parametrize("halves", ["whole", "halves", "split"])
 
 
-def _attention_kernels(halves: int):
+def _attention_kernels(halves: str):
     launch, backward = generated("tiny_compressed_csa").kernels.COMPRESSED_OPS.attentions[
         "compressed_attention_d64_rope32"
     ]
-    config = AttentionConfig(16, 16, 1, 1, column_halves=halves)
+    config = AttentionConfig(16, 16, 1, 1, columns=halves)
     return functools.partial(launch, config=config), backward  # the backward walks the columns in chunks
 
 
@@ -475,3 +477,51 @@ def test_attention_kernel_at_any_head_count(entries, heads, halves):
     out, _ = launch(query, key, compressed, selected, sinks, cos, sin, scale=0.125, window=5, rate=rate)
     expected = attention_reference(query, key, compressed, selected, sinks, cos, sin, scale=0.125, window=5, rate=rate)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@HALVES
+@pytest.mark.parametrize("heads", [1, 16])
+@pytest.mark.parametrize("entries", ["none", "dense", "selected"])
+def test_attention_kernel_over_tiles_every_row_sees_whole(entries, heads, halves):
+    """A window and entry counts wider than the 16-key tiles, so that some tiles hold no pair a
+    real row cannot see (the "whole" programs skip the mask there) beside masked ones; 16
+    heads make a block one token's rows, as DeepSeek-V4's 64 heads on sm_90."""
+    launch, _ = _attention_kernels(halves)
+    torch.manual_seed(heads)
+    batch, seqlen, rate, window = 1, 64, 2, 40
+    cos, sin = PairRotary(32, 10000.0, None)(torch.arange(seqlen).expand(batch, seqlen), torch.float32)
+    query, key = torch.randn(batch, seqlen, heads, 64), torch.randn(batch, seqlen, 1, 64)
+    compressed = None if entries == "none" else torch.randn(batch, seqlen // rate, 1, 64)
+    selected = None
+    if entries == "selected":
+        scores = torch.randn(batch, seqlen, seqlen // rate).masked_fill(
+            torch.arange(seqlen // rate) >= (torch.arange(seqlen)[:, None] + 1) // rate, float("-inf")
+        )
+        selected = top_k_reference(scores, 16).to(torch.int32)
+    sinks = torch.randn(heads)
+    options = dict(scale=0.125, window=window, rate=rate)
+    out, _ = launch(query, key, compressed, selected, sinks, cos, sin, **options)
+    expected = attention_reference(query, key, compressed, selected, sinks, cos, sin, **options)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@HALVES
+@pytest.mark.parametrize("heads", [1, 16])
+def test_attention_kernel_over_a_ring_wider_than_its_tiles(heads, halves):
+    """Decode-time keys from the cache's ring (position p at slot p % window) beside this step's
+    rows, the window wide enough that ring tiles hold no pair a real row cannot see (the
+    "whole" programs skip the mask there): the last 24 rows of one pass over 64 tokens."""
+    launch, _ = _attention_kernels(halves)
+    torch.manual_seed(heads)
+    seqlen, cached, window = 64, 40, 40
+    cos, sin = PairRotary(32, 10000.0, None)(torch.arange(seqlen).expand(1, seqlen), torch.float32)
+    query, key = torch.randn(1, seqlen, heads, 64), torch.randn(1, seqlen, 1, 64)
+    sinks = torch.randn(heads)
+    ring = torch.zeros(1, window, 64)
+    ring[0, torch.arange(cached) % window] = key[0, :cached, 0]
+    state = CachedAttention(ring, torch.tensor([cached], dtype=torch.int32), torch.zeros(1, dtype=torch.int32),
+                            torch.zeros(1, 1, dtype=torch.int32), 16)
+    out, _ = launch(query[:, cached:], key[:, cached:], None, None, sinks, cos[:, cached:], sin[:, cached:],
+                    scale=0.125, window=window, rate=1, cached=state)
+    expected = attention_reference(query, key, None, None, sinks, cos, sin, scale=0.125, window=window, rate=1)
+    torch.testing.assert_close(out, expected[:, cached:], atol=1e-5, rtol=1e-5)

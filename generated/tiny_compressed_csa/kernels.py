@@ -940,8 +940,8 @@ def entry_indexer_logits_d32_launch(query, keys, weights, *, scale, weight_scale
 
 @triton.jit
 def _compressed_attention_d64_rope32_columns(rows, ok, first, offs):
-    # Columns first .. first + PAD_HALF of a tile of rows (row pointers; rows that are not `ok`
-    # and columns past D read zeros).
+    # Columns first + offs (a half of PAD_HALF, or both halves) of a tile of rows (row pointers;
+    # rows that are not `ok` and columns past D read zeros).
     D: tl.constexpr = 64
     PAD_HALF: tl.constexpr = 32
     if 2 * PAD_HALF == D:
@@ -953,7 +953,7 @@ def _compressed_attention_d64_rope32_columns(rows, ok, first, offs):
 
 @triton.jit
 def _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i, acc_mine, acc_other, qk_scale,
-                       COLUMN_HALVES: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                       COLUMNS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # One tile of keys through the online softmax (base 2): K = V, so the tile read for the
     # scores is the tile the probabilities multiply (the program's half, or both).
     scores = tl.dot(q_mine, tl.trans(k_mine), input_precision=DOT_PRECISION)
@@ -966,9 +966,28 @@ def _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visi
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(k_mine.dtype)
     acc_mine = tl.dot(p, k_mine, acc_mine * alpha[:, None], input_precision=DOT_PRECISION)
-    if COLUMN_HALVES == 1:
+    if COLUMNS == "halves":
         acc_other = tl.dot(p, k_other, acc_other * alpha[:, None], input_precision=DOT_PRECISION)
     return m_new, l_i, acc_mine, acc_other
+
+
+@triton.jit
+def _compressed_attention_d64_rope32_step_whole(q, k, visible, masked, m_i, l_i, acc, qk_scale, DOT_PRECISION: tl.constexpr):
+    # The same for a program that keeps all D columns in one accumulator on two warpgroups:
+    # Triton splits the N of both dots between them (each keeps half of the [rows, D] fp32
+    # accumulator, each computes half of the score tile) only while no dot follows the scores in
+    # the same block (the MLA decode kernel's _step says why): the mask, under `if masked`, a
+    # branch of its own, ends that chain.
+    scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    if masked:
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(scores - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -984,11 +1003,11 @@ def _compressed_attention_d64_rope32_entry_rows(ENTRIES, PAGE_TABLE, seq, index,
 
 @triton.jit
 def _compressed_attention_d64_rope32_store(O, o_rows, acc, first, l_safe, COS, SIN, seq, token, row_ok, stride_cs_b, stride_cs_s,
-                        BLOCK_M: tl.constexpr, ACC_DTYPE: tl.constexpr):
-    # One column half of the output, columns first .. first + PAD_HALF: normalised, and its pairs
-    # (e, o) among the last rope pairs turned back by the query's angle, (e cos + o sin, o cos - e sin).
+                        BLOCK_M: tl.constexpr, WIDTH: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    # WIDTH columns of the output from `first` (a half, or all): normalised, and its pairs (e, o)
+    # among the last rope pairs turned back by the query's angle, (e cos + o sin, o cos - e sin).
     D: tl.constexpr = 64
-    PAIRS: tl.constexpr = 16
+    PAIRS: tl.constexpr = WIDTH // 2
     FIRST_ROTATED: tl.constexpr = 16
     even, odd = tl.split(tl.reshape(acc / l_safe[:, None], [BLOCK_M, PAIRS, 2]))
     pair = first // 2 + tl.arange(0, PAIRS)
@@ -1022,7 +1041,7 @@ def compressed_attention_d64_rope32(
     stride_o_b, stride_o_s, stride_o_h,
     seqlen_q, heads, window, rate, top_k, qk_scale,
     RING: tl.constexpr, ENTRIES_MODE: tl.constexpr, PAGE: tl.constexpr, SINK: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, COLUMN_HALVES: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr, COLUMNS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # Q: [B, Sq, H, 64] rotated queries; KV: [B, Sq, 1, 64] this call's rotated K = V rows
@@ -1033,8 +1052,11 @@ def compressed_attention_d64_rope32(
     # COS, SIN: [B, Sq, 16] at the query positions  O: [B, Sq, H, 64]
     # LSE: [B, Sq, H] natural log, the sink included (for the backward; the first column half's)
     PAD_HALF: tl.constexpr = 32
-    column_half = tl.program_id(0) % COLUMN_HALVES
-    start_m = tl.program_id(0) // COLUMN_HALVES
+    WHOLE: tl.constexpr = COLUMNS == "whole"
+    WIDTH: tl.constexpr = 2 * PAD_HALF if WHOLE else PAD_HALF
+    PROGRAMS: tl.constexpr = 2 if COLUMNS == "split" else 1
+    column_half = tl.program_id(0) % PROGRAMS
+    start_m = tl.program_id(0) // PROGRAMS
     seq = tl.program_id(1)
     mine = column_half * PAD_HALF
     other = PAD_HALF - mine
@@ -1048,11 +1070,13 @@ def compressed_attention_d64_rope32(
     token_hi = tl.minimum((start_m * BLOCK_M + BLOCK_M - 1) // heads, seqlen_q - 1)
     pos_lo = first_new + token_lo
     pos_hi = first_new + token_hi
-    offs = tl.arange(0, PAD_HALF)
+    offs = tl.arange(0, WIDTH)
     offs_n = tl.arange(0, BLOCK_N)
     q_rows = Q + seq * stride_q_b + token.to(tl.int64) * stride_q_s + head * stride_q_h
     q_mine = _compressed_attention_d64_rope32_columns(q_rows, row_ok, mine, offs)
-    q_other = _compressed_attention_d64_rope32_columns(q_rows, row_ok, other, offs)
+    q_other = q_mine
+    if not WHOLE:
+        q_other = _compressed_attention_d64_rope32_columns(q_rows, row_ok, other, offs)
 
     if SINK:  # the sink logit starts the softmax: running max = sink, sum = exp(0) = 1, no value
         m_i = tl.load(SINKS + head, mask=row_ok, other=0.0).to(ACC_DTYPE) * 1.4426950408889634
@@ -1060,8 +1084,8 @@ def compressed_attention_d64_rope32(
     else:
         m_i = tl.full([BLOCK_M], float("-inf"), ACC_DTYPE)
         l_i = tl.zeros([BLOCK_M], ACC_DTYPE)
-    acc_mine = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)
-    acc_other = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)  # COLUMN_HALVES 2: never written
+    acc_mine = tl.zeros([BLOCK_M, WIDTH], ACC_DTYPE)
+    acc_other = tl.zeros([BLOCK_M, PAD_HALF], ACC_DTYPE)  # "halves" only
 
     ring_lo, new_lo = _compressed_attention_d64_rope32_key_ranges(first_new, pos_lo, pos_hi, window, RING)
     if RING > 0:  # earlier tokens' rows, from the ring
@@ -1071,9 +1095,15 @@ def compressed_attention_d64_rope32(
             visible = key_ok[None, :] & (keys[None, :] > position[:, None] - window) & row_ok[:, None]
             k_rows = RING_KV + seq * stride_ring_b + (keys % RING).to(tl.int64) * stride_ring_s
             k_mine = _compressed_attention_d64_rope32_columns(k_rows, key_ok, mine, offs)
-            k_other = _compressed_attention_d64_rope32_columns(k_rows, key_ok, other, offs)
-            m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
-                                                               acc_mine, acc_other, qk_scale, COLUMN_HALVES,
+            if WHOLE:
+                # a tile with a pair no real row sees (padding rows see everything)
+                masked = (start + BLOCK_N > first_new) | (start <= pos_hi - window)
+                m_i, l_i, acc_mine = _compressed_attention_d64_rope32_step_whole(q_mine, k_mine, visible, masked, m_i, l_i, acc_mine,
+                                                              qk_scale, DOT_PRECISION)
+            else:
+                k_other = _compressed_attention_d64_rope32_columns(k_rows, key_ok, other, offs)
+                m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
+                                                               acc_mine, acc_other, qk_scale, COLUMNS,
                                                                DOT_PRECISION)
     for start in range(new_lo, pos_hi + 1, BLOCK_N):  # this call's rows
         keys = start + offs_n
@@ -1082,9 +1112,15 @@ def compressed_attention_d64_rope32(
                    & (keys[None, :] > position[:, None] - window) & row_ok[:, None])
         k_rows = KV + seq * stride_kv_b + (keys - first_new).to(tl.int64) * stride_kv_s
         k_mine = _compressed_attention_d64_rope32_columns(k_rows, key_ok, mine, offs)
-        k_other = _compressed_attention_d64_rope32_columns(k_rows, key_ok, other, offs)
-        m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
-                                                           acc_mine, acc_other, qk_scale, COLUMN_HALVES,
+        if WHOLE:
+            # a tile with a pair no real row sees (padding rows see everything)
+            masked = (start + BLOCK_N - 1 > pos_lo) | (start <= pos_hi - window)
+            m_i, l_i, acc_mine = _compressed_attention_d64_rope32_step_whole(q_mine, k_mine, visible, masked, m_i, l_i, acc_mine,
+                                                          qk_scale, DOT_PRECISION)
+        else:
+            k_other = _compressed_attention_d64_rope32_columns(k_rows, key_ok, other, offs)
+            m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
+                                                           acc_mine, acc_other, qk_scale, COLUMNS,
                                                            DOT_PRECISION)
     if ENTRIES_MODE > 0:
         count = tl.load(ENTRY_COUNTS + seq)
@@ -1096,9 +1132,15 @@ def compressed_attention_d64_rope32(
             k_rows = _compressed_attention_d64_rope32_entry_rows(ENTRIES, PAGE_TABLE, seq, index, index < count, stride_e_b, stride_e_w,
                                                stride_table_b, PAGE)
             k_mine = _compressed_attention_d64_rope32_columns(k_rows, index < count, mine, offs)
-            k_other = _compressed_attention_d64_rope32_columns(k_rows, index < count, other, offs)
-            m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
-                                                               acc_mine, acc_other, qk_scale, COLUMN_HALVES,
+            if WHOLE:
+                # a tile with a pair no real row sees (padding rows see everything)
+                masked = start + BLOCK_N > tl.minimum((pos_lo + 1) // rate, count)
+                m_i, l_i, acc_mine = _compressed_attention_d64_rope32_step_whole(q_mine, k_mine, visible, masked, m_i, l_i, acc_mine,
+                                                              qk_scale, DOT_PRECISION)
+            else:
+                k_other = _compressed_attention_d64_rope32_columns(k_rows, index < count, other, offs)
+                m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
+                                                               acc_mine, acc_other, qk_scale, COLUMNS,
                                                                DOT_PRECISION)
     if ENTRIES_MODE == 2:  # the entries the indexer selected for each token of the block
         for picked_token in range(token_lo, token_hi + 1):
@@ -1112,19 +1154,28 @@ def compressed_attention_d64_rope32(
                 k_rows = _compressed_attention_d64_rope32_entry_rows(ENTRIES, PAGE_TABLE, seq, index, exists, stride_e_b, stride_e_w,
                                                    stride_table_b, PAGE)
                 k_mine = _compressed_attention_d64_rope32_columns(k_rows, exists, mine, offs)
-                k_other = _compressed_attention_d64_rope32_columns(k_rows, exists, other, offs)
-                m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i,
-                                                                   l_i, acc_mine, acc_other, qk_scale, COLUMN_HALVES,
+                if WHOLE:
+                    # Always masked: which selected slots a row may see (-1, entries not closed
+                    # yet, other tokens' picks) takes reductions over the tile to rule out, and
+                    # those spill 16-88 B. `count >= 0` is always true but a value the compiler
+                    # cannot fold (the loop's own `start < top_k` it folds), so the mask stays a
+                    # branch of its own (_step_whole).
+                    m_i, l_i, acc_mine = _compressed_attention_d64_rope32_step_whole(q_mine, k_mine, visible, count >= 0, m_i, l_i,
+                                                                  acc_mine, qk_scale, DOT_PRECISION)
+                else:
+                    k_other = _compressed_attention_d64_rope32_columns(k_rows, exists, other, offs)
+                    m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i,
+                                                                   l_i, acc_mine, acc_other, qk_scale, COLUMNS,
                                                                    DOT_PRECISION)
 
     # Every query sees its own row, so l_i > 0.
     l_safe = tl.where(row_ok, l_i, 1.0)
     o_rows = O + seq * stride_o_b + token.to(tl.int64) * stride_o_s + head * stride_o_h
     _compressed_attention_d64_rope32_store(O, o_rows, acc_mine, mine, l_safe, COS, SIN, seq, token, row_ok, stride_cs_b, stride_cs_s,
-                        BLOCK_M, ACC_DTYPE)
-    if COLUMN_HALVES == 1:
+                        BLOCK_M, WIDTH, ACC_DTYPE)
+    if COLUMNS == "halves":
         _compressed_attention_d64_rope32_store(O, o_rows, acc_other, other, l_safe, COS, SIN, seq, token, row_ok, stride_cs_b,
-                            stride_cs_s, BLOCK_M, ACC_DTYPE)
+                            stride_cs_s, BLOCK_M, WIDTH, ACC_DTYPE)
     lse = (m_i + tl.math.log2(l_safe)) * 0.6931471805599453
     # one half stores it (as a vector: the interpreter rejects scalar & vector masks)
     tl.store(LSE + (seq * seqlen_q + token) * heads + head, lse, mask=row_ok & ((rows * 0 + column_half) == 0))
@@ -1267,7 +1318,7 @@ def compressed_attention_d64_rope32_launch(query, key, entries, selected, sinks,
     entries = key if entries is None else entries
     selected = first_new if selected is None else selected
     sel_strides = (selected.stride(0), selected.stride(1)) if mode == 2 else (0, 0)
-    compressed_attention_d64_rope32[(triton.cdiv(seqlen * heads, config.block_m) * config.column_halves, batch)](
+    compressed_attention_d64_rope32[(triton.cdiv(seqlen * heads, config.block_m) * config.column_programs, batch)](
         query, key, ring, entries, page_table, selected, sinks if sinks is not None else lse, cos, sin, out, lse,
         first_new, counts,
         *query.stride()[:3], key.stride(0), key.stride(1), ring.stride(0), ring.stride(1), *entry_strides,
@@ -1275,7 +1326,7 @@ def compressed_attention_d64_rope32_launch(query, key, entries, selected, sinks,
         seqlen, heads, window, max(rate, 1), selected.shape[-1] if mode == 2 else 0, scale * LOG2E,
         RING=ring_slots, ENTRIES_MODE=mode, PAGE=page, SINK=sinks is not None,
         DOT_PRECISION=dot_precision(query.dtype), ACC_DTYPE=accumulator(query.dtype),
-        COLUMN_HALVES=config.column_halves, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+        COLUMNS=config.columns, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return out, lse

@@ -32,19 +32,25 @@ def compressor_config(rate: int, overlap: bool, device: torch.device) -> BlockCo
 @dataclass(frozen=True, slots=True)
 class AttentionConfig:
     """Tiles of the compressed attention kernels. block_m rows are (token, head) pairs, block_n
-    keys per step; column_halves 2 gives each of two programs one half of the output columns
-    (templates/_compressed_attention.jinja)."""
+    keys per step; `columns` how programs keep the output's columns (templates/
+    _compressed_attention.jinja): "split" (two programs, one half each), "halves" (one program,
+    both halves' accumulators) or "whole" (one program, one accumulator)."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
-    column_halves: int
+    columns: str
+
+    @property
+    def column_programs(self) -> int:
+        """Programs per row block along the output's columns."""
+        return 2 if self.columns == "split" else 1
 
 
-# Small tiles under the interpreter make short test sequences span several blocks; both column
-# halves in programs of their own, as on sm_90 and sm_100 (tests pass column_halves=1 too).
-INTERPRETED_ATTENTION = AttentionConfig(16, 16, 1, 1, column_halves=2)
+# Small tiles under the interpreter make short test sequences span several blocks; column halves
+# in programs of their own, as on sm_100 (tests pass the other two ways too).
+INTERPRETED_ATTENTION = AttentionConfig(16, 16, 1, 1, columns="split")
 
 
 def _own_mma_needs_64_rows(arch: int, dtype: torch.dtype) -> bool:
@@ -61,17 +67,22 @@ def compressed_attention_config(
     if arch is None:
         return INTERPRETED_ATTENTION
     if dim > 256 and _own_mma_needs_64_rows(arch, dtype):
-        # 64 rows, half the output columns a program, key tiles in 2 stages (cp.async). sm_100
-        # (tcgen05 accumulates in tensor memory): 32-key tiles, 196-214 registers, 113 KB. sm_90
-        # holds the accumulators in registers: 32-key tiles fit at head counts Triton
-        # specialises as multiples of 16 (220-240 registers, 128 KB) but spill 48-56 bytes over
-        # the ring at 8 heads (the (token, head) index math of an unspecialised count), where
-        # 16-key tiles fit (215-244 registers, 96 KB); 64-key tiles spill 136-280 bytes.
-        narrow = arch // 10 == 9 and heads % 16 != 0
-        return AttentionConfig(64, 16 if narrow else 32, 8, 2, column_halves=2)
+        # 64 rows, key tiles in 2 stages (cp.async). sm_90 at head counts Triton specialises as
+        # multiples of 16: one program keeps all D columns, two warpgroups splitting each dot's
+        # N, 32-key tiles: 254 registers, 132 KB, 576-650 issue-clocks per 1K (row, key) pairs
+        # (two column-half programs: 1660-1728; 64 keys spill 8-168 B). At other head counts
+        # (the (token, head) index math of an unspecialised count) that spills 40-176 B, and
+        # sm_90 keeps two column-half programs of 16 keys (215-244 registers, 96 KB; 32 keys
+        # spill 48-56 B over the ring). sm_100 (tcgen05 accumulates in tensor memory): column
+        # halves of 32 keys, 196-214 registers, 113 KB.
+        if arch // 10 == 9:
+            if heads % 16 == 0:
+                return AttentionConfig(64, 32, 8, 2, columns="whole")
+            return AttentionConfig(64, 16, 8, 2, columns="split")
+        return AttentionConfig(64, 32, 8, 2, columns="split")
     if dim > 256:
-        return AttentionConfig(16, 32, 8, 1, column_halves=1)
-    return AttentionConfig(32, 32, 4, 2, column_halves=1)
+        return AttentionConfig(16, 32, 8, 1, columns="halves")
+    return AttentionConfig(32, 32, 4, 2, columns="halves")
 
 
 @dataclass(frozen=True, slots=True)
