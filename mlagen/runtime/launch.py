@@ -14,6 +14,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
+import triton
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +85,13 @@ def multiprocessor_count(device: torch.device) -> int | None:
         return torch.cuda.get_device_properties(device).multi_processor_count
     target = _target.get()
     return target.sms if target is not None else None
+
+
+def triton_version() -> tuple[int, int]:
+    """(major, minor) of the Triton this process compiles with: where two versions lay out a
+    kernel's shared memory very differently, a default tile depends on it."""
+    major, minor = triton.__version__.split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
 
 def smem_class(arch: int) -> str:
@@ -247,10 +255,11 @@ def default_backward_config(
         return BlockConfig(block_m=16, block_n=128, num_warps=8, num_stages=2, dq_block_n=dq_keys)
     # wgmma keeps dK, dV in registers: on sm_90 a third stage spills the sliding-window dK/dV
     # and saves no issue slots. tcgen05 keeps them (MLA's too) in tensor memory; there 2 stages
-    # cap dQ at 128 registers (sliding window spills) and 3 fit.
-    return BlockConfig(
-        block_m=32, block_n=128, num_warps=8, num_stages=2 if arch == 90 else 3, dq_block_n=dq_keys
-    )
+    # cap D128's dQ at 128 registers (sliding window spills) and 3 fit. MLA's dQ takes 241 KB
+    # at 3 stages with Triton 3.6 (201 KB with 3.9), more than the 227 KB a block may have: 2
+    # (the same issue slots with 3.9: 196 + 100.75 clocks per 1K scores against 201 + 100).
+    stages = 2 if arch == 90 or mla else 3
+    return BlockConfig(block_m=32, block_n=128, num_warps=8, num_stages=stages, dq_block_n=dq_keys)
 
 
 def decode_column_halves(

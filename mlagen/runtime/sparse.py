@@ -18,7 +18,13 @@ import torch
 from torch import Tensor
 
 from mlagen.runtime import reference
-from mlagen.runtime.launch import INTERPRETER_CONFIG, launch_arch, multiprocessor_count, smem_class
+from mlagen.runtime.launch import (
+    INTERPRETER_CONFIG,
+    launch_arch,
+    multiprocessor_count,
+    smem_class,
+    triton_version,
+)
 from mlagen.runtime.mla_decode import CachedTokens, DecodeOps
 from mlagen.runtime.rope import apply_rope
 from mlagen.runtime.sparse_cache import PagedSparseCache
@@ -80,8 +86,8 @@ def paged_indexer_config(index_heads: int, device: torch.device, fp8: bool = Fal
 def sparse_config(
     heads: int, latent: int, device: torch.device, fp8: bool = False, partial: bool = False
 ) -> SparseConfig:
-    """block_m heads of one query share every gathered row; each program keeps half of the
-    latent output columns (templates/_sparse_mla.jinja), as the dense MLA decode kernel.
+    """block_m heads of one query share every gathered row; `columns` says how programs keep the
+    latent output columns (templates/_sparse_mla.jinja), as in the dense MLA decode kernel.
     partial: the split-KV decode, which stores fp32 partials. FP8 rows also hold their codes
     and decoded values: half the keys per step."""
     arch = launch_arch(device)
@@ -97,8 +103,10 @@ def sparse_config(
         return SparseConfig(64, 32 if fp8 else 64, 8, 2, columns="whole")
     if smem_class(arch) == "large":
         # tcgen05 keeps the accumulator in tensor memory: 8 warps, 206-208 registers (243 with
-        # FP8 rows at 32 keys), 181 KB; 4 warps spill 8-80 bytes.
-        return SparseConfig(64, 32 if fp8 else 64, 8, 2)
+        # FP8 rows at 32 keys), 176 KB; 4 warps spill 8-80 bytes. Triton 3.6 lays the 64-key
+        # program out in 312 KB (more than the 227 a block may have; 192 KB at 32 keys).
+        keys = 32 if fp8 or triton_version() < (3, 9) else 64
+        return SparseConfig(64, keys, 8, 2)
     # mma.sync: the [16 or 32, 512] accumulator fits, so one program keeps both column halves and
     # computes the score tile once (split in two, the tile and the FP8 decode run twice per
     # (head, key) pair: 1.25x the issue slots, 2.4x with sm_80's FP8 rows). 16-row steps, tiles
