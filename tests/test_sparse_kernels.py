@@ -218,17 +218,20 @@ def test_programs_keeping_all_columns_match_programs_splitting_them(heads, colum
     index[1, 2, 5] = -1  # a missing key inside the first tile
     both = SparseConfig(16, 16, 1, 1, columns=columns)
     launch = KERNELS.sparse_mla_lat32_rope8_launch
-    out, lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE, config=both)
     split_out, split_lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE)
-    torch.testing.assert_close(out, split_out, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(lse, split_lse, rtol=1e-6, atol=1e-6)
+    for descriptors in (False, True):  # the output stored through pointers or a TMA descriptor
+        out, lse = launch(q_latent, q_rope, latent, rope_key, index, scale=SCALE, config=both, descriptors=descriptors)
+        torch.testing.assert_close(out, split_out, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(lse, split_lse, rtol=1e-6, atol=1e-6)
     for cache_dtype in ("model", "fp8"):
         cache = paged_cache(cache_dtype, [40, 40], gen)
         slots = cache.slots_of(index)
         paged = KERNELS.sparse_mla_lat32_rope8_paged_launch
-        decoded = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2, config=both)
         split = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2)
-        torch.testing.assert_close(decoded, split, rtol=1e-6, atol=1e-6)
+        for descriptors in (False, True):
+            decoded = paged(q_latent, q_rope, cache, slots, scale=SCALE, num_splits=2, config=both,
+                            descriptors=descriptors)
+            torch.testing.assert_close(decoded, split, rtol=1e-6, atol=1e-6)
 
 
 def test_sparse_attention_gradcheck_fp64():
