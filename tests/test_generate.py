@@ -29,8 +29,12 @@ def spec_path(name: str) -> Path:
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:
+    """The package's files by relative path; without the bytecode Python caches on import
+    (__pycache__, written unless PYTHONDONTWRITEBYTECODE is set), which no writer made."""
     return {
-        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+        str(p.relative_to(directory)): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.relative_to(directory).parts
     }
 
 
