@@ -1155,7 +1155,7 @@ def sparse_mla_lat512_rope64_paged_launch(
     q_latent, q_rope = last_dim_contiguous(q_latent), last_dim_contiguous(q_rope)
     batch, seqlen_q, heads, _ = q_latent.shape
     top_k = slots.shape[-1]
-    config = config or sparse_config(heads, 512, q_latent.device, fp8=cache.fp8, partial=True)
+    config = config or sparse_config(heads, 512, q_latent.device, fp8=cache.fp8)
     num_splits = num_splits or config.num_splits or sparse_split_count(batch * seqlen_q, top_k, q_latent.device)
     keys_per_split = -(-max(config.block_n, -(-top_k // num_splits)) // config.block_n) * config.block_n
     num_splits = max(1, -(-top_k // keys_per_split))

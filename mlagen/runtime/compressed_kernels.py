@@ -69,8 +69,8 @@ def compressed_attention_config(
     if dim > 256 and _own_mma_needs_64_rows(arch, dtype):
         # 64 rows, key tiles in 2 stages (cp.async). sm_90 at head counts Triton specialises as
         # multiples of 16: one program keeps all D columns, two warpgroups splitting each dot's
-        # N, 32-key tiles: 254 registers, 132 KB, 576-650 issue-clocks per 1K (row, key) pairs
-        # (two column-half programs: 1660-1728; 64 keys spill 8-168 B). At other head counts
+        # N, 32-key tiles: 252-255 registers, 132 KB, 577-654 issue-clocks per 1K (row, key)
+        # pairs (two column-half programs: 1614-1728; 64 keys spill 8-168 B). At other head counts
         # (the (token, head) index math of an unspecialised count) that spills 40-176 B, and
         # sm_90 keeps two column-half programs of 16 keys (215-244 registers, 96 KB; 32 keys
         # spill 48-56 B over the ring). sm_100 (tcgen05 accumulates in tensor memory): column

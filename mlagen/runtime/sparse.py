@@ -83,13 +83,11 @@ def paged_indexer_config(index_heads: int, device: torch.device, fp8: bool = Fal
     return SparseConfig(rows, 32 if fp8 else 64, 4 if rows <= 64 else 8, 2)
 
 
-def sparse_config(
-    heads: int, latent: int, device: torch.device, fp8: bool = False, partial: bool = False
-) -> SparseConfig:
+def sparse_config(heads: int, latent: int, device: torch.device, fp8: bool = False) -> SparseConfig:
     """block_m heads of one query share every gathered row; `columns` says how programs keep the
     latent output columns (templates/_sparse_mla.jinja), as in the dense MLA decode kernel.
-    partial: the split-KV decode, which stores fp32 partials. FP8 rows also hold their codes
-    and decoded values: half the keys per step."""
+    Prefill and the split-KV decode (fp32 partials) take the same tiles. FP8 rows also hold
+    their codes and decoded values: half the keys per step."""
     arch = launch_arch(device)
     if arch is None:
         return INTERPRETED
