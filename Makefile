@@ -39,8 +39,8 @@ demo: setup
 
 # The whole suite with the newest releases pyproject allows (what a fresh venv gets), then the
 # Hugging Face tests with the oldest transformers allowed, each in one pytest-xdist worker per
-# core, whole test files at a time. About 22 + 1 minutes on 2 cores, compile caches cold (one
-# process took about 28; CI's limit is 30).
+# core, whole test files at a time. About 29 + 1 minutes on 2 cores, compile caches cold
+# (2026-12-03; CI's machine took about two thirds of this machine's time before; its limit is 30).
 test: test-newest test-oldest-transformers
 
 test-newest: setup
