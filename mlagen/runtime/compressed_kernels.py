@@ -10,7 +10,13 @@ from dataclasses import dataclass
 import torch
 
 from mlagen.runtime.compressed import entry_positions, top_k_reference
-from mlagen.runtime.launch import INTERPRETER_CONFIG, BlockConfig, launch_arch, smem_class
+from mlagen.runtime.launch import (
+    INTERPRETER_CONFIG,
+    BlockConfig,
+    launch_arch,
+    programs_along_columns,
+    smem_class,
+)
 
 # --- block sizes --------------------------------------------------------------------------------
 
@@ -32,9 +38,8 @@ def compressor_config(rate: int, overlap: bool, device: torch.device) -> BlockCo
 @dataclass(frozen=True, slots=True)
 class AttentionConfig:
     """Tiles of the compressed attention kernels. block_m rows are (token, head) pairs, block_n
-    keys per step; `columns` how programs keep the output's columns (templates/
-    _compressed_attention.jinja): "split" (two programs, one half each), "halves" (one program,
-    both halves' accumulators) or "whole" (one program, one accumulator)."""
+    keys per step; `columns` how programs keep the output's columns (runtime.launch.COLUMN_LAYOUTS,
+    templates/_compressed_attention.jinja)."""
 
     block_m: int
     block_n: int
@@ -42,10 +47,12 @@ class AttentionConfig:
     num_stages: int
     columns: str
 
+    def __post_init__(self) -> None:
+        programs_along_columns(self.columns)  # a known layout
+
     @property
     def column_programs(self) -> int:
-        """Programs per row block along the output's columns."""
-        return 2 if self.columns == "split" else 1
+        return programs_along_columns(self.columns)
 
 
 # Small tiles under the interpreter make short test sequences span several blocks; column halves

@@ -87,6 +87,21 @@ def multiprocessor_count(device: torch.device) -> int | None:
     return target.sms if target is not None else None
 
 
+# How a program of the sparse and compressed forwards keeps its 512-wide output (their COLUMNS
+# constexpr): "split", two programs per row block, one column half each (each computes the
+# score tile); "halves", one program with both halves' accumulators; "whole", one program with
+# one accumulator whose N two warpgroups split.
+COLUMN_LAYOUTS = ("split", "halves", "whole")
+
+
+def programs_along_columns(columns: str) -> int:
+    """Programs per row block along the output's columns; a layout the kernels do not know is
+    an error here, not a kernel that stores one half of the output."""
+    if columns not in COLUMN_LAYOUTS:
+        raise ValueError(f"columns={columns!r}: choose one of {', '.join(COLUMN_LAYOUTS)}")
+    return 2 if columns == "split" else 1
+
+
 def triton_version() -> tuple[int, int]:
     """(major, minor) of the Triton this process compiles with: where two versions lay out a
     kernel's shared memory very differently, a default tile depends on it."""

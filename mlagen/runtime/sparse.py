@@ -22,6 +22,7 @@ from mlagen.runtime.launch import (
     INTERPRETER_CONFIG,
     launch_arch,
     multiprocessor_count,
+    programs_along_columns,
     smem_class,
     triton_version,
 )
@@ -44,16 +45,15 @@ class SparseConfig:
     num_stages: int
     tokens: int = 4  # paged indexer: new tokens per program, which share each key tile read
     num_splits: int | None = None  # sparse decode: split-KV factor (None: sparse_split_count)
-    # sparse forward: how programs keep the latent's output columns (templates/_sparse_mla.jinja):
-    # "split" (two programs per head block, one half each, the score tile computed in both),
-    # "halves" (one program, both halves' accumulators: mma.sync) or "whole" (one program, one
-    # accumulator whose N two warpgroups split: wgmma)
+    # sparse forward: how programs keep the latent's output columns (runtime.launch.COLUMN_LAYOUTS)
     columns: str = "split"
+
+    def __post_init__(self) -> None:
+        programs_along_columns(self.columns)  # a known layout
 
     @property
     def column_programs(self) -> int:
-        """Programs per head block along the latent's columns."""
-        return 2 if self.columns == "split" else 1
+        return programs_along_columns(self.columns)
 
 
 # Small tiles under the interpreter keep tests fast and make test sequences span several tiles.
