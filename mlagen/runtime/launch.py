@@ -14,7 +14,6 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
-import triton
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +103,10 @@ def programs_along_columns(columns: str) -> int:
 
 def triton_version() -> tuple[int, int]:
     """(major, minor) of the Triton this process compiles with: where two versions lay out a
-    kernel's shared memory very differently, a default tile depends on it."""
+    kernel's shared memory very differently, a default tile depends on it. (Imported here:
+    the launch helpers are imported without compiling anything.)"""
+    import triton
+
     major, minor = triton.__version__.split(".")[:2]
     return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
 
