@@ -991,6 +991,23 @@ def _compressed_attention_d64_rope32_step_whole(q, k, visible, masked, m_i, l_i,
 
 
 @triton.jit
+def _compressed_attention_d64_rope32_tile(q_mine, q_other, k_rows, key_ok, mine, other, offs, visible, masked, m_i, l_i, acc_mine,
+                       acc_other, qk_scale, COLUMNS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # One tile of keys (row pointers k_rows; keys not key_ok read zeros) through the step of
+    # the program's COLUMNS: the whole row with `masked` (whether the tile holds a pair no real
+    # row sees), or the program's half (and the other one).
+    k_mine = _compressed_attention_d64_rope32_columns(k_rows, key_ok, mine, offs)
+    if COLUMNS == "whole":
+        m_i, l_i, acc_mine = _compressed_attention_d64_rope32_step_whole(q_mine, k_mine, visible, masked, m_i, l_i, acc_mine, qk_scale,
+                                                      DOT_PRECISION)
+    else:
+        k_other = _compressed_attention_d64_rope32_columns(k_rows, key_ok, other, offs)
+        m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
+                                                           acc_mine, acc_other, qk_scale, COLUMNS, DOT_PRECISION)
+    return m_i, l_i, acc_mine, acc_other
+
+
+@triton.jit
 def _compressed_attention_d64_rope32_entry_rows(ENTRIES, PAGE_TABLE, seq, index, ok, stride_e_b, stride_e_w, stride_table_b,
                              PAGE: tl.constexpr):
     # Row pointers of entries `index` of sequence `seq`: dense [B, W, D], or the cache's pages.
@@ -1094,34 +1111,22 @@ def compressed_attention_d64_rope32(
             key_ok = keys < first_new
             visible = key_ok[None, :] & (keys[None, :] > position[:, None] - window) & row_ok[:, None]
             k_rows = RING_KV + seq * stride_ring_b + (keys % RING).to(tl.int64) * stride_ring_s
-            k_mine = _compressed_attention_d64_rope32_columns(k_rows, key_ok, mine, offs)
-            if WHOLE:
-                # a tile with a pair no real row sees (padding rows see everything)
-                masked = (start + BLOCK_N > first_new) | (start <= pos_hi - window)
-                m_i, l_i, acc_mine = _compressed_attention_d64_rope32_step_whole(q_mine, k_mine, visible, masked, m_i, l_i, acc_mine,
-                                                              qk_scale, DOT_PRECISION)
-            else:
-                k_other = _compressed_attention_d64_rope32_columns(k_rows, key_ok, other, offs)
-                m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
-                                                               acc_mine, acc_other, qk_scale, COLUMNS,
-                                                               DOT_PRECISION)
+            # a tile with a pair no real row sees (padding rows see everything)
+            masked = (start + BLOCK_N > first_new) | (start <= pos_hi - window)
+            m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_tile(
+                q_mine, q_other, k_rows, key_ok, mine, other, offs, visible, masked, m_i, l_i, acc_mine, acc_other,
+                qk_scale, COLUMNS, DOT_PRECISION)
     for start in range(new_lo, pos_hi + 1, BLOCK_N):  # this call's rows
         keys = start + offs_n
         key_ok = keys <= pos_hi
         visible = (key_ok[None, :] & (keys[None, :] <= position[:, None])
                    & (keys[None, :] > position[:, None] - window) & row_ok[:, None])
         k_rows = KV + seq * stride_kv_b + (keys - first_new).to(tl.int64) * stride_kv_s
-        k_mine = _compressed_attention_d64_rope32_columns(k_rows, key_ok, mine, offs)
-        if WHOLE:
-            # a tile with a pair no real row sees (padding rows see everything)
-            masked = (start + BLOCK_N - 1 > pos_lo) | (start <= pos_hi - window)
-            m_i, l_i, acc_mine = _compressed_attention_d64_rope32_step_whole(q_mine, k_mine, visible, masked, m_i, l_i, acc_mine,
-                                                          qk_scale, DOT_PRECISION)
-        else:
-            k_other = _compressed_attention_d64_rope32_columns(k_rows, key_ok, other, offs)
-            m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
-                                                           acc_mine, acc_other, qk_scale, COLUMNS,
-                                                           DOT_PRECISION)
+        # a tile with a pair no real row sees (padding rows see everything)
+        masked = (start + BLOCK_N - 1 > pos_lo) | (start <= pos_hi - window)
+        m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_tile(
+            q_mine, q_other, k_rows, key_ok, mine, other, offs, visible, masked, m_i, l_i, acc_mine, acc_other,
+            qk_scale, COLUMNS, DOT_PRECISION)
     if ENTRIES_MODE > 0:
         count = tl.load(ENTRY_COUNTS + seq)
         threshold = tl.minimum((position + 1) // rate, count)
@@ -1131,17 +1136,11 @@ def compressed_attention_d64_rope32(
             visible = (index[None, :] < threshold[:, None]) & row_ok[:, None]
             k_rows = _compressed_attention_d64_rope32_entry_rows(ENTRIES, PAGE_TABLE, seq, index, index < count, stride_e_b, stride_e_w,
                                                stride_table_b, PAGE)
-            k_mine = _compressed_attention_d64_rope32_columns(k_rows, index < count, mine, offs)
-            if WHOLE:
-                # a tile with a pair no real row sees (padding rows see everything)
-                masked = start + BLOCK_N > tl.minimum((pos_lo + 1) // rate, count)
-                m_i, l_i, acc_mine = _compressed_attention_d64_rope32_step_whole(q_mine, k_mine, visible, masked, m_i, l_i, acc_mine,
-                                                              qk_scale, DOT_PRECISION)
-            else:
-                k_other = _compressed_attention_d64_rope32_columns(k_rows, index < count, other, offs)
-                m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i, l_i,
-                                                               acc_mine, acc_other, qk_scale, COLUMNS,
-                                                               DOT_PRECISION)
+            # a tile with a pair no real row sees (padding rows see everything)
+            masked = start + BLOCK_N > tl.minimum((pos_lo + 1) // rate, count)
+            m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_tile(
+                q_mine, q_other, k_rows, index < count, mine, other, offs, visible, masked, m_i, l_i, acc_mine,
+                acc_other, qk_scale, COLUMNS, DOT_PRECISION)
     if ENTRIES_MODE == 2:  # the entries the indexer selected for each token of the block
         for picked_token in range(token_lo, token_hi + 1):
             for start in range(0, top_k, BLOCK_N):
@@ -1153,20 +1152,14 @@ def compressed_attention_d64_rope32(
                            & (token[:, None] == picked_token) & row_ok[:, None])
                 k_rows = _compressed_attention_d64_rope32_entry_rows(ENTRIES, PAGE_TABLE, seq, index, exists, stride_e_b, stride_e_w,
                                                    stride_table_b, PAGE)
-                k_mine = _compressed_attention_d64_rope32_columns(k_rows, exists, mine, offs)
-                if WHOLE:
-                    # Always masked: which selected slots a row may see (-1, entries not closed
-                    # yet, other tokens' picks) takes reductions over the tile to rule out, and
-                    # those spill 16-88 B. `count >= 0` is always true but a value the compiler
-                    # cannot fold (the loop's own `start < top_k` it folds), so the mask stays a
-                    # branch of its own (_step_whole).
-                    m_i, l_i, acc_mine = _compressed_attention_d64_rope32_step_whole(q_mine, k_mine, visible, count >= 0, m_i, l_i,
-                                                                  acc_mine, qk_scale, DOT_PRECISION)
-                else:
-                    k_other = _compressed_attention_d64_rope32_columns(k_rows, exists, other, offs)
-                    m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_step(q_mine, q_other, k_mine, k_other, visible, m_i,
-                                                                   l_i, acc_mine, acc_other, qk_scale, COLUMNS,
-                                                                   DOT_PRECISION)
+                # Always masked: which selected slots a row may see (-1, entries not closed
+                # yet, other tokens' picks) takes reductions over the tile to rule out, and
+                # those spill 16-88 B. `count >= 0` is always true but a value the compiler
+                # cannot fold (the loop's own `start < top_k` it folds), so the mask stays a
+                # branch of its own (_step_whole; the column halves mask every tile anyway).
+                m_i, l_i, acc_mine, acc_other = _compressed_attention_d64_rope32_tile(
+                    q_mine, q_other, k_rows, exists, mine, other, offs, visible, count >= 0, m_i, l_i, acc_mine,
+                    acc_other, qk_scale, COLUMNS, DOT_PRECISION)
 
     # Every query sees its own row, so l_i > 0.
     l_safe = tl.where(row_ok, l_i, 1.0)
