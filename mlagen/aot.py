@@ -143,6 +143,10 @@ class CompiledKernel:
     # innermost such loop), its instruction count and MMAs; 0 without a loop of MMAs.
     loop_instructions: int = 0
     loop_mma: int = 0
+    # Local-memory loads and stores (LDL, STL) in that loop: spilled bytes cost a trip to L1 per
+    # iteration only when they show here; a spill outside it (an address kept over the loop,
+    # reloaded after it) costs once per program.
+    loop_local: int = 0
     # (query rows, keys) of the score tile one iteration of that loop covers: BLOCK_M (or
     # BLOCK_H, decode's (token, head) rows) x BLOCK_N of the launch; (0, 0) when unknown.
     tile: tuple[int, int] = (0, 0)
@@ -422,8 +426,8 @@ class Sass:
             successors.append(following)
         return blocks, successors
 
-    def loops(self) -> list[tuple[int, int]]:
-        """(instructions, MMAs) of every natural loop (a back edge to a block that dominates
+    def loops(self) -> list[tuple[int, int, int]]:
+        """(instructions, MMAs, local-memory accesses) of every natural loop (a back edge to a block that dominates
         its source). Blocks of a loop that the compiler placed out of line, after the loop's
         last instruction (the slow paths of barrier waits), are not counted: they are not the
         steady state, and static readings of the same kind (ANCHORS.md) count the contiguous body."""
@@ -459,24 +463,30 @@ class Sass:
         for header, body in bodies.items():
             latch = max(b for b in body if header in successors[b])  # the loop's last back edge
             steady = [n for b in body if header <= b <= latch for n in range(*blocks[b])]
-            mma = sum(1 for n in steady if _is_mma(self.instructions[n].opcode))
-            found.append((len(steady), mma))
+            opcodes = [self.instructions[n].opcode for n in steady]
+            found.append((len(steady), sum(map(_is_mma, opcodes)), sum(map(_is_local, opcodes))))
         return found
 
-    def hot_loop(self) -> tuple[int, int]:
-        """(instructions, MMAs) of the loop whose body holds the most MMAs, the innermost of
-        equals (the steady state: a masked tail loop beside a full-block loop has as many MMAs
-        and more instructions); (0, 0) without a loop of MMAs."""
-        best = (0, 0)
-        for instructions, mma in self.loops():
+    def hot_loop(self) -> tuple[int, int, int]:
+        """(instructions, MMAs, local-memory accesses) of the loop whose body holds the most MMAs,
+        the innermost of equals (the steady state: a masked tail loop beside a full-block loop has
+        as many MMAs and more instructions); (0, 0, 0) without a loop of MMAs."""
+        best = (0, 0, 0)
+        for loop in self.loops():
+            instructions, mma, _ = loop
             if mma and (mma > best[1] or (mma == best[1] and instructions < best[0])):
-                best = (instructions, mma)
+                best = loop
         return best
 
 
 def _is_mma(opcode: str) -> bool:
     # HGMMA (sm_90 warpgroup), HMMA (mma.sync), UTCHMMA and kin (sm_100 tcgen05), IMMA, DMMA, ...
     return opcode.endswith("MMA")
+
+
+def _is_local(opcode: str) -> bool:
+    # the thread's local memory, where spilled registers live
+    return opcode in ("LDL", "STL")
 
 
 def _cuobjdump(*args: str) -> str:
@@ -494,7 +504,7 @@ def read_cubin(
     registers = re.search(r"REG:(\d+)", usage)
     # Spilled registers live in the thread's stack frame / local memory.
     spills = sum(int(s) for s in re.findall(r"\b(?:STACK|LOCAL):(\d+)", usage))
-    loop_instructions, loop_mma = sass.hot_loop()
+    loop_instructions, loop_mma, loop_local = sass.hot_loop()
     return CompiledKernel(
         name,
         arch,
@@ -507,6 +517,7 @@ def read_cubin(
         tma_loads=sass.count(lambda op: op == "UTMALDG").total(),
         loop_instructions=loop_instructions,
         loop_mma=loop_mma,
+        loop_local=loop_local,
         tile=tile,
     )
 
@@ -580,7 +591,7 @@ def _capture_job(job: tuple[Callable[[], Any], int]) -> tuple[Launch, ...]:
 
 # --- the on-disk cache of readings ------------------------------------------------------------
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: loop_local
 
 
 def cache_path() -> Path:

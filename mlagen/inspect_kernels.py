@@ -282,6 +282,7 @@ class KernelRow:
             else {
                 "instructions": c.loop_instructions,
                 "mma": c.loop_mma,
+                "local_accesses": c.loop_local,
                 "tile": list(c.tile),
                 "warps": c.num_warps,
                 "issue_clocks_per_1k_scores": round(clocks, 1),
@@ -519,7 +520,7 @@ def format_inspect(
                     row.settings
                     + (" *" if row.source not in ("default", "launch defaults", "tutorial settings") else ""),
                     str(c.registers),
-                    str(c.spill_bytes),
+                    f"{c.spill_bytes} ({c.loop_local})" if c.spill_bytes else "0",
                     f"{c.shared_bytes / 1024:.1f}",
                     autotune.mma_text(c),
                     str(c.tma_loads),
@@ -536,7 +537,7 @@ def format_inspect(
                 "role",
                 "config",
                 "regs",
-                "spill B",
+                "spill B (loop ld/st)",
                 "smem KB",
                 "tensor-core ops",
                 "TMA",
@@ -568,6 +569,8 @@ def format_inspect(
         "instructions x warps / (tile / 1024) / 4); decode: per 1K (token-head row, key) pairs of the program "
         "(the MLA decode keeps all latent columns on sm_90/sm_100 and half of them elsewhere and in fp32: two "
         "programs then cover each pair, double the reading); indexers: (query, key) or (head, key) pairs",
+        "spill B: registers spilled to local memory, and (in brackets) the local loads and stores in the "
+        "hot loop: 0 there means the spill costs once per program, not per tile",
         "warps/SM: resident warps the registers and shared memory allow (occupancy); "
         "GFLOP, MB: one call's matmul work and tensors moved (ANCHORS.md; sparse and compressed layers: "
         "inspect_kernels.layer_work, over the keys each query selects)",

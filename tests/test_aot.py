@@ -185,15 +185,16 @@ def _sass(lines: list[str]) -> aot.Sass:
 
 def test_the_hot_loop_is_the_innermost_loop_with_the_most_mma():
     code = [
+        "STL [R1+0x8], R2",
         "MOV R1, R2",
-        "MOV R1, R2",
-        "HMMA.16816.F32 R4, R8, R12, R4",  # 0-2: before any loop
-        # 3-9: the full-block loop, 7 instructions; at 6 it may wait on a barrier out of line (20-22)
+        "HMMA.16816.F32 R4, R8, R12, R4",  # 0-2: before any loop, one spill store
+        # 3-9: the full-block loop, 7 instructions, one spill reload; at 6 it may wait on a
+        # barrier out of line (20-22)
         "FADD R1, R1, R2",
         "HGMMA.64x64x16.F32 R24, gdesc[UR4], R24",
         "HGMMA.64x64x16.F32 R24, gdesc[UR4], R24",
         "@!P0 BRA 0x140",
-        "FMUL R3, R3, R3",
+        "LDL.64 R2, [R1+0x8]",
         "ISETP.GE.AND P1, PT, R1, R2, PT",
         "@P1 BRA 0x30",
         # 10-17: the masked tail loop, as many MMAs, 8 instructions, a uniform predicate (sm_100 style)
@@ -212,8 +213,8 @@ def test_the_hot_loop_is_the_innermost_loop_with_the_most_mma():
         "BRA 0x70",  # 20-22: the wait
     ]
     sass = _sass(code)
-    assert sorted(sass.loops()) == [(1, 0), (2, 0), (7, 2), (8, 2)]
-    assert sass.hot_loop() == (7, 2)  # as many MMAs as the masked tail, fewer instructions
+    assert sorted(sass.loops()) == [(1, 0, 0), (2, 0, 0), (7, 2, 1), (8, 2, 0)]
+    assert sass.hot_loop() == (7, 2, 1)  # as many MMAs as the masked tail, fewer instructions
     assert sass.count(lambda op: op.endswith("MMA")) == {"HMMA": 1, "HGMMA": 4}
 
 
@@ -228,7 +229,7 @@ def test_a_return_jump_from_an_out_of_line_block_is_not_a_loop():
         "@!P0 BRA 0x50",
         "BRA 0x20",
     ]
-    assert _sass(code).hot_loop() == (0, 0)
+    assert _sass(code).hot_loop() == (0, 0, 0)
 
 
 # --- the cache of readings and the announcement ------------------------------------------------------

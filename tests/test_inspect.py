@@ -41,7 +41,7 @@ def test_inspect_deepseek_v3_for_sm90_tables_every_kernel(capsys):
     lines = out.splitlines()
     assert lines[0].startswith("deepseek_v3 on sm_90")
     header = next(i for i, line in enumerate(lines) if line.startswith("kernel "))
-    assert _cells(lines[header]) == ["kernel", "node", "role", "config", "regs", "spill B", "smem KB",
+    assert _cells(lines[header]) == ["kernel", "node", "role", "config", "regs", "spill B (loop ld/st)", "smem KB",
                                      "tensor-core ops", "TMA", "loop clk/1K", "warps/SM", "GFLOP", "MB"]
     rows = {line.split()[0]: _cells(line) for line in lines[header + 1: header + 1 + len(DEEPSEEK_KERNELS)]}
     assert set(rows) == set(DEEPSEEK_KERNELS)
@@ -78,7 +78,7 @@ def test_inspect_json_is_one_record_per_kernel_and_arch(capsys):
             assert record["hot_loop"] is None and sum(record["mma"].values()) == 0
             continue
         loop = record["hot_loop"]
-        assert loop["mma"] > 0 and loop["instructions"] > loop["mma"]
+        assert loop["mma"] > 0 and loop["instructions"] > loop["mma"] and loop["local_accesses"] == 0
         m, n = loop["tile"]
         assert loop["issue_clocks_per_1k_scores"] == pytest.approx(
             loop["instructions"] * loop["warps"] / (m * n / 1024) / 4, abs=0.05)
