@@ -525,3 +525,38 @@ def test_attention_kernel_over_a_ring_wider_than_its_tiles(heads, halves):
                     scale=0.125, window=window, rate=1, cached=state)
     expected = attention_reference(query, key, None, None, sinks, cos, sin, scale=0.125, window=window, rate=1)
     torch.testing.assert_close(out, expected[:, cached:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("version, csa_stages", [("3.6.0", 1), ("3.9.0", 2), ("3.10.1", 2)])
+def test_sm100_csa_stages_follow_the_triton_that_compiles_them(version, csa_stages, monkeypatch):
+    """Triton 3.6 spills 352 B of sm_100's CSA program at two stages, with local loads and
+    stores in every step (3.9: none): the program that walks selected entries takes one stage
+    there; HCA's and the window's keep two, and sm_90's programs are alike on both."""
+    import triton
+
+    from mlagen.runtime.compressed_kernels import compressed_attention_config
+    from mlagen.runtime.launch import LaunchTarget, launching_for
+
+    monkeypatch.setattr(triton, "__version__", version)
+    with launching_for(LaunchTarget(100, 148)):
+        assert compressed_attention_config(512, 64, torch.device("meta"), torch.bfloat16, selects=True).num_stages \
+            == csa_stages
+        assert compressed_attention_config(512, 64, torch.device("meta"), torch.bfloat16).num_stages == 2
+    with launching_for(LaunchTarget(90, 132)):
+        assert compressed_attention_config(512, 64, torch.device("meta"), torch.bfloat16, selects=True) \
+            == compressed_attention_config(512, 64, torch.device("meta"), torch.bfloat16)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_the_launcher_says_whether_it_walks_selected_entries(layer, monkeypatch):
+    kernels = generated(f"tiny_compressed_{layer}").kernels
+    config, asked = kernels.compressed_attention_config, []
+
+    def recording(*args, **kwargs):
+        asked.append(kwargs.get("selects"))
+        return config(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "compressed_attention_config", recording)
+    with torch.no_grad():
+        make_module(layer)(inputs(1, 9))
+    assert asked and set(asked) == {layer == "csa"}, asked

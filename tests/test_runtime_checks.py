@@ -56,3 +56,41 @@ def test_bf16_on_cpu_takes_the_reference_path(name, monkeypatch):
             attn(hidden[:, :5], cache=cache)
             step = attn(hidden[:, 5:], cache=cache)
         assert max_error(step, out[:, 5:]) <= 0.05 * out.abs().max().item()
+
+
+@pytest.mark.parametrize("version, mended", [("3.6.0", True), ("3.9.0", False)])
+def test_the_interpreter_of_triton_3_6_indexes_scalars_under_numpy_2_4(version, mended, monkeypatch):
+    """Triton 3.6's interpreter converts a scalar tensor with int() of its one-element array,
+    which numpy 2.4 refuses (triton-lang/triton#9171); under an older Triton the generated
+    modules mend that conversion (mlagen.runtime.interpreter_fix), and leave 3.9's alone. Shown
+    here on a stand-in of the interpreter's patch of tl.tensor: the one Triton installed in CI
+    is 3.9 (with 3.6 and numpy 2.4 the test-sized kernels and `bench --suite gpu --smoke` ran)."""
+    import numpy as np
+    import triton
+    from triton.runtime import interpreter
+
+    from mlagen.runtime.interpreter_fix import index_scalars_under_any_numpy
+
+    def triton_36_patch(tensor, scope):
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+
+    class Handle:
+        data = np.array([5], dtype=np.int32)  # a scalar, as the interpreter holds it
+
+    class Tensor:
+        handle = Handle()
+
+    monkeypatch.setattr(triton, "__version__", version)
+    monkeypatch.setattr(interpreter, "_patch_lang_tensor", triton_36_patch)
+    assert index_scalars_under_any_numpy() is mended
+    assert index_scalars_under_any_numpy() is mended  # once is enough: patched, not wrapped twice
+    scope = interpreter._LangPatchScope()
+    interpreter._patch_lang_tensor(Tensor, scope)
+    try:
+        if mended:
+            assert range(Tensor())[-1] == 4
+        else:
+            assert interpreter._patch_lang_tensor is triton_36_patch
+    finally:
+        scope.restore()
+    assert not hasattr(Tensor, "__index__")

@@ -22,6 +22,7 @@ from mlagen.runtime.attention import (
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
+from mlagen.runtime.interpreter_fix import index_scalars_under_any_numpy
 from mlagen.runtime.launch import default_backward_config, default_config, separate_full_tiles
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.compressed import rope_pairs
@@ -33,6 +34,8 @@ from mlagen.runtime.compressed_kernels import (
     entry_indexer_config,
 )
 from mlagen.runtime.tuning_cache import attention_key, tuned_config
+
+index_scalars_under_any_numpy()  # the interpreter of Triton 3.6 under numpy 2.4 (see there)
 
 
 @triton.jit
@@ -593,7 +596,7 @@ def _compressed_attention_d512_rope64_step(q_mine, q_other, k_mine, k_other, vis
     # One tile of keys through the online softmax (base 2): K = V, so the tile read for the
     # scores is the tile the probabilities multiply (the program's half, or both).
     scores = tl.dot(q_mine, tl.trans(k_mine), input_precision=DOT_PRECISION)
-    scores = tl.dot(q_other, tl.trans(k_other), scores, input_precision=DOT_PRECISION)
+    scores = tl.dot(q_other, tl.trans(k_other), scores, input_precision=DOT_PRECISION, out_dtype=scores.dtype)
     scores = tl.where(visible, scores * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -601,9 +604,10 @@ def _compressed_attention_d512_rope64_step(q_mine, q_other, k_mine, k_other, vis
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(k_mine.dtype)
-    acc_mine = tl.dot(p, k_mine, acc_mine * alpha[:, None], input_precision=DOT_PRECISION)
+    acc_mine = tl.dot(p, k_mine, acc_mine * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc_mine.dtype)
     if COLUMNS == "halves":
-        acc_other = tl.dot(p, k_other, acc_other * alpha[:, None], input_precision=DOT_PRECISION)
+        acc_other = tl.dot(p, k_other, acc_other * alpha[:, None],
+                           input_precision=DOT_PRECISION, out_dtype=acc_other.dtype)
     return m_new, l_i, acc_mine, acc_other
 
 
@@ -622,7 +626,7 @@ def _compressed_attention_d512_rope64_step_whole(q, k, visible, masked, m_i, l_i
     p = tl.math.exp2(scores - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(k.dtype), k, acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return m_new, l_i, acc
 
 
@@ -828,8 +832,8 @@ def _compressed_attention_d512_rope64_bwd_tile(Q, D_OUT, q_rows, do_rows, k_rows
         keys = tl.load(k_rows[:, None] + start + offs_c[None, :], mask=key_ok[:, None] & column_ok, other=0.0)
         query = tl.load(q_rows[:, None] + start + offs_c[None, :], mask=row_ok[:, None] & column_ok, other=0.0)
         d_out = tl.load(do_rows[:, None] + start + offs_c[None, :], mask=row_ok[:, None] & column_ok, other=0.0)
-        scores = tl.dot(query, tl.trans(keys), scores, input_precision=DOT_PRECISION)
-        d_probs = tl.dot(d_out, tl.trans(keys), d_probs, input_precision=DOT_PRECISION)
+        scores = tl.dot(query, tl.trans(keys), scores, input_precision=DOT_PRECISION, out_dtype=scores.dtype)
+        d_probs = tl.dot(d_out, tl.trans(keys), d_probs, input_precision=DOT_PRECISION, out_dtype=d_probs.dtype)
     probs = tl.where(visible, tl.math.exp2(scores * qk_scale - lse2[:, None]), 0.0)
     d_scores = (probs * (d_probs - delta[:, None]) * sm_scale).to(Q.dtype.element_ty)
     probs = probs.to(D_OUT.dtype.element_ty)
@@ -839,7 +843,7 @@ def _compressed_attention_d512_rope64_bwd_tile(Q, D_OUT, q_rows, do_rows, k_rows
         query = tl.load(q_rows[:, None] + start + offs_c[None, :], mask=row_ok[:, None] & column_ok, other=0.0)
         d_out = tl.load(do_rows[:, None] + start + offs_c[None, :], mask=row_ok[:, None] & column_ok, other=0.0)
         d_key = tl.dot(tl.trans(d_scores), query, input_precision=DOT_PRECISION)
-        d_key = tl.dot(tl.trans(probs), d_out, d_key, input_precision=DOT_PRECISION)
+        d_key = tl.dot(tl.trans(probs), d_out, d_key, input_precision=DOT_PRECISION, out_dtype=d_key.dtype)
         tl.atomic_add(d_rows[:, None] + start + offs_c[None, :], d_key, mask=key_ok[:, None] & column_ok,
                       sem="relaxed")
         d_query = tl.dot(d_scores, keys, input_precision=DOT_PRECISION)
@@ -929,7 +933,8 @@ def compressed_attention_d512_rope64_launch(query, key, entries, selected, sinks
     from its ring, and `entries` are its pages. Returns (out [B, Sq, H, 512], lse [B, Sq, H] fp32)."""
     query, key, cos, sin = (last_dim_contiguous(t) for t in (query, key, cos, sin))
     batch, seqlen, heads, _ = query.shape
-    config = config or compressed_attention_config(512, heads, query.device, query.dtype)
+    config = config or compressed_attention_config(512, heads, query.device, query.dtype,
+                                                   selects=selected is not None)
     out = torch.empty_like(query)
     lse = torch.empty((batch, seqlen, heads), dtype=lse_dtype(query.dtype), device=query.device)
     if batch == 0 or seqlen == 0:

@@ -23,6 +23,7 @@ from mlagen.runtime.attention import (
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
+from mlagen.runtime.interpreter_fix import index_scalars_under_any_numpy
 from mlagen.runtime.launch import (
     decode_column_halves, default_backward_config, default_config, default_decode_config,
     separate_full_tiles,
@@ -30,6 +31,8 @@ from mlagen.runtime.launch import (
 from mlagen.runtime.mla_decode import DecodeOps, cache_descriptors
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.tuning_cache import attention_key, decode_key, tuned_config
+
+index_scalars_under_any_numpy()  # the interpreter of Triton 3.6 under numpy 2.4 (see there)
 
 
 @triton.jit
@@ -440,7 +443,7 @@ def attention_fwd_qk128_rope64_v128(
             scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
             k_b = _head_rows(K_B, k_b_row + start_n, k_b_column, stride_kb_s, key_ok,
                              BLOCK_N, PAD_B, D_B, False, KEY_DESCRIPTORS)
-            scores = tl.dot(q_b, tl.trans(k_b), scores, input_precision=DOT_PRECISION)
+            scores = tl.dot(q_b, tl.trans(k_b), scores, input_precision=DOT_PRECISION, out_dtype=scores.dtype)
             values = _head_rows(V, v_row + start_n, v_column, stride_v_s, key_ok,
                                 BLOCK_N, PAD_V, D_V, False, KEY_DESCRIPTORS)
             # qk_scale >= 0 (the launcher checks), so max(scores) * qk_scale is the max of the
@@ -449,7 +452,8 @@ def attention_fwd_qk128_rope64_v128(
             p = tl.math.exp2(scores * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(values.dtype), values, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            acc = tl.dot(p.to(values.dtype), values, acc * alpha[:, None],
+                         input_precision=DOT_PRECISION, out_dtype=acc.dtype)
             m_i = m_new
     else:
         full_first, full_last = first_tile, first_tile
@@ -465,7 +469,7 @@ def attention_fwd_qk128_rope64_v128(
         scores = tl.dot(q_a, tl.trans(k_a), input_precision=DOT_PRECISION)
         k_b = _head_rows(K_B, k_b_row + start_n, k_b_column, stride_kb_s, key_ok,
                          BLOCK_N, PAD_B, D_B, True, KEY_DESCRIPTORS)
-        scores = tl.dot(q_b, tl.trans(k_b), scores, input_precision=DOT_PRECISION)
+        scores = tl.dot(q_b, tl.trans(k_b), scores, input_precision=DOT_PRECISION, out_dtype=scores.dtype)
         # Plain loads here even with descriptors: a masked tile's values outside [lo, hi) must
         # read as zeros (0 * NaN in P @ V), which a masked load gives without a pass through
         # registers (zeroing a descriptor's tile costs the windowed kernels 8-16 spilled bytes
@@ -981,7 +985,7 @@ def mla_decode_lat512_rope64_step(
     p = tl.math.exp2(scores - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(latent.dtype), latent, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(latent.dtype), latent, acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return m_new, l_i, acc
 
 
@@ -995,8 +999,8 @@ def mla_decode_lat512_rope64_step_half(
     # tile's P and the rescale factor, for a caller that keeps the other half too (the sparse
     # forward on mma.sync parts).
     scores = tl.dot(q_mine, tl.trans(latent_mine), input_precision=DOT_PRECISION)
-    scores = tl.dot(q_other, tl.trans(latent_other), scores, input_precision=DOT_PRECISION)
-    scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=DOT_PRECISION)
+    scores = tl.dot(q_other, tl.trans(latent_other), scores, input_precision=DOT_PRECISION, out_dtype=scores.dtype)
+    scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=DOT_PRECISION, out_dtype=scores.dtype)
     scores = tl.where(keep, scores * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # rows that saw no key yet keep m = -inf: exp2 against 0 gives 0, not NaN
@@ -1004,7 +1008,8 @@ def mla_decode_lat512_rope64_step_half(
     p = tl.math.exp2(scores - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(latent_mine.dtype), latent_mine, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(latent_mine.dtype), latent_mine, acc * alpha[:, None],
+                 input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return m_new, l_i, acc, p, alpha
 
 

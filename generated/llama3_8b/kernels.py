@@ -21,9 +21,12 @@ from mlagen.runtime.attention import (
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
+from mlagen.runtime.interpreter_fix import index_scalars_under_any_numpy
 from mlagen.runtime.launch import default_backward_config, default_config, separate_full_tiles
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.tuning_cache import attention_key, tuned_config
+
+index_scalars_under_any_numpy()  # the interpreter of Triton 3.6 under numpy 2.4 (see there)
 
 
 @triton.jit
@@ -428,7 +431,8 @@ def attention_fwd_qk128_v128(
             p = tl.math.exp2(scores * qk_scale - m_new[:, None])
             alpha = tl.math.exp2(m_i - m_new)
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = tl.dot(p.to(values.dtype), values, acc * alpha[:, None], input_precision=DOT_PRECISION)
+            acc = tl.dot(p.to(values.dtype), values, acc * alpha[:, None],
+                         input_precision=DOT_PRECISION, out_dtype=acc.dtype)
             m_i = m_new
     else:
         full_first, full_last = first_tile, first_tile

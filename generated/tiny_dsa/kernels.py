@@ -24,6 +24,7 @@ from mlagen.runtime.attention import (
     lse_dtype,
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
+from mlagen.runtime.interpreter_fix import index_scalars_under_any_numpy
 from mlagen.runtime.launch import (
     decode_column_halves, default_backward_config, default_config, default_decode_config,
     separate_full_tiles,
@@ -50,6 +51,8 @@ from mlagen.runtime.sparse import (
 )
 from mlagen.tiles import padded
 from mlagen.runtime.tuning_cache import attention_key, decode_key, tuned_config
+
+index_scalars_under_any_numpy()  # the interpreter of Triton 3.6 under numpy 2.4 (see there)
 
 
 @triton.jit
@@ -430,7 +433,7 @@ def mla_decode_lat32_rope8_step(
     p = tl.math.exp2(scores - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(latent.dtype), latent, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(latent.dtype), latent, acc * alpha[:, None], input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return m_new, l_i, acc
 
 
@@ -444,8 +447,8 @@ def mla_decode_lat32_rope8_step_half(
     # tile's P and the rescale factor, for a caller that keeps the other half too (the sparse
     # forward on mma.sync parts).
     scores = tl.dot(q_mine, tl.trans(latent_mine), input_precision=DOT_PRECISION)
-    scores = tl.dot(q_other, tl.trans(latent_other), scores, input_precision=DOT_PRECISION)
-    scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=DOT_PRECISION)
+    scores = tl.dot(q_other, tl.trans(latent_other), scores, input_precision=DOT_PRECISION, out_dtype=scores.dtype)
+    scores = tl.dot(q_rope, tl.trans(k_rope), scores, input_precision=DOT_PRECISION, out_dtype=scores.dtype)
     scores = tl.where(keep, scores * qk_scale, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, 1))
     # rows that saw no key yet keep m = -inf: exp2 against 0 gives 0, not NaN
@@ -453,7 +456,8 @@ def mla_decode_lat32_rope8_step_half(
     p = tl.math.exp2(scores - m_safe[:, None])
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = tl.dot(p.to(latent_mine.dtype), latent_mine, acc * alpha[:, None], input_precision=DOT_PRECISION)
+    acc = tl.dot(p.to(latent_mine.dtype), latent_mine, acc * alpha[:, None],
+                 input_precision=DOT_PRECISION, out_dtype=acc.dtype)
     return m_new, l_i, acc, p, alpha
 
 
@@ -991,7 +995,7 @@ def sparse_mla_lat32_rope8(
                 qk_scale, DOT_PRECISION)
             if COLUMNS == "halves":
                 acc_other = tl.dot(p.to(latent_other.dtype), latent_other, acc_other * alpha[:, None],
-                                   input_precision=DOT_PRECISION)
+                                   input_precision=DOT_PRECISION, out_dtype=acc_other.dtype)
         else:
             # masked: a tile with a missing key (index -1, or past the split's end)
             m_i, l_i, acc = mla_decode_lat32_rope8_step(
@@ -1088,8 +1092,9 @@ def sparse_mla_lat32_rope8_bwd(
         latent = tl.load(LATENT + latent_at + start, mask=key_ok[:, None] & column_ok, other=0.0)
         q_latent = tl.load(Q_LATENT + q_at + start, mask=head_ok[:, None] & column_ok, other=0.0)
         d_out = tl.load(DO + do_at + start, mask=head_ok[:, None] & column_ok, other=0.0)
-        scores = tl.dot(q_latent, tl.trans(latent), scores, input_precision=DOT_PRECISION)
-        d_probs = tl.dot(d_out, tl.trans(latent), d_probs, input_precision=DOT_PRECISION)  # the values are the latent
+        scores = tl.dot(q_latent, tl.trans(latent), scores, input_precision=DOT_PRECISION, out_dtype=scores.dtype)
+        d_probs = tl.dot(d_out, tl.trans(latent), d_probs,
+                         input_precision=DOT_PRECISION, out_dtype=d_probs.dtype)  # the values are the latent
     probs = tl.where(key_ok[None, :], tl.math.exp2(scores * qk_scale - lse2[:, None]), 0.0)
     d_scores = (probs * (d_probs - delta[:, None]) * sm_scale).to(k_rope.dtype)
     probs = probs.to(k_rope.dtype)
@@ -1102,7 +1107,7 @@ def sparse_mla_lat32_rope8_bwd(
         q_latent = tl.load(Q_LATENT + q_at + start, mask=head_ok[:, None] & column_ok, other=0.0)
         d_out = tl.load(DO + do_at + start, mask=head_ok[:, None] & column_ok, other=0.0)
         d_latent = tl.dot(tl.trans(d_scores), q_latent, input_precision=DOT_PRECISION)
-        d_latent = tl.dot(tl.trans(probs), d_out, d_latent, input_precision=DOT_PRECISION)
+        d_latent = tl.dot(tl.trans(probs), d_out, d_latent, input_precision=DOT_PRECISION, out_dtype=d_latent.dtype)
         tl.atomic_add(DLATENT + grad_rows * LATENT_DIM + start + offs_c[None, :], d_latent,
                       mask=key_ok[:, None] & column_ok, sem="relaxed")
         d_query = tl.dot(d_scores, latent, input_precision=DOT_PRECISION)

@@ -31,7 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
+from mlagen.runtime.interpreter_fix import index_scalars_under_any_numpy
 from mlagen.runtime.launch import launch_arch
+
+index_scalars_under_any_numpy()  # the interpreter of Triton 3.6 under numpy 2.4 (see there)
 
 BLOCK = 128  # the sequence length's granule: the forward's query tile and the backward's resident tile
 LOG2E = 1.4426950408889634

@@ -16,6 +16,7 @@ from mlagen.runtime.launch import (
     launch_arch,
     programs_along_columns,
     smem_class,
+    triton_version,
 )
 
 # --- block sizes --------------------------------------------------------------------------------
@@ -66,10 +67,11 @@ def _own_mma_needs_64_rows(arch: int, dtype: torch.dtype) -> bool:
 
 
 def compressed_attention_config(
-    dim: int, heads: int, device: torch.device, dtype: torch.dtype
+    dim: int, heads: int, device: torch.device, dtype: torch.dtype, selects: bool = False
 ) -> AttentionConfig:
     """The [block_m, D] fp32 accumulator (or its half), the query and a K = V tile [block_n, D]
-    live at once."""
+    live at once. `selects`: the program walks each query's selected entries (CSA), a loop
+    more than HCA's or the window's."""
     arch = launch_arch(device)
     if arch is None:
         return INTERPRETED_ATTENTION
@@ -81,12 +83,15 @@ def compressed_attention_config(
         # (the (token, head) index math of an unspecialised count) that spills 40-176 B, and
         # sm_90 keeps two column-half programs of 16 keys (215-244 registers, 96 KB; 32 keys
         # spill 48-56 B over the ring). sm_100 (tcgen05 accumulates in tensor memory): column
-        # halves of 32 keys, 196-214 registers, 113 KB.
+        # halves of 32 keys, 196-214 registers, 113 KB. Triton 3.6 spills 352 B of the sm_100
+        # CSA program at 2 stages, 48-51 local loads and stores a step (2160 issue-clocks per 1K
+        # pairs a program): one stage there (72-80 B kept over the loop, none in it; 544-639).
         if arch // 10 == 9:
             if heads % 16 == 0:
                 return AttentionConfig(64, 32, 8, 2, columns="whole")
             return AttentionConfig(64, 16, 8, 2, columns="split")
-        return AttentionConfig(64, 32, 8, 2, columns="split")
+        stages = 1 if selects and triton_version() < (3, 9) else 2
+        return AttentionConfig(64, 32, 8, stages, columns="split")
     if dim > 256:
         return AttentionConfig(16, 32, 8, 1, columns="halves")
     return AttentionConfig(32, 32, 4, 2, columns="halves")

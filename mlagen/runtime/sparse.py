@@ -97,8 +97,11 @@ def sparse_config(heads: int, latent: int, device: torch.device, fp8: bool = Fal
         # (the MLA decode kernel's _step): the score tile once, 128 fp32 accumulator registers a
         # thread. Issue-clocks per 1K (head, key) pairs: 448 at 64 keys (254 registers, 224 KB;
         # column-half programs: 1186 at 16 keys, each computing the score tile), FP8 rows 910 at
-        # 32 keys (251 registers; 64 spill 32 B; halves: 1668).
-        return SparseConfig(64, 32 if fp8 else 64, 8, 2, columns="whole")
+        # 32 keys (251 registers; 64 spill 32 B; halves: 1668). Triton 3.6 spills 104 B at 64
+        # keys, with 19-22 local loads and stores in every step: 32 keys there (0 spilled, 646;
+        # FP8 rows: 8 B kept over the loop, none in it, 970).
+        keys = 32 if fp8 or triton_version() < (3, 9) else 64
+        return SparseConfig(64, keys, 8, 2, columns="whole")
     if smem_class(arch) == "large":
         # tcgen05 keeps the accumulator in tensor memory: 8 warps, 206-208 registers (243 with
         # FP8 rows at 32 keys), 176 KB; 4 warps spill 8-80 bytes. Triton 3.6 lays the 64-key
