@@ -8,13 +8,17 @@ STAMP := $(VENV)/.installed
 TORCH_WHEELS ?= /opt/wheels
 TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-*),--find-links $(TORCH_WHEELS))
 
-# The oldest transformers pyproject allows (its `transformers>=` bound): the Hugging Face
-# tests (marker `hf`) also run against it, in a venv of its own.
+# The oldest transformers and Triton pyproject allows (their `>=` bounds; Triton 3.6 is what
+# torch 2.11 installs): in a venv of their own, the Hugging Face tests (marker `hf`) and the
+# tests that run every kernel family under that Triton's interpreter (the fp64 training and
+# gradient paths, the GPU suite's smoke run against the golden).
 TRANSFORMERS_OLDEST := $(shell sed -n 's/^hf = \["transformers>=\([0-9.]*\)"\]/\1/p' pyproject.toml)
-OLDEST_VENV := .venv-transformers-$(TRANSFORMERS_OLDEST)
-OLDEST_STAMP := $(OLDEST_VENV)/.installed
+TRITON_OLDEST := $(shell sed -n 's/^ *"triton>=\([0-9.]*\)",*$$/\1/p' pyproject.toml)
+OLDEST_VENV := .venv-oldest
+OLDEST_STAMP := $(OLDEST_VENV)/.installed-transformers-$(TRANSFORMERS_OLDEST)-triton-$(TRITON_OLDEST)
+OLDEST_KERNEL_TESTS := tests/test_training.py tests/test_runtime_checks.py tests/test_bench.py::test_suite_smoke_writes_the_json_schema
 
-.PHONY: setup demo test test-newest test-oldest-transformers lint format generate bench
+.PHONY: setup demo test test-newest test-oldest lint format generate bench
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,7 +33,8 @@ setup: $(STAMP)
 $(OLDEST_STAMP): pyproject.toml
 	test -x $(OLDEST_VENV)/bin/python || $(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/python -m pip install -q $(TORCH_SOURCE) torch==2.13.0
-	$(OLDEST_VENV)/bin/python -m pip install -q $(TORCH_SOURCE) -e '.[test]' 'transformers==$(TRANSFORMERS_OLDEST)'
+	$(OLDEST_VENV)/bin/python -m pip install -q $(TORCH_SOURCE) -e '.[test]' \
+		'transformers==$(TRANSFORMERS_OLDEST)' 'triton==$(TRITON_OLDEST)'
 	touch $(OLDEST_STAMP)
 
 # The main job: generate DeepSeek-V3's kernels and module, run them on CPU under the
@@ -38,18 +43,21 @@ demo: setup
 	$(PY) -m mlagen run specs/deepseek_v3.yaml --batch 1 --seq 32
 
 # The whole suite with the newest releases pyproject allows (what a fresh venv gets), then the
-# Hugging Face tests with the oldest transformers allowed, each in one pytest-xdist worker per
-# core, whole test files at a time. About 29 + 1 minutes on 2 cores, compile caches cold
-# (2026-12-03; CI's machine took about two thirds of this machine's time before; its limit is 30).
-test: test-newest test-oldest-transformers
+# Hugging Face tests and the kernels' interpreter tests with the oldest transformers and Triton
+# allowed, each in one pytest-xdist worker per core, whole test files at a time. About 29 + 2.5
+# minutes on 2 cores, compile caches cold (2026-12-03; CI's machine took about two thirds of
+# this machine's time before; its limit is 30).
+test: test-newest test-oldest
 
 test-newest: setup
 	$(PY) -c "import transformers; print('tests with transformers', transformers.__version__)"
 	$(PY) -m pytest -q -n auto --dist loadfile --durations=5
 
-test-oldest-transformers: $(OLDEST_STAMP)
-	$(OLDEST_VENV)/bin/python -c "import transformers; print('hf tests with transformers', transformers.__version__)"
+test-oldest: $(OLDEST_STAMP)
+	$(OLDEST_VENV)/bin/python -c "import transformers, triton; \
+		print('with transformers', transformers.__version__, '| triton', triton.__version__)"
 	$(OLDEST_VENV)/bin/python -m pytest -q -m hf -n auto --dist loadfile
+	$(OLDEST_VENV)/bin/python -m pytest -q -n auto --dist loadfile $(OLDEST_KERNEL_TESTS)
 
 lint: setup
 	$(VENV)/bin/ruff check mlagen tests

@@ -394,7 +394,8 @@ def test_layer_accepts_what_transformers_passes_through():
 
 
 def test_pyproject_range_is_what_make_test_runs():
-    """`make test` runs the hf tests against pyproject's lower bound for transformers."""
+    """`make test` runs the hf tests (and the kernels' interpreter tests) against pyproject's
+    lower bounds for transformers and Triton."""
     import re
     import subprocess
 
@@ -403,5 +404,7 @@ def test_pyproject_range_is_what_make_test_runs():
     text = (ROOT / "pyproject.toml").read_text()
     bounds = set(re.findall(r'"transformers>=([0-9.]+)"', text))
     assert len(bounds) == 1, f"the hf and test extras disagree: {bounds}"
-    plan = subprocess.run(["make", "-n", "-B", "test-oldest-transformers"], cwd=ROOT, capture_output=True, text=True)
-    assert f"'transformers=={bounds.pop()}'" in plan.stdout, plan.stdout
+    (triton,) = re.findall(r'"triton>=([0-9.]+)"', text)
+    plan = subprocess.run(["make", "-n", "-B", "test"], cwd=ROOT, capture_output=True, text=True)
+    assert f"'transformers=={bounds.pop()}' 'triton=={triton}'" in plan.stdout, plan.stdout
+    assert "-m pytest -q -m hf" in plan.stdout and "tests/test_training.py" in plan.stdout, plan.stdout
