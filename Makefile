@@ -9,14 +9,16 @@ TORCH_WHEELS ?= /opt/wheels
 TORCH_SOURCE := $(if $(wildcard $(TORCH_WHEELS)/torch-*),--find-links $(TORCH_WHEELS))
 
 # The oldest transformers and Triton pyproject allows (their `>=` bounds; Triton 3.6 is what
-# torch 2.11 installs): in a venv of their own, the Hugging Face tests (marker `hf`) and the
+# torch 2.11 installs): in a venv of their own, the Hugging Face tests (marker `hf`), the
 # tests that run every kernel family under that Triton's interpreter (the fp64 training and
-# gradient paths, the GPU suite's smoke run against the golden).
+# gradient paths, the GPU suite's smoke run against the golden), and the compile check of the
+# tiles chosen by Triton version (sm_90 / sm_100: no spill inside a hot loop).
 TRANSFORMERS_OLDEST := $(shell sed -n 's/^hf = \["transformers>=\([0-9.]*\)"\]/\1/p' pyproject.toml)
 TRITON_OLDEST := $(shell sed -n 's/^ *"triton>=\([0-9.]*\)",*$$/\1/p' pyproject.toml)
 OLDEST_VENV := .venv-oldest
 OLDEST_STAMP := $(OLDEST_VENV)/.installed-transformers-$(TRANSFORMERS_OLDEST)-triton-$(TRITON_OLDEST)
-OLDEST_KERNEL_TESTS := tests/test_training.py tests/test_runtime_checks.py tests/test_bench.py::test_suite_smoke_writes_the_json_schema
+OLDEST_KERNEL_TESTS := tests/test_training.py tests/test_runtime_checks.py tests/test_oldest_triton_compile.py \
+	tests/test_bench.py::test_suite_smoke_writes_the_json_schema
 
 .PHONY: setup demo test test-newest test-oldest lint format generate bench
 
