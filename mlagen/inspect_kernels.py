@@ -236,7 +236,7 @@ class KernelRow:
         others = [
             f"{name}={value}"
             for name, value in constants.items()
-            if name in ("PAD_SPLITS", "PAGE", "COLUMNS")
+            if name in ("PAD_SPLITS", "PAGE", "COLUMNS") or (name == "MASKED_STAGES" and value is not None)
         ]
         others += ["HALVES"] * bool(constants.get("HALVES"))
         # the dense forward's decode choices: query heads packed into rows, keys split over programs
@@ -263,7 +263,16 @@ class KernelRow:
                     k: v
                     for k, v in self.launch.constants
                     if k.startswith(
-                        ("BLOCK_", "PAD_SPLITS", "PAGE", "PACK_GQA", "SPLIT_KV", "COLUMNS", "HALVES")
+                        (
+                            "BLOCK_",
+                            "PAD_SPLITS",
+                            "PAGE",
+                            "PACK_GQA",
+                            "SPLIT_KV",
+                            "COLUMNS",
+                            "HALVES",
+                            "MASKED_STAGES",
+                        )
                     )
                 },
                 "num_warps": self.launch.num_warps,

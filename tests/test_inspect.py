@@ -57,6 +57,8 @@ def test_inspect_deepseek_v3_for_sm90_tables_every_kernel(capsys):
     assert f"{2 * 128 * 4096 * 4097 // 2 * 320 / 1e9:.3g}" in rows["attention_fwd_qk128_rope64_v128"]
     assert rows["attention_fwd_qk128_rope64_v128"][2] == "forward"
     assert rows["attention_fwd_qk128_rope64_v128"][3] == "128x128 w8 s2"  # the sm_90 default, as launched
+    # 32 streamed rows of MLA's dK/dV fit sm_90's registers with the masked steps unpipelined
+    assert rows["attention_fwd_qk128_rope64_v128_bwd_dkdv"][3] == "32x128 MASKED_STAGES=1 w8 s2"
     assert int(rows["attention_fwd_qk128_rope64_v128"][8]) > 0  # keys and values through TMA
     assert "loop clk/1K: issue-clocks per 1K scores" in out
 

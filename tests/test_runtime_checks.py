@@ -94,3 +94,23 @@ def test_the_interpreter_of_triton_3_6_indexes_scalars_under_numpy_2_4(version, 
     finally:
         scope.restore()
     assert not hasattr(Tensor, "__index__")
+
+
+@pytest.mark.parametrize(
+    "arch, dims, block_m, stages",
+    [(90, (192, 128), 32, 1), (90, (192, 128), 16, None), (90, (128, 128), 32, None), (100, (192, 128), 32, None),
+     (80, (192, 128), 16, None), (None, (192, 128), 32, None)],
+)
+def test_only_mla_on_sm90_unpipelines_the_backward_masked_steps(arch, dims, block_m, stages):
+    """The dK/dV kernel's masked loops run at one stage only where that lets MLA's 32 streamed
+    rows fit sm_90's registers; elsewhere it costs issue slots or spills (runtime.launch)."""
+    from mlagen.runtime.launch import BlockConfig, LaunchTarget, launching_for, masked_steps_stages
+
+    config = BlockConfig(block_m=block_m, block_n=128, num_warps=8, num_stages=2)
+    if arch is None:  # the interpreter: no arch, nothing to pipeline
+        assert masked_steps_stages(config, *dims, torch.device("cpu")) is None
+        return
+    with launching_for(LaunchTarget(arch, 132)):
+        assert masked_steps_stages(config, *dims, torch.device("meta")) == stages
+        if dims == (192, 128) and arch == 90:
+            assert launch.default_backward_config(*dims, torch.device("meta"), dtype=torch.bfloat16).block_m == 32

@@ -27,7 +27,7 @@ from mlagen.runtime.descriptors import head_rows, uses_descriptors
 from mlagen.runtime.interpreter_fix import index_scalars_under_any_numpy
 from mlagen.runtime.launch import (
     decode_column_halves, default_backward_config, default_config, default_decode_config,
-    separate_full_tiles,
+    masked_steps_stages, separate_full_tiles,
 )
 from mlagen.runtime.mla_decode import DecodeOps, cache_descriptors
 from mlagen.runtime.ops import attention_op

@@ -25,7 +25,9 @@ from mlagen.runtime.attention import (
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
 from mlagen.runtime.interpreter_fix import index_scalars_under_any_numpy
-from mlagen.runtime.launch import default_backward_config, default_config, separate_full_tiles
+from mlagen.runtime.launch import (
+    default_backward_config, default_config, masked_steps_stages, separate_full_tiles,
+)
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.compressed import rope_pairs
 from mlagen.runtime.compressed_kernels import (

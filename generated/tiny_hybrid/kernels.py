@@ -22,7 +22,9 @@ from mlagen.runtime.attention import (
 )
 from mlagen.runtime.descriptors import head_rows, uses_descriptors
 from mlagen.runtime.interpreter_fix import index_scalars_under_any_numpy
-from mlagen.runtime.launch import default_backward_config, default_config, separate_full_tiles
+from mlagen.runtime.launch import (
+    default_backward_config, default_config, masked_steps_stages, separate_full_tiles,
+)
 from mlagen.runtime.ops import attention_op
 from mlagen.runtime.tuning_cache import attention_key, tuned_config
 
@@ -548,19 +550,21 @@ def attention_fwd_qk16_v16_dkdv_steps(
     stride_qa_s, stride_qa_h, stride_do_s, stride_do_h,
     seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
     HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr,
-    GROUP_MASK: tl.constexpr, MASKED: tl.constexpr, BLOCK_M: tl.constexpr,
+    GROUP_MASK: tl.constexpr, MASKED: tl.constexpr, MASKED_STAGES: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     # dK, dV of the held keys over the queries [start, end) of the HEAD_GROUP query heads
     # first_head, ... that share them, BLOCK_M queries of one head a step, transposed: P^T and
     # dP^T are [keys, queries], so the held keys are every dot's M. One flat loop, heads the
     # fast index, keeps the loads pipelined across heads. Without MASKED every (query, key)
-    # pair of these tiles is visible and every query row exists.
+    # pair of these tiles is visible and every query row exists. MASKED_STAGES (None: the
+    # launch's) pipelines the masked steps, a causal diagonal's few or a window's edges
+    # (runtime.launch.masked_steps_stages).
     # q_a_rows ... delta_rows: batch (and, for LSE and DELTA, first_head) already applied.
     D_A: tl.constexpr = 16
     PAD_A: tl.constexpr = 16
     D_V: tl.constexpr = 16
     PAD_V: tl.constexpr = 16
-    for step in tl.range(0, tl.cdiv(end - start, BLOCK_M) * HEAD_GROUP):
+    for step in tl.range(0, tl.cdiv(end - start, BLOCK_M) * HEAD_GROUP, num_stages=MASKED_STAGES if MASKED else None):
         member = step % HEAD_GROUP
         offs_m = start + (step // HEAD_GROUP) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seqlen_q
@@ -596,7 +600,7 @@ def attention_fwd_qk16_v16_bwd_dkdv(
     seqlen_q, seqlen_k, heads_q, qk_scale, sm_scale, window, q_group_size, k_group_size,
     HEAD_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, ACC_DTYPE: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, GROUP_MASK: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MASKED_STAGES: tl.constexpr,
 ):
     # One program: BLOCK_N keys of one kv head (held), BLOCK_M queries per step. dK and dV
     # accumulate over every query head of the head's group and every query block that sees
@@ -633,21 +637,24 @@ def attention_fwd_qk16_v16_bwd_dkdv(
         LSE + stats_rows, DELTA + stats_rows,
         stride_qa_s, stride_qa_h, stride_do_s, stride_do_h,
         seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
-        HEAD_GROUP, DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=True, BLOCK_M=BLOCK_M)
+        HEAD_GROUP, DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=True, MASKED_STAGES=MASKED_STAGES,
+        BLOCK_M=BLOCK_M)
     dk_a, dv = attention_fwd_qk16_v16_dkdv_steps(
         dk_a, dv, k_a, values, offs_n, mid_lo, mid_hi, first_head,
         Q_A + off_b * stride_qa_b, DO + off_b * stride_do_b,
         LSE + stats_rows, DELTA + stats_rows,
         stride_qa_s, stride_qa_h, stride_do_s, stride_do_h,
         seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
-        HEAD_GROUP, DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=False, BLOCK_M=BLOCK_M)
+        HEAD_GROUP, DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=False, MASKED_STAGES=MASKED_STAGES,
+        BLOCK_M=BLOCK_M)
     dk_a, dv = attention_fwd_qk16_v16_dkdv_steps(
         dk_a, dv, k_a, values, offs_n, mid_hi, hi, first_head,
         Q_A + off_b * stride_qa_b, DO + off_b * stride_do_b,
         LSE + stats_rows, DELTA + stats_rows,
         stride_qa_s, stride_qa_h, stride_do_s, stride_do_h,
         seqlen_q, seqlen_k, qk_scale, window, q_group_size, k_group_size,
-        HEAD_GROUP, DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=True, BLOCK_M=BLOCK_M)
+        HEAD_GROUP, DOT_PRECISION, CAUSAL, WINDOWED, GROUP_MASK, MASKED=True, MASKED_STAGES=MASKED_STAGES,
+        BLOCK_M=BLOCK_M)
 
     # Gradients are dense [B, Sk, Hk, D] whatever the inputs' strides were.
     offs_a = tl.arange(0, PAD_A)
@@ -786,7 +793,8 @@ def attention_fwd_qk16_v16_backward(grad_out, q_a, q_b, k_a, k_b, v, out, lse, g
     operands = (q_a, k_a, v, grad_out, lse, delta)
     strides = (*q_a.stride()[:3], *k_a.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3])
     attention_fwd_qk16_v16_bwd_dkdv[(triton.cdiv(dims.seqlen_k, config.block_n), dims.batch * dims.heads_k)](
-        *operands, dk_a, dv, *strides, *scalars, **flags)
+        *operands, dk_a, dv, *strides, *scalars, **flags,
+        MASKED_STAGES=masked_steps_stages(config, 16, 16, q_a.device))
     # dQ holds config.block_n queries, as dK/dV holds keys, and streams config.dq_keys keys a step.
     flags.update(BLOCK_M=config.block_n, BLOCK_N=config.dq_keys)
     attention_fwd_qk16_v16_bwd_dq[(triton.cdiv(dims.seqlen_q, config.block_n), dims.batch * dims.heads_q)](

@@ -215,6 +215,22 @@ def packs_gqa(
     return packed_rows < unpacked_rows
 
 
+def masked_steps_stages(
+    config: BlockConfig, head_dim_qk: int, head_dim_v: int, device: torch.device
+) -> int | None:
+    """Pipeline stages of the dK/dV kernel's masked loops (a causal diagonal's few steps, a
+    window's edges); None: the launch's num_stages, as its unmasked loop. On sm_90, MLA's 320
+    fp32 dK/dV columns beside a pipelined masked loop's prologue spilled 64 B at 32 streamed rows
+    (31 local loads and stores a program, outside the unmasked loop); with those loops
+    unpipelined 32 rows fit: 254 registers, 0 spilled, 187.5 issue-clocks per 1K scores against
+    266 at 16 rows. Elsewhere unpipelined masked loops cost issue slots (D128 on sm_90: 165.5
+    against 148) or spill (MLA on sm_80 at 16 rows: 72 B), so they stay pipelined."""
+    mla = head_dim_qk + head_dim_v > 256
+    if mla and config.block_m >= 32 and launch_arch(device) == 90:
+        return 1
+    return None
+
+
 def default_backward_config(
     head_dim_qk: int,
     head_dim_v: int,
@@ -268,8 +284,9 @@ def default_backward_config(
     dq_keys = None if edge_masks and arch == 90 else 64
     if mla and arch == 90:
         # wgmma keeps MLA's 320 columns of dK/dV in registers (160 a thread): 32 streamed rows
-        # spill at 2 stages; a third stage costs issue slots (280 against 266).
-        return BlockConfig(block_m=16, block_n=128, num_warps=8, num_stages=2, dq_block_n=dq_keys)
+        # fit 2 stages with the masked steps unpipelined (masked_steps_stages): 187.5
+        # issue-clocks per 1K scores against 266 at 16 rows.
+        return BlockConfig(block_m=32, block_n=128, num_warps=8, num_stages=2, dq_block_n=dq_keys)
     # wgmma keeps dK, dV in registers: on sm_90 a third stage spills the sliding-window dK/dV
     # and saves no issue slots. tcgen05 keeps them (MLA's too) in tensor memory; there 2 stages
     # cap D128's dQ at 128 registers (sliding window spills) and 3 fit. MLA's dQ takes 241 KB
