@@ -46,8 +46,8 @@ demo: setup
 
 # The whole suite with the newest releases pyproject allows (what a fresh venv gets), then the
 # Hugging Face tests and the kernels' interpreter tests with the oldest transformers and Triton
-# allowed, each in one pytest-xdist worker per core, whole test files at a time. About 25 + 2.5
-# minutes on 2 cores, compile caches cold, 29:18 with both venvs built in a fresh clone
+# allowed, each in one pytest-xdist worker per core, whole test files at a time. About 25 + 3
+# minutes on 2 cores, compile caches cold, 29:49 with both venvs built in a fresh clone
 # (2026-12-03; CI's machine took about two thirds of this machine's time before; its limit is 30).
 test: test-newest test-oldest
 
