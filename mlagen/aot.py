@@ -427,10 +427,11 @@ class Sass:
         return blocks, successors
 
     def loops(self) -> list[tuple[int, int, int]]:
-        """(instructions, MMAs, local-memory accesses) of every natural loop (a back edge to a block that dominates
-        its source). Blocks of a loop that the compiler placed out of line, after the loop's
-        last instruction (the slow paths of barrier waits), are not counted: they are not the
-        steady state, and static readings of the same kind (ANCHORS.md) count the contiguous body."""
+        """(instructions, MMAs, local-memory accesses) of every natural loop (a back edge to a
+        block that dominates its source). Blocks of a loop that the compiler placed out of line,
+        after the loop's last instruction (the slow paths of barrier waits), are not counted: they
+        are not the steady state, and static readings of the same kind (ANCHORS.md) count the
+        contiguous body."""
         blocks, successors = self._blocks()
         count = len(blocks)
         predecessors: list[set[int]] = [set() for _ in range(count)]

@@ -564,7 +564,8 @@ def attention_fwd_qk128_v128_dkdv_steps(
     PAD_A: tl.constexpr = 128
     D_V: tl.constexpr = 128
     PAD_V: tl.constexpr = 128
-    for step in tl.range(0, tl.cdiv(end - start, BLOCK_M) * HEAD_GROUP, num_stages=MASKED_STAGES if MASKED else None):
+    steps = tl.cdiv(end - start, BLOCK_M) * HEAD_GROUP
+    for step in tl.range(0, steps, num_stages=MASKED_STAGES if MASKED else None):
         member = step % HEAD_GROUP
         offs_m = start + (step // HEAD_GROUP) * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = offs_m < seqlen_q

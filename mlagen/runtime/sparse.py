@@ -92,22 +92,20 @@ def sparse_config(heads: int, latent: int, device: torch.device, fp8: bool = Fal
     if arch is None:
         return INTERPRETED
     # 64 heads make every dot M=64. Measured with Triton 3.9 at latent 512 (mlagen.aot):
-    if smem_class(arch) == "large" and arch // 10 == 9:
-        # One program keeps all 512 columns on two warpgroups, which split the N of every dot
-        # (the MLA decode kernel's _step): the score tile once, 128 fp32 accumulator registers a
-        # thread. Issue-clocks per 1K (head, key) pairs: 448 at 64 keys (254 registers, 224 KB;
-        # column-half programs: 1186 at 16 keys, each computing the score tile), FP8 rows 910 at
-        # 32 keys (251 registers; 64 spill 32 B; halves: 1668). Triton 3.6 spills 104 B at 64
-        # keys, with 19-22 local loads and stores in every step: 32 keys there (0 spilled, 646;
-        # FP8 rows: 8 B kept over the loop, none in it, 970).
-        keys = 32 if fp8 or triton_version() < (3, 9) else 64
-        return SparseConfig(64, keys, 8, 2, columns="whole")
     if smem_class(arch) == "large":
-        # tcgen05 keeps the accumulator in tensor memory: 8 warps, 206-208 registers (243 with
-        # FP8 rows at 32 keys), 176 KB; 4 warps spill 8-80 bytes. Triton 3.6 lays the 64-key
-        # program out in 312 KB (more than the 227 a block may have; 192 KB at 32 keys).
+        # sm_90: one program keeps all 512 columns on two warpgroups, which split the N of every
+        # dot (the MLA decode kernel's _step): the score tile once, 128 fp32 accumulator
+        # registers a thread. Issue-clocks per 1K (head, key) pairs: 448 at 64 keys (254
+        # registers, 224 KB; column-half programs: 1186 at 16 keys, each computing the score
+        # tile), FP8 rows 910 at 32 keys (251 registers; 64 spill 32 B; halves: 1668).
+        # sm_100: tcgen05 keeps the accumulator in tensor memory, column halves: 8 warps, 206-208
+        # registers (243 with FP8 rows at 32 keys), 176 KB; 4 warps spill 8-80 bytes.
+        # Triton 3.6 takes 32 keys on both: at 64 it spills 104 B of the sm_90 program, with
+        # 19-22 local loads and stores in every step (32 keys: 0 spilled, 646; FP8 rows: 8 B kept
+        # over the loop, none in it, 970), and lays the sm_100 one out in 312 KB (more than the
+        # 227 a block may have; 192 KB at 32 keys).
         keys = 32 if fp8 or triton_version() < (3, 9) else 64
-        return SparseConfig(64, keys, 8, 2)
+        return SparseConfig(64, keys, 8, 2, columns="whole" if arch // 10 == 9 else "split")
     # mma.sync: the [16 or 32, 512] accumulator fits, so one program keeps both column halves and
     # computes the score tile once (split in two, the tile and the FP8 decode run twice per
     # (head, key) pair: 1.25x the issue slots, 2.4x with sm_80's FP8 rows). 16-row steps, tiles
